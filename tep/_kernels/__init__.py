@@ -1,0 +1,1 @@
+"""Compiled kernels (Cython). Use the validating wrappers in :mod:`tep.kernels` instead."""

@@ -1,0 +1,11 @@
+"""Sampling and pooling kernels over numpy arrays.
+
+    from tep.kernels import sample, pool, log_softmax
+
+Each function validates its arguments (raising ``TypeError``/``ValueError`` that name the
+argument), then runs a compiled Cython kernel with the GIL released.
+"""
+from tep.kernels.pooling import pool
+from tep.kernels.sampling import SampleResult, log_softmax, sample
+
+__all__ = ["sample", "SampleResult", "log_softmax", "pool"]
