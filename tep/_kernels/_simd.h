@@ -1,0 +1,283 @@
+/* Vectorised row primitives for the sampling kernel.
+ *
+ * gcc will not vectorise float max/sum reductions without -ffast-math, and -ffast-math
+ * deletes the NaN checks the kernels depend on; so the two reductions that every
+ * sampling call pays for are written here with AVX2 intrinsics, picked at run time
+ * (tep_simd_init), with a portable scalar path that computes the same quantities.
+ *
+ * NaN policy: NaN behaves as -inf everywhere (max skips it, exp gives 0).
+ */
+#ifndef TEP_SIMD_H
+#define TEP_SIMD_H
+
+#include <math.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TEP_BLOCK 64
+
+/* A candidate token: (processed) logit, its exp((v - max) / T), its id. */
+typedef struct { float v; float e; int64_t idx; } tep_cand;
+
+/* exp(z) for z <= 0 (Cephes expf polynomial); 0 for z < -87.3, -inf or NaN. */
+static inline float tep_expf(float z) {
+    if (!(z >= -87.3f)) return 0.0f;
+    if (z > 88.0f) z = 88.0f;
+    float fx = nearbyintf(z * 1.44269504088896341f);
+    float r = z - fx * 0.693359375f;
+    r = r - fx * -2.12194440e-4f;
+    float p = 1.9875691500E-4f;
+    p = p * r + 1.3981999507E-3f;
+    p = p * r + 8.3334519073E-3f;
+    p = p * r + 4.1665795894E-2f;
+    p = p * r + 1.6666665459E-1f;
+    p = p * r + 5.0000001201E-1f;
+    p = p * (r * r) + r + 1.0f;
+    int32_t ei = ((int32_t)fx + 127) << 23;
+    float scale;
+    memcpy(&scale, &ei, sizeof scale);
+    return p * scale;
+}
+
+/* ---- scalar reference paths -------------------------------------------------------- */
+
+static float tep_block_max_scalar(const float *v, ptrdiff_t n, float *bmax) {
+    float m = -INFINITY;
+    for (ptrdiff_t b0 = 0, blk = 0; b0 < n; b0 += TEP_BLOCK, blk++) {
+        ptrdiff_t e = b0 + TEP_BLOCK < n ? b0 + TEP_BLOCK : n;
+        float bm = -INFINITY;
+        for (ptrdiff_t j = b0; j < e; j++) bm = v[j] > bm ? v[j] : bm;
+        bmax[blk] = bm;
+        m = bm > m ? bm : m;
+    }
+    return m;
+}
+
+static double tep_exp_blocks_scalar(const float *v, ptrdiff_t n, float m, float s, float lo,
+                                    double *bsum, float *out) {
+    double total = 0.0;
+    for (ptrdiff_t b0 = 0, blk = 0; b0 < n; b0 += TEP_BLOCK, blk++) {
+        ptrdiff_t e = b0 + TEP_BLOCK < n ? b0 + TEP_BLOCK : n;
+        float acc = 0.0f;
+        for (ptrdiff_t j = b0; j < e; j++) {
+            float x = v[j] >= lo ? tep_expf((v[j] - m) * s) : 0.0f;
+            if (out) out[j] = x;
+            acc += x;
+        }
+        if (bsum) bsum[blk] = acc;
+        total += acc;
+    }
+    return total;
+}
+
+/* Tokens with lo <= v < hi go to out[0:cap] (index order; the count is returned even past
+ * cap). bsum_hi[b] = sum of exp((v - m) * s) over block b's tokens with v >= hi, and
+ * *z_all = the sum over every token; both summed per 64-token block like tep_exp_blocks. */
+static ptrdiff_t tep_bracket_scalar(const float *v, ptrdiff_t n, float m, float s, float lo,
+                                    float hi, double *bsum_hi, double *z_all, tep_cand *out,
+                                    ptrdiff_t cap) {
+    ptrdiff_t c = 0, blk = 0;
+    double total = 0.0;
+    for (ptrdiff_t b0 = 0; b0 < n; b0 += TEP_BLOCK, blk++) {
+        ptrdiff_t e = b0 + TEP_BLOCK < n ? b0 + TEP_BLOCK : n;
+        float acc = 0.0f, all = 0.0f;
+        for (ptrdiff_t j = b0; j < e; j++) {
+            float x = v[j], ex = tep_expf((x - m) * s);
+            all += ex;
+            if (x >= hi) {
+                acc += ex;
+            } else if (x >= lo) {
+                if (c < cap) { out[c].v = x; out[c].e = ex; out[c].idx = j; }
+                c++;
+            }
+        }
+        bsum_hi[blk] = acc;
+        total += all;
+    }
+    *z_all = total;
+    return c;
+}
+
+/* ---- AVX2 + FMA paths (x86-64 with gcc/clang only) ------------------------------------ */
+#if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define TEP_HAVE_AVX2_PATH 1
+#define TEP_AVX2 __attribute__((target("avx2,fma")))
+
+TEP_AVX2 static inline float tep_hmax256(__m256 a) {
+    __m128 x = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_max_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_max_ss(x, _mm_shuffle_ps(x, x, 1));
+    return _mm_cvtss_f32(x);
+}
+
+TEP_AVX2 static inline float tep_hsum256(__m256 a) {
+    __m128 x = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+    x = _mm_add_ss(x, _mm_shuffle_ps(x, x, 1));
+    return _mm_cvtss_f32(x);
+}
+
+TEP_AVX2 static inline __m256 tep_exp256(__m256 z) {
+    const __m256 lo = _mm256_set1_ps(-87.3f);
+    __m256 valid = _mm256_cmp_ps(z, lo, _CMP_GE_OQ); /* false for NaN, -inf, tiny */
+    z = _mm256_max_ps(z, lo);                         /* NaN -> lo (2nd operand wins) */
+    z = _mm256_min_ps(z, _mm256_set1_ps(88.0f));
+    __m256 fx = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504088896341f)),
+                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), z);
+    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    __m256i ei = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(ei)), valid);
+}
+
+TEP_AVX2 static float tep_block_max_avx2(const float *v, ptrdiff_t n, float *bmax) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 gm = ninf;
+    ptrdiff_t full = n / TEP_BLOCK, blk;
+    for (blk = 0; blk < full; blk++) {
+        const float *p = v + blk * TEP_BLOCK;
+        /* _mm256_max_ps(x, acc) returns acc when x is NaN: NaN is skipped. */
+        __m256 a0 = _mm256_max_ps(_mm256_loadu_ps(p + 0), ninf);
+        __m256 a1 = _mm256_max_ps(_mm256_loadu_ps(p + 8), ninf);
+        __m256 a2 = _mm256_max_ps(_mm256_loadu_ps(p + 16), ninf);
+        __m256 a3 = _mm256_max_ps(_mm256_loadu_ps(p + 24), ninf);
+        a0 = _mm256_max_ps(_mm256_loadu_ps(p + 32), a0);
+        a1 = _mm256_max_ps(_mm256_loadu_ps(p + 40), a1);
+        a2 = _mm256_max_ps(_mm256_loadu_ps(p + 48), a2);
+        a3 = _mm256_max_ps(_mm256_loadu_ps(p + 56), a3);
+        __m256 a = _mm256_max_ps(_mm256_max_ps(a0, a1), _mm256_max_ps(a2, a3));
+        gm = _mm256_max_ps(a, gm);
+        bmax[blk] = tep_hmax256(a);
+    }
+    float m = tep_hmax256(gm);
+    if (full * TEP_BLOCK < n) {
+        float t = tep_block_max_scalar(v + full * TEP_BLOCK, n - full * TEP_BLOCK, bmax + full);
+        m = t > m ? t : m;
+    }
+    return m;
+}
+
+TEP_AVX2 static double tep_exp_blocks_avx2(const float *v, ptrdiff_t n, float m, float s, float lo,
+                                           double *bsum, float *out) {
+    const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vlo = _mm256_set1_ps(lo);
+    double total = 0.0;
+    ptrdiff_t full = n / TEP_BLOCK, blk;
+    for (blk = 0; blk < full; blk++) {
+        const float *p = v + blk * TEP_BLOCK;
+        __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
+        for (int k = 0; k < TEP_BLOCK; k += 16) {
+            __m256 x0 = _mm256_loadu_ps(p + k), x1 = _mm256_loadu_ps(p + k + 8);
+            __m256 e0 = _mm256_and_ps(tep_exp256(_mm256_mul_ps(_mm256_sub_ps(x0, vm), vs)),
+                                      _mm256_cmp_ps(x0, vlo, _CMP_GE_OQ));
+            __m256 e1 = _mm256_and_ps(tep_exp256(_mm256_mul_ps(_mm256_sub_ps(x1, vm), vs)),
+                                      _mm256_cmp_ps(x1, vlo, _CMP_GE_OQ));
+            if (out) {
+                _mm256_storeu_ps(out + blk * TEP_BLOCK + k, e0);
+                _mm256_storeu_ps(out + blk * TEP_BLOCK + k + 8, e1);
+            }
+            acc0 = _mm256_add_ps(acc0, e0);
+            acc1 = _mm256_add_ps(acc1, e1);
+        }
+        float bs = tep_hsum256(_mm256_add_ps(acc0, acc1));
+        if (bsum) bsum[blk] = bs;
+        total += bs;
+    }
+    if (full * TEP_BLOCK < n)
+        total += tep_exp_blocks_scalar(v + full * TEP_BLOCK, n - full * TEP_BLOCK, m, s, lo,
+                                       bsum ? bsum + full : NULL, out ? out + full * TEP_BLOCK : NULL);
+    return total;
+}
+TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m, float s, float lo,
+                                           float hi, double *bsum_hi, double *z_all,
+                                           tep_cand *out, ptrdiff_t cap) {
+    const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s);
+    const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    double total = 0.0;
+    ptrdiff_t c = 0, full = n / TEP_BLOCK, blk;
+    float ebuf[8];
+    for (blk = 0; blk < full; blk++) {
+        const float *p = v + blk * TEP_BLOCK;
+        __m256 acc = _mm256_setzero_ps(), all = _mm256_setzero_ps();
+        for (int k = 0; k < TEP_BLOCK; k += 8) {
+            __m256 x = _mm256_loadu_ps(p + k);
+            __m256 e = tep_exp256(_mm256_mul_ps(_mm256_sub_ps(x, vm), vs));
+            __m256 ge_hi = _mm256_cmp_ps(x, vhi, _CMP_GE_OQ);
+            all = _mm256_add_ps(all, e);
+            acc = _mm256_add_ps(acc, _mm256_and_ps(e, ge_hi));
+            /* in the bracket: x >= lo and not x >= hi; rare, so test the lane group at once */
+            int in = _mm256_movemask_ps(_mm256_andnot_ps(ge_hi, _mm256_cmp_ps(x, vlo, _CMP_GE_OQ)));
+            if (in) {
+                _mm256_storeu_ps(ebuf, e);
+                while (in) {
+                    int l = __builtin_ctz(in);
+                    in &= in - 1;
+                    if (c < cap) {
+                        out[c].v = p[k + l]; out[c].e = ebuf[l];
+                        out[c].idx = blk * TEP_BLOCK + k + l;
+                    }
+                    c++;
+                }
+            }
+        }
+        bsum_hi[blk] = tep_hsum256(acc);
+        total += tep_hsum256(all);
+    }
+    if (full * TEP_BLOCK < n) {
+        double t = 0.0;
+        ptrdiff_t room = c < cap ? cap - c : 0;
+        tep_cand *dst = out + (c < cap ? c : cap);
+        ptrdiff_t extra = tep_bracket_scalar(v + full * TEP_BLOCK, n - full * TEP_BLOCK, m, s, lo, hi,
+                                             bsum_hi + full, &t, dst, room);
+        for (ptrdiff_t i = 0; i < extra && i < room; i++) dst[i].idx += full * TEP_BLOCK;
+        c += extra;
+        total += t;
+    }
+    *z_all = total;
+    return c;
+}
+#else
+#define TEP_HAVE_AVX2_PATH 0
+#endif
+
+/* ---- dispatch ------------------------------------------------------------------------- */
+typedef float (*tep_block_max_fn)(const float *, ptrdiff_t, float *);
+typedef double (*tep_exp_blocks_fn)(const float *, ptrdiff_t, float, float, float, double *, float *);
+typedef ptrdiff_t (*tep_bracket_fn)(const float *, ptrdiff_t, float, float, float, float, double *,
+                                    double *, tep_cand *, ptrdiff_t);
+
+static tep_block_max_fn tep_block_max = tep_block_max_scalar;
+static tep_exp_blocks_fn tep_exp_blocks = tep_exp_blocks_scalar;
+static tep_bracket_fn tep_bracket = tep_bracket_scalar;
+static int tep_simd_level = 0;
+
+/* Pick the AVX2 path when the CPU has it; TEP_SIMD=scalar in the environment forces the
+ * portable path (used by tests to check both agree). Returns 1 when AVX2 is in use. */
+static int tep_simd_init(int allow_avx2) {
+#if TEP_HAVE_AVX2_PATH
+    __builtin_cpu_init();
+    if (allow_avx2 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma")) {
+        tep_block_max = tep_block_max_avx2;
+        tep_exp_blocks = tep_exp_blocks_avx2;
+        tep_bracket = tep_bracket_avx2;
+        tep_simd_level = 1;
+        return 1;
+    }
+#endif
+    (void)allow_avx2;
+    tep_block_max = tep_block_max_scalar;
+    tep_exp_blocks = tep_exp_blocks_scalar;
+    tep_bracket = tep_bracket_scalar;
+    tep_simd_level = 0;
+    return 0;
+}
+
+#endif

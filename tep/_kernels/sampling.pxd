@@ -1,0 +1,58 @@
+# Token-sampling kernels: one row of logits at a time, `noexcept nogil`, returning a status.
+# The validating Python wrapper is tep/kernels/sampling.py.
+from tep._kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint64_t, intp_t
+
+cdef enum Status:
+    TEP_OK = 0
+    TEP_NO_FINITE = 1      # the row has no finite logit (after NaN -> -inf and masking)
+    TEP_POS_INF = 2        # the row holds +inf
+    TEP_NO_MEMORY = 3
+
+cdef struct Knobs:
+    float32_t temperature
+    float32_t top_p
+    float32_t min_p
+    float32_t repetition_penalty
+    float32_t presence_penalty
+    float32_t frequency_penalty
+    int64_t top_k
+    uint64_t seed
+    uint64_t step
+
+cdef struct RowEdits:
+    # Sparse per-row edits, each a pointer + length into the wrapper's ragged arrays.
+    const int64_t* prompt_ids
+    intp_t n_prompt
+    const int64_t* output_ids
+    intp_t n_output
+    const int64_t* bias_ids
+    const float32_t* bias_values
+    intp_t n_bias
+    const int64_t* allowed_ids
+    intp_t n_allowed
+    bint has_allowed
+
+cdef extern from "_simd.h" nogil:
+    ctypedef struct Cand "tep_cand":
+        float32_t v      # (processed) logit
+        float32_t e      # exp((v - max) / T)
+        int64_t idx      # token id
+
+cdef struct Scratch:
+    float32_t* work      # [V] processed logits (only when a row has edits)
+    float32_t* bmax      # [nb] block maxima of the row being sampled
+    float32_t* bmax_raw  # [nb] block maxima of the raw row (logprobs)
+    float64_t* bsum      # [nb] block sums of exp
+    float32_t* sel       # [V] quickselect scratch
+    float32_t* ebuf      # [V] exp values of the top-p sample
+    Cand* cand           # [2V] candidate tokens (second half: top-p sample)
+    int64_t* hbuf        # [n_prompt + n_output] sorted history copy
+
+cdef double philox_uniform(uint64_t seed, uint64_t step) noexcept nogil
+cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdits* ed,
+                    Scratch* sc, int64_t* token_out) noexcept nogil
+cdef int raw_logprobs_row(const float32_t* x, intp_t V, int64_t token, int n_top, bint reuse_bmax,
+                          Scratch* sc, float32_t* lp_out, int64_t* rank_out,
+                          int64_t* top_ids_out, float32_t* top_lp_out) noexcept nogil
+cdef int log_softmax_row(const float32_t* x, intp_t V, float32_t* bmax,
+                         float32_t* out) noexcept nogil

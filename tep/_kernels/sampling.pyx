@@ -1,0 +1,712 @@
+# cython: cdivision=True
+"""Token sampling from a logits matrix (compiled; use tep.kernels.sample).
+
+Algorithm per row, never sorting the vocabulary:
+  1. one vectorised pass gives the row max and the max of every 64-token block;
+  2. greedy = first block whose max equals the row max, then the first token in it;
+  3. min_p is a logit threshold (max + T*log(min_p)); top_k's k-th value is bounded below by
+     the k-th largest block max, so only the blocks that can hold a top-k token are scanned
+     and the exact k-th value comes from a quickselect over those few candidates;
+  4. top_p is a weighted quickselect over the candidates; over a whole row, a strided
+     sample brackets the threshold, one vectorised pass sums the mass above the bracket
+     and collects the few tokens inside it, and the quickselect runs on those;
+  5. the draw is an inverse CDF over block sums of exp, so only one 64-token block is
+     scanned token by token. One uniform per row from Philox4x32-10 keyed on (seed, step).
+"""
+from cython.parallel cimport parallel, prange
+from libc.math cimport INFINITY, log, logf
+from libc.stdlib cimport free, malloc, qsort
+from libc.string cimport memcpy, memset
+
+from tep._kernels._openmp cimport omp_get_max_threads
+from tep._kernels._typedefs cimport (float32_t, float64_t, int32_t, int64_t, intp_t,
+                                     uint8_t, uint32_t, uint64_t)
+
+cdef extern from "_simd.h" nogil:
+    int TEP_BLOCK
+    float tep_expf(float z)
+    float tep_block_max(const float* v, Py_ssize_t n, float* bmax)
+    double tep_exp_blocks(const float* v, Py_ssize_t n, float m, float s, float lo,
+                          double* bsum, float* out)
+    Py_ssize_t tep_bracket(const float* v, Py_ssize_t n, float m, float s, float lo, float hi,
+                           double* bsum_hi, double* z_all, Cand* out, Py_ssize_t cap)
+    int tep_simd_init(int allow_avx2)
+    int tep_simd_level
+
+cdef float GREEDY_T = 1e-5
+
+
+def simd_init(bint allow_avx2=True):
+    """Select the AVX2 path when the CPU has it (default) or force the portable one.
+
+    Returns the level in use: 1 = AVX2+FMA, 0 = portable C.
+    """
+    return tep_simd_init(allow_avx2)
+
+
+def simd_level():
+    """1 when the AVX2+FMA row primitives are in use, 0 for the portable path."""
+    return tep_simd_level
+
+
+# ---- random numbers -------------------------------------------------------------------------
+
+cdef double philox_uniform(uint64_t seed, uint64_t step) noexcept nogil:
+    """Philox4x32-10 (Salmon et al. 2011) keyed on seed, counter = step -> uniform [0, 1)."""
+    cdef uint32_t c0 = <uint32_t>step, c1 = <uint32_t>(step >> 32), c2 = 0, c3 = 0
+    cdef uint32_t k0 = <uint32_t>seed, k1 = <uint32_t>(seed >> 32)
+    cdef uint64_t p0, p1
+    cdef int r
+    for r in range(10):
+        p0 = <uint64_t>0xD2511F53 * c0
+        p1 = <uint64_t>0xCD9E8D57 * c2
+        c0, c1, c2, c3 = (<uint32_t>(p1 >> 32)) ^ c1 ^ k0, <uint32_t>p1, \
+                         (<uint32_t>(p0 >> 32)) ^ c3 ^ k1, <uint32_t>p0
+        k0 = k0 + <uint32_t>0x9E3779B9
+        k1 = k1 + <uint32_t>0xBB67AE85
+    return <double>((((<uint64_t>c0) << 32) | c1) >> 11) * (1.0 / 9007199254740992.0)
+
+
+def philox(uint64_t seed, uint64_t step):
+    """The uniform in [0, 1) that the kernel draws for (seed, step); exposed for tests."""
+    return philox_uniform(seed, step)
+
+
+# ---- small helpers ----------------------------------------------------------------------------
+
+cdef int cmp_int64(const void* a, const void* b) noexcept nogil:
+    cdef int64_t x = (<const int64_t*>a)[0], y = (<const int64_t*>b)[0]
+    return (x > y) - (x < y)
+
+
+cdef int cmp_cand_desc(const void* a, const void* b) noexcept nogil:
+    # Larger value first; ties by lower token id, so the order is total and deterministic.
+    cdef const Cand* x = <const Cand*>a
+    cdef const Cand* y = <const Cand*>b
+    if x.v > y.v:
+        return -1
+    if x.v < y.v:
+        return 1
+    return (x.idx > y.idx) - (x.idx < y.idx)
+
+
+cdef float kth_largest(float* a, intp_t n, intp_t k) noexcept nogil:
+    """k-th largest (1-based) of a[0:n] by quickselect; reorders a. No NaN in a."""
+    cdef intp_t lo = 0, hi = n - 1, target = k - 1, i, j, mid
+    cdef float pivot, t
+    while lo < hi:
+        mid = lo + (hi - lo) // 2
+        # median of three as pivot keeps sorted and reversed inputs linear
+        if a[mid] > a[lo]:
+            t = a[mid]; a[mid] = a[lo]; a[lo] = t
+        if a[hi] > a[lo]:
+            t = a[hi]; a[hi] = a[lo]; a[lo] = t
+        if a[mid] > a[hi]:
+            t = a[mid]; a[mid] = a[hi]; a[hi] = t
+        pivot = a[hi]
+        i = lo
+        j = hi
+        while i <= j:
+            while a[i] > pivot:
+                i += 1
+            while a[j] < pivot:
+                j -= 1
+            if i <= j:
+                t = a[i]; a[i] = a[j]; a[j] = t
+                i += 1
+                j -= 1
+        if target <= j:
+            hi = j
+        elif target >= i:
+            lo = i
+        else:
+            return a[target]
+    return a[target]
+
+
+cdef intp_t collect(const float* v, intp_t V, const float* bmax, float lb, bint exact_all,
+                    Cand* out) noexcept nogil:
+    """Tokens with v >= lb (index order), scanning only blocks whose max reaches lb.
+
+    exact_all keeps every token, NaN/-inf included (used when fewer finite tokens exist
+    than the caller needs)."""
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, j, e, n = 0
+    cdef float x
+    for b in range(nb):
+        if not exact_all and not (bmax[b] >= lb):
+            continue
+        e = min((b + 1) * TEP_BLOCK, V)
+        for j in range(b * TEP_BLOCK, e):
+            x = v[j]
+            if exact_all or x >= lb:
+                out[n].v = x if x == x else -INFINITY
+                out[n].idx = j
+                n += 1
+    return n
+
+
+cdef inline int64_t argmax_blocks(const float* v, intp_t V, const float* bmax, float m) noexcept nogil:
+    """First index holding the row max m: the first block whose max is m, then scan it."""
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, j
+    for b in range(nb):
+        if bmax[b] == m:
+            for j in range(b * TEP_BLOCK, min((b + 1) * TEP_BLOCK, V)):
+                if v[j] == m:
+                    return j
+    return 0
+
+
+cdef float weighted_select(Cand* a, intp_t n, double need) noexcept nogil:
+    """The value t with mass{v > t} < need <= mass{v >= t} over a[0:n] (masses in .e).
+
+    Quickselect by mass with a three-way partition, expected O(n); reorders a. When
+    rounding leaves need above the total mass, returns the smallest value (keep all)."""
+    cdef intp_t lo = 0, hi = n, i, lt, gt
+    cdef float pivot, x0, x1, x2, vmin = INFINITY
+    cdef double m_gt, m_eq
+    cdef Cand tmp
+    for i in range(n):
+        if a[i].v < vmin:
+            vmin = a[i].v
+    while hi > lo:
+        x0 = a[lo].v; x1 = a[lo + (hi - lo) // 2].v; x2 = a[hi - 1].v
+        pivot = max(min(x0, x1), min(max(x0, x1), x2))      # median of three
+        lt = lo; i = lo; gt = hi - 1
+        m_gt = 0.0; m_eq = 0.0
+        while i <= gt:
+            if a[i].v > pivot:
+                tmp = a[lt]; a[lt] = a[i]; a[i] = tmp
+                m_gt += a[lt].e
+                lt += 1
+                i += 1
+            elif a[i].v < pivot:
+                tmp = a[gt]; a[gt] = a[i]; a[i] = tmp
+                gt -= 1
+            else:
+                m_eq += a[i].e
+                i += 1
+        if need <= m_gt:
+            hi = lt
+        elif need <= m_gt + m_eq:
+            return pivot
+        else:
+            need -= m_gt + m_eq
+            lo = gt + 1
+    return vmin
+
+
+cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, double u,
+                       Scratch* sc) noexcept nogil:
+    """Sample a whole row under top_p alone, touching most tokens only in vector passes.
+
+    A stratified sample (the head exactly, ~4096 strided tokens for the rest) estimates the
+    logit values where the cumulative mass reaches p -/+ a margin. One vectorised pass sums
+    the exact mass per block above that bracket and collects the tokens inside it; a
+    weighted quickselect over those settles the exact threshold t. When the sample
+    misjudged (peaked rows) the bracket steps up or down, ending at the row's edge, so t is
+    always exact. The draw walks block masses (above-bracket sums plus kept bracket tokens)
+    and scans one block."""
+    cdef intp_t q = max(1, V // 4096), ns = V // q, i, nin = 0, it, b, ci, j, lo_j, hi_j
+    cdef intp_t nsmp = 0, nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
+    cdef double Zs = 0.0, Z = 0.0, mass_hi = 0.0, mass_in, need
+    cdef double hi_q = p - 0.02, lo_q = p + min(0.02, (1.0 - p) * 0.5), acc, blk, target
+    cdef float t_hi, t_lo, t, e, L = -INFINITY
+    cdef Cand* smp = sc.cand + V          # second half of the candidate buffer
+    # Head: every token >= the 32nd largest block max, exactly (peaked rows keep their mass
+    # there); tail: a strided sample weighted by the stride.
+    if nb > 32:
+        memcpy(sc.sel, sc.bmax, nb * sizeof(float))
+        L = kth_largest(sc.sel, nb, 32)
+    nsmp = collect(v, V, sc.bmax, L, False, smp) if L > -INFINITY else 0
+    for i in range(nsmp):
+        smp[i].e = tep_expf((smp[i].v - m) * s)
+        Zs += smp[i].e
+    for i in range(ns):
+        sc.sel[i] = v[i * q]
+    tep_exp_blocks(sc.sel, ns, m, s, -INFINITY, NULL, sc.ebuf)
+    for i in range(ns):
+        e = sc.ebuf[i]
+        if e > 0 and not (sc.sel[i] >= L):
+            smp[nsmp].v = sc.sel[i]
+            smp[nsmp].e = e * q
+            Zs += e * q
+            nsmp += 1
+    t_hi = weighted_select(smp, nsmp, hi_q * Zs) if hi_q > 0 and nsmp > 0 else INFINITY
+    t_lo = weighted_select(smp, nsmp, lo_q * Zs) if lo_q < 1 and nsmp > 0 else -INFINITY
+    need = -1.0
+    for it in range(64):
+        if not (t_lo < t_hi):
+            t_lo = t_hi
+        nin = tep_bracket(v, V, m, s, t_lo, t_hi, sc.bsum, &Z, sc.cand, V)
+        if need < 0:
+            need = p * Z
+        mass_hi = 0.0
+        for b in range(nb):
+            mass_hi += sc.bsum[b]
+        if mass_hi >= need and t_hi < INFINITY:
+            # the threshold lies above the bracket: step up
+            t_lo = t_hi
+            hi_q *= 0.5
+            t_hi = weighted_select(smp, nsmp, hi_q * Zs) if hi_q > 0.005 and nsmp > 0 \
+                else INFINITY
+            continue
+        mass_in = 0.0
+        for i in range(nin):
+            mass_in += sc.cand[i].e
+        if mass_hi + mass_in < need and t_lo > -INFINITY:
+            # the threshold lies below the bracket: step down
+            t_hi = t_lo
+            lo_q = 1.0 - (1.0 - lo_q) * 0.25
+            t_lo = weighted_select(smp, nsmp, lo_q * Zs) if lo_q < 0.9999 and nsmp > 0 \
+                else -INFINITY
+            continue
+        break
+    # exact threshold from a copy, keeping the bracket list in index order for the draw
+    t = -INFINITY
+    if nin > 0:
+        memcpy(smp, sc.cand, nin * sizeof(Cand))
+        t = weighted_select(smp, nin, need - mass_hi)
+    acc = mass_hi
+    for i in range(nin):
+        if sc.cand[i].v >= t:
+            acc += sc.cand[i].e
+    target = u * acc
+    acc = 0.0
+    ci = 0
+    for b in range(nb):
+        hi_j = min((b + 1) * TEP_BLOCK, V)
+        blk = sc.bsum[b]
+        while ci < nin and sc.cand[ci].idx < hi_j:
+            if sc.cand[ci].v >= t:
+                blk += sc.cand[ci].e
+            ci += 1
+        if acc + blk > target or b == nb - 1:
+            lo_j = b * TEP_BLOCK
+            for j in range(lo_j, hi_j):
+                if v[j] >= t:
+                    e = tep_expf((v[j] - m) * s)
+                    acc += e
+                    if acc > target and e > 0:
+                        return j
+            for j in range(hi_j - 1, lo_j - 1, -1):   # rounding: last kept token here
+                if v[j] >= t and tep_expf((v[j] - m) * s) > 0:
+                    return j
+        acc += blk
+    return argmax_blocks(v, V, sc.bmax, m)
+
+
+# ---- logit edits ------------------------------------------------------------------------------
+
+cdef inline bint row_has_edits(const Knobs* kn, const RowEdits* ed) noexcept nogil:
+    return (ed.has_allowed or ed.n_bias > 0
+            or (kn.repetition_penalty != 1.0 and ed.n_prompt + ed.n_output > 0)
+            or ((kn.frequency_penalty != 0.0 or kn.presence_penalty != 0.0) and ed.n_output > 0))
+
+
+cdef void apply_edits(const float* x, intp_t V, const Knobs* kn, const RowEdits* ed,
+                      Scratch* sc) noexcept nogil:
+    """sc.work = x with mask -> bias -> repetition -> frequency/presence (DESIGN.md order)."""
+    cdef float* w = sc.work
+    cdef intp_t i, j, n, run
+    cdef int64_t t
+    cdef float b, r = kn.repetition_penalty
+    if ed.has_allowed:
+        for i in range(V):
+            w[i] = -INFINITY
+        for i in range(ed.n_allowed):
+            w[ed.allowed_ids[i]] = x[ed.allowed_ids[i]]
+    else:
+        memcpy(w, x, V * sizeof(float))
+    for i in range(ed.n_bias):
+        b = ed.bias_values[i]
+        b = 100.0 if b > 100.0 else (-100.0 if b < -100.0 else b)
+        w[ed.bias_ids[i]] += b
+    if r != 1.0 and ed.n_prompt + ed.n_output > 0:
+        # each distinct token of prompt ∪ output once: sort a copy, walk the runs
+        n = ed.n_prompt + ed.n_output
+        memcpy(sc.hbuf, ed.prompt_ids, ed.n_prompt * sizeof(int64_t))
+        memcpy(sc.hbuf + ed.n_prompt, ed.output_ids, ed.n_output * sizeof(int64_t))
+        qsort(sc.hbuf, n, sizeof(int64_t), cmp_int64)
+        for i in range(n):
+            t = sc.hbuf[i]
+            if i > 0 and t == sc.hbuf[i - 1]:
+                continue
+            w[t] = w[t] / r if w[t] > 0 else w[t] * r
+    if (kn.frequency_penalty != 0.0 or kn.presence_penalty != 0.0) and ed.n_output > 0:
+        n = ed.n_output
+        memcpy(sc.hbuf, ed.output_ids, n * sizeof(int64_t))
+        qsort(sc.hbuf, n, sizeof(int64_t), cmp_int64)
+        i = 0
+        while i < n:
+            t = sc.hbuf[i]
+            j = i
+            while j < n and sc.hbuf[j] == t:
+                j += 1
+            run = j - i
+            w[t] -= kn.frequency_penalty * run + kn.presence_penalty
+            i = j
+
+
+# ---- the row kernel ---------------------------------------------------------------------------
+
+cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdits* ed,
+                    Scratch* sc, int64_t* token_out) noexcept nogil:
+    """Sample one token from logits x[0:V] (IN) into token_out (OUT). Returns a Status."""
+    cdef const float* v = x
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, nc = 0, i, b, lo_j, hi_j
+    cdef float m, T = kn.temperature, s, lb = -INFINITY, lbk, tk, thr
+    cdef bint use_k, have_cands = False
+    cdef int64_t k = kn.top_k
+    cdef double Z, target, acc, u
+    cdef float e
+
+    if row_has_edits(kn, ed):
+        apply_edits(x, V, kn, ed, sc)
+        v = sc.work
+    m = tep_block_max(v, V, sc.bmax)
+    if m == -INFINITY:
+        return TEP_NO_FINITE
+    if m == INFINITY:
+        return TEP_POS_INF
+    if T < GREEDY_T:
+        token_out[0] = argmax_blocks(v, V, sc.bmax, m)
+        return TEP_OK
+    s = 1.0 / T
+    u = philox_uniform(kn.seed, kn.step)
+
+    # min_p: p_i >= min_p * p_max  <=>  v_i >= m + T*log(min_p)
+    if kn.min_p > 0:
+        lb = m + T * logf(kn.min_p) if kn.min_p < 1 else m
+    use_k = k > 0 and k < V
+    if use_k or kn.min_p > 0:
+        lbk = lb
+        if use_k and nb > k:
+            # the k largest block maxima are k distinct tokens, so the k-th value >= their min
+            memcpy(sc.sel, sc.bmax, nb * sizeof(float))
+            tk = kth_largest(sc.sel, nb, k)
+            if tk > lbk:
+                lbk = tk
+        nc = collect(v, V, sc.bmax, lbk, False, sc.cand)
+        if use_k:
+            if nc < k and lbk != lb:
+                # fewer than k survivors in all: top_k keeps them all
+                nc = collect(v, V, sc.bmax, lb, False, sc.cand)
+            elif nc > k:
+                for i in range(nc):
+                    sc.sel[i] = sc.cand[i].v
+                tk = kth_largest(sc.sel, nc, k)
+                b = 0
+                for i in range(nc):          # keep ties at the k-th value
+                    if sc.cand[i].v >= tk:
+                        sc.cand[b] = sc.cand[i]
+                        b += 1
+                nc = b
+        have_cands = True
+
+    if have_cands:
+        Z = 0.0
+        for i in range(nc):
+            e = tep_expf((sc.cand[i].v - m) * s)
+            sc.cand[i].e = e
+            Z += e
+        if kn.top_p < 1.0:
+            # reorders the candidates; the draw below only needs some fixed order
+            thr = weighted_select(sc.cand, nc, kn.top_p * Z)
+            b = 0
+            Z = 0.0
+            for i in range(nc):
+                if sc.cand[i].v >= thr:
+                    sc.cand[b] = sc.cand[i]
+                    Z += sc.cand[b].e
+                    b += 1
+            nc = b
+        target = u * Z
+        acc = 0.0
+        for i in range(nc):
+            acc += sc.cand[i].e
+            if acc > target:
+                token_out[0] = sc.cand[i].idx
+                return TEP_OK
+        token_out[0] = sc.cand[nc - 1].idx   # rounding left target past the end
+        return TEP_OK
+
+    # whole-row paths: top_p alone, or the full vocabulary
+    if kn.top_p < 1.0:
+        token_out[0] = top_p_row(v, V, m, s, kn.top_p, u, sc)
+        return TEP_OK
+    thr = -INFINITY
+    Z = tep_exp_blocks(v, V, m, s, thr, sc.bsum, NULL)
+    target = u * Z
+    acc = 0.0
+    b = nb - 1
+    for i in range(nb):
+        if acc + sc.bsum[i] > target:
+            b = i
+            break
+        acc += sc.bsum[i]
+    while True:
+        lo_j = b * TEP_BLOCK
+        hi_j = min(lo_j + TEP_BLOCK, V)
+        for i in range(lo_j, hi_j):
+            if v[i] >= thr:
+                e = tep_expf((v[i] - m) * s)
+                acc += e
+                if acc > target and e > 0:
+                    token_out[0] = i
+                    return TEP_OK
+        # rounding between block sums and the scalar exp: take the block's last kept token
+        for i in range(hi_j - 1, lo_j - 1, -1):
+            if v[i] >= thr and tep_expf((v[i] - m) * s) > 0:
+                token_out[0] = i
+                return TEP_OK
+        if b == 0:
+            break
+        b -= 1
+    token_out[0] = argmax_blocks(v, V, sc.bmax, m)
+    return TEP_OK
+
+
+cdef int raw_logprobs_row(const float32_t* x, intp_t V, int64_t token, int n_top, bint reuse_bmax,
+                          Scratch* sc, float32_t* lp_out, int64_t* rank_out,
+                          int64_t* top_ids_out, float32_t* top_lp_out) noexcept nogil:
+    """Raw (unprocessed) logprob and 1-based rank of token, and the n_top best tokens.
+
+    reuse_bmax: sc.bmax already holds this row's block maxima (the row had no edits)."""
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, i, n
+    cdef float* bm = sc.bmax if reuse_bmax else sc.bmax_raw
+    cdef float m, xt, lbn
+    cdef double lse
+    cdef int64_t rank = 1
+    if reuse_bmax:
+        m = -INFINITY
+        for i in range(nb):
+            m = bm[i] if bm[i] > m else m
+    else:
+        m = tep_block_max(x, V, bm)
+    if m == -INFINITY:
+        return TEP_NO_FINITE
+    if m == INFINITY:
+        return TEP_POS_INF
+    lse = m + log(tep_exp_blocks(x, V, m, 1.0, -INFINITY, NULL, NULL))
+    xt = x[token]
+    if xt != xt:
+        xt = -INFINITY
+    lp_out[0] = <float>(xt - lse)
+    for i in range(V):
+        rank += x[i] > xt
+    rank_out[0] = rank
+    if n_top > 0:
+        lbn = -INFINITY
+        if nb >= n_top:
+            memcpy(sc.sel, bm, nb * sizeof(float))
+            lbn = kth_largest(sc.sel, nb, n_top)
+        n = collect(x, V, bm, lbn, False, sc.cand) if lbn > -INFINITY else 0
+        if n < n_top:
+            n = collect(x, V, bm, -INFINITY, True, sc.cand)
+        qsort(sc.cand, n, sizeof(Cand), cmp_cand_desc)
+        for i in range(n_top):
+            top_ids_out[i] = sc.cand[i].idx
+            top_lp_out[i] = <float>(sc.cand[i].v - lse)
+    return TEP_OK
+
+
+cdef int log_softmax_row(const float32_t* x, intp_t V, float32_t* bmax,
+                         float32_t* out) noexcept nogil:
+    """out = x - logsumexp(x), NaN as -inf. bmax: scratch [ceil(V/64)]."""
+    cdef float m = tep_block_max(x, V, bmax)
+    cdef double c
+    cdef float cf
+    cdef intp_t i
+    if m == -INFINITY:
+        return TEP_NO_FINITE
+    if m == INFINITY:
+        return TEP_POS_INF
+    c = m + log(tep_exp_blocks(x, V, m, 1.0, -INFINITY, NULL, NULL))
+    cf = <float>c
+    for i in range(V):
+        out[i] = x[i] - cf if x[i] == x[i] else -INFINITY
+    return TEP_OK
+
+
+# ---- scratch ----------------------------------------------------------------------------------
+
+cdef int scratch_alloc(Scratch* sc, intp_t V, bint need_work, intp_t max_hist,
+                       bint need_raw) noexcept nogil:
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
+    memset(sc, 0, sizeof(Scratch))
+    # malloc, not calloc: large buffers are only touched as far as a row needs them
+    sc.bmax = <float*>malloc((nb + 1) * sizeof(float))
+    sc.bmax_raw = <float*>malloc((nb + 1) * sizeof(float)) if need_raw else NULL
+    sc.bsum = <double*>malloc((nb + 1) * sizeof(double))
+    sc.sel = <float*>malloc((V + 1) * sizeof(float))
+    sc.ebuf = <float*>malloc((V + 1) * sizeof(float))
+    sc.cand = <Cand*>malloc((2 * V + 1) * sizeof(Cand))
+    sc.work = <float*>malloc((V + 1) * sizeof(float)) if need_work else NULL
+    sc.hbuf = <int64_t*>malloc((max_hist + 1) * sizeof(int64_t))
+    if (sc.bmax == NULL or sc.bsum == NULL or sc.sel == NULL or sc.ebuf == NULL
+            or sc.cand == NULL or sc.hbuf == NULL
+            or (need_work and sc.work == NULL) or (need_raw and sc.bmax_raw == NULL)):
+        return TEP_NO_MEMORY
+    return TEP_OK
+
+
+cdef void scratch_free(Scratch* sc) noexcept nogil:
+    free(sc.bmax); free(sc.bmax_raw); free(sc.bsum); free(sc.sel); free(sc.ebuf)
+    free(sc.cand); free(sc.work); free(sc.hbuf)
+    memset(sc, 0, sizeof(Scratch))
+
+
+cdef int finish_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdits* ed,
+                    int n_top, bint want_lp, Scratch* sc, int64_t* tok, float32_t* lp,
+                    int64_t* rank, int64_t* top_ids, float32_t* top_lp) noexcept nogil:
+    """sample_row, then the raw logprobs when asked for."""
+    cdef int st = sample_row(x, V, kn, ed, sc, tok)
+    if st == TEP_OK and want_lp:
+        st = raw_logprobs_row(x, V, tok[0], n_top, not row_has_edits(kn, ed), sc,
+                              lp, rank, top_ids, top_lp)
+    return st
+
+
+cdef void batch_row(intp_t r, const float32_t* base, intp_t V,
+                    const float32_t* temperature, const int64_t* top_k, const float32_t* top_p,
+                    const float32_t* min_p, const float32_t* rep, const float32_t* pres,
+                    const float32_t* freq, const uint64_t* seed, const uint64_t* step,
+                    const int64_t* p_ids, const int64_t* p_off, const int64_t* o_ids,
+                    const int64_t* o_off, const int64_t* b_ids, const float32_t* b_vals,
+                    const int64_t* b_off, const int64_t* a_ids, const int64_t* a_off,
+                    const uint8_t* has_allowed, int n_top, bint want_lp, Scratch* sc,
+                    int64_t* out_tok, int32_t* out_status, float32_t* out_lp, int64_t* out_rank,
+                    int64_t* out_top_ids, float32_t* out_top_lp) noexcept nogil:
+    """Gather row r's knobs and edits from the [B] / ragged arrays, then sample it."""
+    cdef Knobs kn
+    cdef RowEdits ed
+    kn.temperature = temperature[r]; kn.top_k = top_k[r]; kn.top_p = top_p[r]
+    kn.min_p = min_p[r]; kn.repetition_penalty = rep[r]; kn.presence_penalty = pres[r]
+    kn.frequency_penalty = freq[r]; kn.seed = seed[r]; kn.step = step[r]
+    ed.prompt_ids = p_ids + p_off[r]; ed.n_prompt = p_off[r + 1] - p_off[r]
+    ed.output_ids = o_ids + o_off[r]; ed.n_output = o_off[r + 1] - o_off[r]
+    ed.bias_ids = b_ids + b_off[r]; ed.bias_values = b_vals + b_off[r]
+    ed.n_bias = b_off[r + 1] - b_off[r]
+    ed.allowed_ids = a_ids + a_off[r]; ed.n_allowed = a_off[r + 1] - a_off[r]
+    ed.has_allowed = has_allowed[r] != 0
+    out_status[r] = finish_row(base + r * V, V, &kn, &ed, n_top, want_lp, sc, &out_tok[r],
+                               &out_lp[r], &out_rank[r], out_top_ids + r * n_top,
+                               out_top_lp + r * n_top)
+
+
+def sample_batch(const float32_t[:, ::1] logits,
+                 const float32_t[::1] temperature, const int64_t[::1] top_k,
+                 const float32_t[::1] top_p, const float32_t[::1] min_p,
+                 const float32_t[::1] repetition_penalty, const float32_t[::1] presence_penalty,
+                 const float32_t[::1] frequency_penalty, const uint64_t[::1] seed,
+                 const uint64_t[::1] step,
+                 const int64_t[::1] prompt_ids, const int64_t[::1] prompt_offsets,
+                 const int64_t[::1] output_ids, const int64_t[::1] output_offsets,
+                 const int64_t[::1] bias_ids, const float32_t[::1] bias_values,
+                 const int64_t[::1] bias_offsets,
+                 const int64_t[::1] allowed_ids, const int64_t[::1] allowed_offsets,
+                 const uint8_t[::1] has_allowed,
+                 int n_top, bint want_logprobs, bint need_work, Py_ssize_t max_history,
+                 int n_threads,
+                 int64_t[::1] out_tokens, int32_t[::1] out_status, float32_t[::1] out_logprobs,
+                 int64_t[::1] out_ranks, int64_t[:, ::1] out_top_ids,
+                 float32_t[:, ::1] out_top_logprobs):
+    """Sample one token per row of logits [B, V]; the wrapper has validated everything.
+
+    Per-row knobs are [B] arrays; ragged inputs are (values, offsets[B+1]) pairs whose value
+    arrays hold at least one element. Outputs [B] (and [B, n_top]) are written in place;
+    out_status[r] is a Status for row r. Runs without the GIL, rows over n_threads threads.
+    """
+    cdef intp_t B = logits.shape[0], V = logits.shape[1], r
+    cdef Scratch sc
+    cdef int ok
+    if B == 0:
+        return
+    cdef const float32_t* base = &logits[0, 0]
+    cdef int64_t* top_ids_p = &out_top_ids[0, 0] if n_top > 0 else NULL
+    cdef float32_t* top_lp_p = &out_top_logprobs[0, 0] if n_top > 0 else NULL
+    if n_threads <= 1 or B == 1:
+        with nogil:
+            ok = scratch_alloc(&sc, V, need_work, max_history, want_logprobs)
+            for r in range(B):
+                if ok != TEP_OK:
+                    out_status[r] = ok
+                    continue
+                batch_row(r, base, V, &temperature[0], &top_k[0], &top_p[0], &min_p[0],
+                          &repetition_penalty[0], &presence_penalty[0], &frequency_penalty[0],
+                          &seed[0], &step[0], &prompt_ids[0], &prompt_offsets[0], &output_ids[0],
+                          &output_offsets[0], &bias_ids[0], &bias_values[0], &bias_offsets[0],
+                          &allowed_ids[0], &allowed_offsets[0], &has_allowed[0], n_top,
+                          want_logprobs, &sc, &out_tokens[0], &out_status[0], &out_logprobs[0],
+                          &out_ranks[0], top_ids_p, top_lp_p)
+            scratch_free(&sc)
+        return
+    cdef Scratch* psc
+    with nogil, parallel(num_threads=n_threads):
+        # assigned inside the parallel block, so each thread gets its own scratch
+        psc = <Scratch*>malloc(sizeof(Scratch))
+        ok = scratch_alloc(psc, V, need_work, max_history, want_logprobs) if psc != NULL \
+            else TEP_NO_MEMORY
+        for r in prange(B, schedule="static"):
+            if ok != TEP_OK:
+                out_status[r] = ok
+            else:
+                batch_row(r, base, V, &temperature[0], &top_k[0], &top_p[0], &min_p[0],
+                          &repetition_penalty[0], &presence_penalty[0], &frequency_penalty[0],
+                          &seed[0], &step[0], &prompt_ids[0], &prompt_offsets[0], &output_ids[0],
+                          &output_offsets[0], &bias_ids[0], &bias_values[0], &bias_offsets[0],
+                          &allowed_ids[0], &allowed_offsets[0], &has_allowed[0], n_top,
+                          want_logprobs, psc, &out_tokens[0], &out_status[0], &out_logprobs[0],
+                          &out_ranks[0], top_ids_p, top_lp_p)
+        if psc != NULL:
+            scratch_free(psc)
+            free(psc)
+
+
+def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, float top_p,
+               float min_p, uint64_t seed, uint64_t step):
+    """Fast path for one row [V] with scalar knobs and no edits or logprobs.
+
+    Returns the token id (>= 0), or -Status on failure. Arguments are pre-validated."""
+    cdef Knobs kn
+    cdef RowEdits ed
+    cdef Scratch sc
+    cdef int64_t tok = 0
+    cdef int st
+    cdef intp_t V = logits.shape[0]
+    memset(&ed, 0, sizeof(RowEdits))
+    kn.temperature = temperature; kn.top_k = top_k; kn.top_p = top_p; kn.min_p = min_p
+    kn.repetition_penalty = 1.0; kn.presence_penalty = 0.0; kn.frequency_penalty = 0.0
+    kn.seed = seed; kn.step = step
+    with nogil:
+        st = scratch_alloc(&sc, V, False, 0, False)
+        if st == TEP_OK:
+            st = sample_row(&logits[0], V, &kn, &ed, &sc, &tok)
+        scratch_free(&sc)
+    return tok if st == TEP_OK else -st
+
+
+def log_softmax_batch(const float32_t[:, ::1] logits, float32_t[:, ::1] out,
+                      int32_t[::1] out_status, int n_threads):
+    """out[B, V] = log_softmax(logits[B, V]) row-wise; out_status[r] is a Status."""
+    cdef intp_t B = logits.shape[0], V = logits.shape[1], r
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
+    cdef float* bmax
+    if B == 0 or V == 0:
+        return
+    with nogil, parallel(num_threads=max(n_threads, 1)):
+        bmax = <float*>malloc((nb + 1) * sizeof(float))
+        for r in prange(B, schedule="static"):
+            if bmax == NULL:
+                out_status[r] = TEP_NO_MEMORY
+            else:
+                out_status[r] = log_softmax_row(&logits[r, 0], V, bmax, &out[r, 0])
+        free(bmax)
+
+
+def max_threads():
+    """Threads OpenMP would use by default (honours OMP_NUM_THREADS); 1 without OpenMP."""
+    return omp_get_max_threads()
+
+
+tep_simd_init(1)

@@ -1,0 +1,260 @@
+"""The toy backend: a small deterministic numpy "language model", no download.
+
+Vocabulary (``vocab_size`` V >= 257):
+  - IDs 0..255 are the bytes 0x00..0xFF, so text tokenizes as its UTF-8 bytes and
+    ``detokenize`` gives real text;
+  - ID 256 is ``<|endoftext|>`` (EOS; ends generation, decodes to "");
+  - IDs 257..V-1 (only with a larger ``vocab_size``, for benchmarks) decode to a space
+    followed by a deterministic lowercase word spelled from the ID.
+
+Model: the hidden state at position t is ``tanh(sum of hashed embeddings of the last
+three tokens (unigram, bigram, trigram buckets))`` (float32 [D]); logits are
+``hidden @ W + b`` (float32 [V]) with W, b drawn from a fixed seed. b favours printable
+ASCII so samples look like text. Sampling uses :func:`tep.kernels.sample` with every
+knob of the request's :class:`tep.Sampling`, ``step`` = index of the generated token, so
+the same seed gives the same text streamed or not.
+
+Chat template (documented, simple): each message becomes ``<|{role}|>\\n{content}\\n``
+(text parts of a content list joined), then ``<|assistant|>\\n`` is appended; the whole
+string is tokenized as bytes.
+
+Embeddings: mean of the per-token hidden states, L2-normalised
+(:func:`tep.kernels.pool`), D = ``dim``.
+
+Settings (keyword arguments, or environment when constructed with none):
+``TEP_TOY_VOCAB_SIZE`` (default 257), ``TEP_TOY_DIM`` (64), ``TEP_TOY_INSTANT`` (0): the
+instant mode does no model compute at all: it emits the bytes of a fixed lorem-ipsum text
+(cycled from a position derived from the prompt and seed), logprob 0.0, and embeddings that
+are a fixed unit vector, for measuring the HTTP layer.
+"""
+from __future__ import annotations
+
+import codecs
+import os
+from typing import Any
+
+import numpy as np
+
+from tep.backend import Backend, ChatStreamSink, StreamSink
+from tep.errors import BadRequestError
+from tep.protocol import ChatRequest, Sampling
+
+__all__ = ["ToyBackend", "EOS", "chat_template"]
+
+EOS = 256
+N_BYTES = 256
+_BUCKETS = 4096
+_LOREM = (b"Lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod tempor "
+          b"incididunt ut labore et dolore magna aliqua. ")
+_MASK64 = (1 << 64) - 1
+
+
+def _word(token_id: int) -> str:
+    """A deterministic word for an ID >= 257: base-26 letters of the ID."""
+    n, letters = token_id, []
+    while True:
+        n, r = divmod(n, 26)
+        letters.append(chr(ord("a") + r))
+        if n == 0:
+            break
+    return " " + "".join(reversed(letters))
+
+
+def chat_template(messages: list[dict]) -> str:
+    """The toy chat template: ``<|role|>\\ncontent\\n`` per message, then
+    ``<|assistant|>\\n``. Non-text content parts are a 400."""
+    out = []
+    for i, m in enumerate(messages):
+        c = m.get("content")
+        if isinstance(c, list):
+            parts = []
+            for part in c:
+                if not isinstance(part, dict) or part.get("type") != "text" or \
+                        not isinstance(part.get("text"), str):
+                    raise BadRequestError("the toy backend only takes text content parts",
+                                          param=f"messages[{i}].content")
+                parts.append(part["text"])
+            c = "".join(parts)
+        out.append(f"<|{m['role']}|>\n{c or ''}\n")
+    out.append("<|assistant|>\n")
+    return "".join(out)
+
+
+def _env_int(name: str, default: int) -> int:
+    v = os.environ.get(name)
+    return int(v) if v not in (None, "") else default
+
+
+class ToyBackend(Backend):
+    """A deterministic numpy model with a byte-level vocabulary. See the module docstring.
+
+    Args:
+        model: the model ID it serves.
+        vocab_size: V >= 257 (257 = bytes + EOS).
+        dim: hidden/embedding size D.
+        instant: no model compute (fixed text), for measuring the HTTP layer.
+        weights_seed: seed of the fixed random weights.
+    """
+
+    def __init__(self, model: str = "tep-toy", *, vocab_size: int | None = None,
+                 dim: int | None = None, instant: bool | None = None,
+                 weights_seed: int = 1234) -> None:
+        self.model = model
+        self.vocab_size = vocab_size if vocab_size is not None else _env_int("TEP_TOY_VOCAB_SIZE", 257)
+        self.dim = dim if dim is not None else _env_int("TEP_TOY_DIM", 64)
+        self.instant = bool(instant if instant is not None else _env_int("TEP_TOY_INSTANT", 0))
+        if self.vocab_size < N_BYTES + 1:
+            raise ValueError(f"vocab_size must be >= {N_BYTES + 1}, got {self.vocab_size}")
+        if self.dim < 1:
+            raise ValueError(f"dim must be >= 1, got {self.dim}")
+        rng = np.random.default_rng(weights_seed)
+        V, D = self.vocab_size, self.dim
+        self._emb = (rng.standard_normal((3, _BUCKETS, D)) / np.sqrt(3)).astype(np.float32)
+        self._w = (rng.standard_normal((D, V)) * (1.5 / np.sqrt(D))).astype(np.float32)
+        b = np.full(V, -6.0, dtype=np.float32)
+        printable = np.arange(32, 127)
+        b[printable] = 0.5
+        b[ord(" ")] = 2.0
+        b[[ord(c) for c in "etaoinshr"]] = 1.5
+        b[ord("\n")] = -1.0
+        b[EOS] = -2.0
+        b[N_BYTES + 1:] = 0.0
+        self._b = b
+
+    # ---- metadata
+    def list_models(self) -> list[str]:
+        return [self.model]
+
+    def supports_chat(self) -> bool:
+        return True
+
+    def supports_embeddings(self) -> bool:
+        return True
+
+    def embedding_dimensions(self, model: str) -> int | None:
+        return self.dim
+
+    # ---- text
+    def tokenize(self, model: str, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, model: str, token_ids: list[int]) -> str:
+        return self._decode_bytes(token_ids).decode("utf-8", errors="replace")
+
+    def _decode_bytes(self, token_ids: list[int]) -> bytes:
+        out = bytearray()
+        for t in token_ids:
+            if 0 <= t < N_BYTES:
+                out.append(t)
+            elif t == EOS:
+                continue
+            elif N_BYTES < t < self.vocab_size:
+                out += _word(t).encode("ascii")
+            else:
+                raise BadRequestError(f"token ID {t} is outside the vocabulary "
+                                      f"[0, {self.vocab_size})", param="prompt")
+        return bytes(out)
+
+    def _check_ids(self, ids: list[int], param: str) -> None:
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise BadRequestError(f"token ID {bad[0]} is outside the vocabulary "
+                                  f"[0, {self.vocab_size})", param=param)
+
+    # ---- the model
+    def _hidden(self, ctx: list[int], t: int) -> np.ndarray:
+        """Hidden state float32 [D] at position t (uses ctx[t-2..t])."""
+        h = np.zeros(self.dim, dtype=np.float32)
+        a = ctx[t]
+        h += self._emb[0, (a * 2654435761) % _BUCKETS]
+        if t >= 1:
+            h += self._emb[1, ((ctx[t - 1] * 40503 + a) * 2246822519) % _BUCKETS]
+        if t >= 2:
+            h += self._emb[2, ((ctx[t - 2] * 65599 + ctx[t - 1]) * 97 + a) * 3266489917
+                           % _BUCKETS]
+        return np.tanh(h)
+
+    def _logits(self, ctx: list[int]) -> np.ndarray:
+        if not ctx:
+            return self._b.copy()
+        return self._hidden(ctx, len(ctx) - 1) @ self._w + self._b
+
+    # ---- generation
+    def generate_stream_from_tokens(self, model: str, token_ids: list[int],
+                                    sampling: Sampling, sink: StreamSink) -> None:
+        self._check_ids(token_ids, "prompt")
+        self._generate(list(token_ids), sampling, sink)
+
+    def _generate(self, prompt: list[int], s: Sampling, sink: StreamSink) -> None:
+        if s.logit_bias:
+            self._check_ids(list(s.logit_bias), "logit_bias")
+        if s.allowed_token_ids:
+            self._check_ids(s.allowed_token_ids, "allowed_token_ids")
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        if self.instant:
+            self._generate_instant(prompt, s, sink, decoder)
+            return
+        from tep.kernels import sample
+
+        ctx = list(prompt)
+        out: list[int] = []
+        for step in range(s.max_tokens):
+            r = sample(self._logits(ctx), temperature=s.temperature, top_k=s.top_k,
+                       top_p=s.top_p, min_p=s.min_p, repetition_penalty=s.repetition_penalty,
+                       presence_penalty=s.presence_penalty,
+                       frequency_penalty=s.frequency_penalty, prompt_token_ids=prompt,
+                       output_token_ids=out, logit_bias=s.logit_bias,
+                       allowed_token_ids=s.allowed_token_ids, seed=s.seed, step=step,
+                       logprobs=s.logprobs)
+            if s.logprobs is None:
+                tok, kw = int(r), {}
+            else:
+                tok = int(r.token_ids)
+                kw = {"logprob": float(r.logprobs),
+                      "top_logprobs": list(zip(np.asarray(r.top_token_ids).tolist(),
+                                               np.asarray(r.top_logprobs).tolist())),
+                      "token_bytes": self._decode_bytes([tok])}
+            ctx.append(tok)
+            out.append(tok)
+            if tok == EOS:
+                piece = decoder.decode(b"", final=True)
+                sink.emit_token(piece, token_id=tok, **kw)
+                sink.emit_finish("stop")
+                return
+            if not sink.emit_token(decoder.decode(self._decode_bytes([tok])), token_id=tok, **kw):
+                return
+        tail = decoder.decode(b"", final=True)
+        if tail:
+            sink.emit_token(tail)  # pragma: no cover - only after max_tokens, dropped by sink
+
+    def _generate_instant(self, prompt: list[int], s: Sampling, sink: StreamSink,
+                          decoder: Any) -> None:
+        start = (sum(prompt) + (s.seed or 0)) % len(_LOREM)
+        for step in range(s.max_tokens):
+            tok = _LOREM[(start + step) % len(_LOREM)]
+            kw = {} if s.logprobs is None else {"logprob": 0.0, "top_logprobs": [(tok, 0.0)]}
+            if not sink.emit_token(chr(tok), token_id=tok, **kw):
+                return
+
+    # ---- chat
+    def chat_completion_stream(self, req: ChatRequest, sink: ChatStreamSink) -> None:
+        ids = self.tokenize(req.model, chat_template(req.messages))
+        sink.prompt_tokens = len(ids)
+        self._generate(ids, req.sampling, sink)
+
+    # ---- embeddings
+    def generate_embeddings(self, model: str, token_ids: list[int]) -> np.ndarray:
+        self._check_ids(token_ids, "input")
+        if self.instant:
+            v = np.zeros(self.dim, dtype=np.float32)
+            v[0] = 1.0
+            return v
+        from tep.kernels import pool
+
+        n = len(token_ids)
+        hidden = np.empty((n, self.dim), dtype=np.float32)
+        for t in range(n):
+            hidden[t] = self._hidden(token_ids, t)
+        out = pool(hidden, offsets=np.array([0, n], dtype=np.int64), mode="mean",
+                   normalize=True)
+        return out[0]

@@ -1,0 +1,99 @@
+"""Running backend calls in the worker pool and bridging their output to the event loop.
+
+A backend call runs in a thread of the app's dedicated ``ThreadPoolExecutor``. Its sink
+hands events to the loop with ``loop.call_soon_threadsafe`` into one ``asyncio.Queue`` per
+request; the request's async generator drains the queue, and its ``finally`` sets the
+request's cancel flag, which covers client disconnect, timeouts and shutdown.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+import threading
+from concurrent.futures import Executor
+from typing import Any, AsyncIterator, Callable
+
+from tep.backend import StreamSink, current_cancel
+
+__all__ = ["run_blocking", "StreamBridge", "sse"]
+
+
+async def run_blocking(executor: Executor, cancel: threading.Event,
+                       fn: Callable[..., Any], *args: Any) -> Any:
+    """Run ``fn(*args)`` in ``executor``; if the awaiting task is cancelled (client gone),
+    set ``cancel`` so a backend polling its sink stops."""
+    ctx = contextvars.copy_context()
+    ctx.run(current_cancel.set, cancel)
+    loop = asyncio.get_running_loop()
+    try:
+        return await loop.run_in_executor(executor, ctx.run, fn, *args)
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+
+
+class StreamBridge:
+    """Runs one backend call per choice in the pool and yields their events in order.
+
+    Events (tuples): ``("role", i, role)``, ``("delta", i, text, logprobs)``,
+    ``("finish", i, reason, completion_tokens, prompt_tokens)``, ``("error", i, exc)``.
+    """
+
+    def __init__(self, executor: Executor, cancel: threading.Event,
+                 request_id: str = "?") -> None:
+        self._executor = executor
+        self.request_id = request_id
+        self.cancel = cancel
+        self._loop = asyncio.get_running_loop()
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._running = 0
+
+    def _put(self, item: tuple) -> None:
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # loop closed: the server is gone, stop generating
+            self.cancel.set()
+
+    def start(self, index: int, make_sink: Callable[..., StreamSink],
+              call: Callable[[StreamSink], None]) -> None:
+        """Start choice ``index``: ``make_sink(on_delta=..., on_role=...)`` builds its sink
+        and ``call(sink)`` runs the backend in a worker thread."""
+        put = self._put
+
+        def on_delta(text: str, lps: list) -> None:
+            put(("delta", index, text, lps))
+
+        def on_role(role: str) -> None:
+            put(("role", index, role))
+
+        def job() -> None:
+            try:
+                sink = make_sink(on_delta=on_delta, on_role=on_role)
+                call(sink)
+                reason = sink.close()
+                put(("finish", index, reason, sink.n_tokens, sink.prompt_tokens))
+            except BaseException as e:  # reported to the client as an error event
+                put(("error", index, e))
+
+        ctx = contextvars.copy_context()
+        ctx.run(current_cancel.set, self.cancel)
+        self._running += 1
+        self._executor.submit(ctx.run, job)
+
+    async def events(self) -> AsyncIterator[tuple]:
+        """Events until every choice has finished, or up to and including an error."""
+        while self._running:
+            ev = await self._queue.get()
+            if ev[0] == "finish":
+                self._running -= 1
+            yield ev
+            if ev[0] == "error":
+                return
+
+
+def sse(obj: Any) -> bytes:
+    """One server-sent event: ``data: <json>\\n\\n`` (or the literal ``[DONE]``)."""
+    if isinstance(obj, str):
+        return f"data: {obj}\n\n".encode()
+    return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
