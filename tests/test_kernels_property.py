@@ -17,7 +17,9 @@ try:  # tests/ may or may not become a package
 except ImportError:  # pragma: no cover
     import reference as ref
 
-SETTINGS = settings(max_examples=150, deadline=None,
+# derandomize: the suite must be deterministic (same examples every run, no example database
+# written into the checkout). Raise max_examples locally for a deeper search.
+SETTINGS = settings(max_examples=150, deadline=None, derandomize=True, database=None,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 
 FLOAT_DTYPES = [np.float32, np.float64, np.float16]

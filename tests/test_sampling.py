@@ -338,7 +338,7 @@ def test_large_vocab_heavy_ties_fast_path():
         toks = np.concatenate([
             np.asarray(sample(np.tile(row, (500, 1)), seed=5,
                               step=np.arange(i * 500, (i + 1) * 500), **knobs))
-            for i in range(8)])
+            for i in range(4)])
         assert np.all(p[toks] > 0), knobs
         vals = np.unique(row[p > 0])
         counts = np.array([np.sum(row[toks] == v) for v in vals])
@@ -696,6 +696,27 @@ def test_empty_batch_per_row_empty_lists():
         assert np.asarray(sample(x, **{name: []})).shape == (0,), name
 
 
+def test_input_not_modified():
+    rng = np.random.default_rng(81)
+    x = rng.standard_normal((4, 50)).astype(np.float32)
+    x[0, 3] = np.nan
+    before = x.copy()
+    sample(x, temperature=0.7, top_k=5, top_p=0.9, min_p=0.1, repetition_penalty=1.5,
+           presence_penalty=1.0, frequency_penalty=1.0, prompt_token_ids=[[1, 2]] * 4,
+           output_token_ids=[[3, 3]] * 4, logit_bias=[{4: 50.0}] * 4,
+           allowed_token_ids=[list(range(30))] * 4, seed=1, logprobs=3)
+    np.testing.assert_array_equal(x, before)
+    log_softmax(x)
+    np.testing.assert_array_equal(x, before)
+
+
+def test_nan_token_stays_excluded_despite_bias():
+    # NaN -> -inf happens before logit_bias, so a positive bias cannot revive a NaN token
+    row = np.array([np.nan, 0.0, 1.0], dtype=np.float32)
+    assert set(draw(row, 300, 22, logit_bias={0: 100.0}).tolist()) == {1, 2}
+    assert sample(row, temperature=0.0, logit_bias={0: 100.0}) == 2
+
+
 def test_nan_rows_and_partial_nan():
     x = np.array([[np.nan, 1.0, np.nan], [0.0, np.nan, 0.0]], dtype=np.float32)
     toks = draw(x[0], 100, 1)
@@ -824,6 +845,35 @@ def test_bad_knob_values(name, value):
         # one bad entry among per-row values
         good = SCALAR_KNOBS[name]
         assert_raises_naming(lambda: sample(x, **{name: [good, value, good]}), name)
+
+
+WRONG_TYPES = [
+    ("prompt_token_ids", [1.5]), ("output_token_ids", [0.5, 1.0]),
+    ("allowed_token_ids", ["a"]), ("prompt_token_ids", 5),
+    ("logit_bias", {1.5: 1.0}), ("logit_bias", {"a": 1.0}), ("logit_bias", [1, 2]),
+    ("top_k", 2.5), ("seed", 1.5), ("step", 1.5), ("logprobs", 2.5),
+    ("temperature", "a"), ("top_p", "0.5"), ("seed", "1"),
+]
+
+
+@pytest.mark.parametrize("name,value", WRONG_TYPES, ids=lambda v: repr(v))
+def test_wrong_argument_types(name, value):
+    x = np.zeros(10, dtype=np.float32)
+    assert_raises_naming(lambda: sample(x, **{name: value}), name)
+
+
+def test_numpy_id_arrays_accepted():
+    x = np.zeros((3, 10), dtype=np.float32)
+    x[:, 4] = 5.0
+    kw = dict(prompt_token_ids=np.array([[4, 1]] * 3, dtype=np.int32),
+              output_token_ids=[np.array([4, 4]), None, np.array([], dtype=np.int64)],
+              allowed_token_ids=[np.arange(10), np.array([4, 5]), None],
+              logit_bias=[{np.int64(5): np.float32(1.0)}, None, {}])
+    out = sample(x, temperature=0.0, repetition_penalty=2.0, frequency_penalty=1.0, **kw)
+    want = [ref.greedy(x[b], repetition_penalty=2.0, frequency_penalty=1.0,
+                       **{k: v[b] if k != "prompt_token_ids" else v[b].tolist()
+                          for k, v in kw.items()}) for b in range(3)]
+    np.testing.assert_array_equal(out, want)
 
 
 @pytest.mark.parametrize("name,value", [("top_p", 1e-9), ("top_p", 1.0), ("top_k", 0),

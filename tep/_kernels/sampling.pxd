@@ -46,6 +46,8 @@ cdef struct Scratch:
     float32_t* sel       # [V] quickselect scratch
     float32_t* ebuf      # [V] exp values of the top-p sample
     Cand* cand           # [2V] candidate tokens (second half: top-p sample)
+    float64_t* hist      # [HIST_BINS] top-p sample histogram
+    float64_t* hist2     # [HIST_BINS] mass histogram of mass_select
     int64_t* hbuf        # [n_prompt + n_output] sorted history copy
 
 cdef double philox_uniform(uint64_t seed, uint64_t step) noexcept nogil

@@ -35,6 +35,10 @@ cdef extern from "_simd.h" nogil:
 
 cdef float GREEDY_T = 1e-5
 
+cdef enum:
+    HIST_BINS = 1024
+
+
 
 def simd_init(bint allow_avx2=True):
     """Select the AVX2 path when the CPU has it (default) or force the portable one.
@@ -195,21 +199,85 @@ cdef float weighted_select(Cand* a, intp_t n, double need) noexcept nogil:
     return vmin
 
 
+cdef float mass_select(const Cand* a, intp_t n, double need, Cand* tmp,
+                       float64_t* hist) noexcept nogil:
+    """weighted_select without reordering a: a 1024-bin mass histogram over the value
+    range finds the bin where the mass from the top reaches need, and only that bin's
+    tokens (copied to tmp) go through the quickselect. hist: scratch [HIST_BINS]."""
+    cdef intp_t i, b, nbin = 0
+    cdef float vlo = INFINITY, vhi = -INFINITY
+    cdef double scale, above = 0.0
+    if n == 0:
+        return -INFINITY
+    for i in range(n):
+        if a[i].v < vlo:
+            vlo = a[i].v
+        if a[i].v > vhi:
+            vhi = a[i].v
+    if not (vhi > vlo):
+        return vlo
+    scale = (HIST_BINS - 1) / (<double>vhi - <double>vlo)
+    memset(hist, 0, HIST_BINS * sizeof(float64_t))
+    for i in range(n):
+        hist[<intp_t>((a[i].v - <double>vlo) * scale)] += a[i].e
+    b = HIST_BINS - 1
+    while b > 0 and above + hist[b] < need:
+        above += hist[b]
+        b -= 1
+    for i in range(n):
+        if <intp_t>((a[i].v - <double>vlo) * scale) == b:
+            tmp[nbin] = a[i]
+            nbin += 1
+    return weighted_select(tmp, nbin, need - above)
+
+
+cdef struct SampleHist:
+    float64_t* cum       # cum[b] = sample mass in bins >= b (bins linear in v)
+    float vlo
+    float64_t width      # value width of one bin
+
+
+cdef void sample_hist_build(SampleHist* h, const Cand* a, intp_t n) noexcept nogil:
+    cdef intp_t i, b
+    cdef float vhi = -INFINITY
+    h.vlo = INFINITY
+    for i in range(n):
+        if a[i].v < h.vlo:
+            h.vlo = a[i].v
+        if a[i].v > vhi:
+            vhi = a[i].v
+    h.width = (<double>vhi - h.vlo) / (HIST_BINS - 1) if vhi > h.vlo else 1.0
+    memset(h.cum, 0, HIST_BINS * sizeof(float64_t))
+    for i in range(n):
+        h.cum[<intp_t>((a[i].v - <double>h.vlo) / h.width)] += a[i].e
+    for b in range(HIST_BINS - 2, -1, -1):
+        h.cum[b] += h.cum[b + 1]
+
+
+cdef float sample_hist_value(const SampleHist* h, double target, bint upper) noexcept nogil:
+    """Edge of the bin where the sample mass from the top reaches target: its upper edge
+    (upper=True, a value at or above the crossing) or its lower edge."""
+    cdef intp_t b = HIST_BINS - 1
+    while b > 0 and h.cum[b] < target:
+        b -= 1
+    return <float>(h.vlo + (b + 1) * h.width) if upper else <float>(h.vlo + b * h.width)
+
+
 cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, double u,
                        Scratch* sc) noexcept nogil:
     """Sample a whole row under top_p alone, touching most tokens only in vector passes.
 
-    A stratified sample (the head exactly, ~4096 strided tokens for the rest) estimates the
+    A stratified sample (the head exactly, ~16384 strided tokens for the rest) estimates the
     logit values where the cumulative mass reaches p -/+ a margin. One vectorised pass sums
     the exact mass per block above that bracket and collects the tokens inside it; a
     weighted quickselect over those settles the exact threshold t. When the sample
     misjudged (peaked rows) the bracket steps up or down, ending at the row's edge, so t is
     always exact. The draw walks block masses (above-bracket sums plus kept bracket tokens)
     and scans one block."""
-    cdef intp_t q = max(1, V // 4096), ns = V // q, i, nin = 0, it, b, ci, j, lo_j, hi_j
+    cdef intp_t q = max(1, V // 16384), ns = V // q, i, nin = 0, it, b, ci, j, lo_j, hi_j
     cdef intp_t nsmp = 0, nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
     cdef double Zs = 0.0, Z = 0.0, mass_hi = 0.0, mass_in, need
-    cdef double hi_q = p - 0.02, lo_q = p + min(0.02, (1.0 - p) * 0.5), acc, blk, target
+    cdef double hi_q = p - 0.006, lo_q = p + min(0.006, (1.0 - p) * 0.5), acc, blk, target
     cdef float t_hi, t_lo, t, e, L = -INFINITY
     cdef Cand* smp = sc.cand + V          # second half of the candidate buffer
     # Head: every token >= the 32nd largest block max, exactly (peaked rows keep their mass
@@ -231,8 +299,12 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
             smp[nsmp].e = e * q
             Zs += e * q
             nsmp += 1
-    t_hi = weighted_select(smp, nsmp, hi_q * Zs) if hi_q > 0 and nsmp > 0 else INFINITY
-    t_lo = weighted_select(smp, nsmp, lo_q * Zs) if lo_q < 1 and nsmp > 0 else -INFINITY
+    cdef SampleHist sh
+    sh.cum = sc.hist
+    if nsmp > 0:
+        sample_hist_build(&sh, smp, nsmp)
+    t_hi = sample_hist_value(&sh, hi_q * Zs, True) if hi_q > 0 and nsmp > 0 else INFINITY
+    t_lo = sample_hist_value(&sh, lo_q * Zs, False) if lo_q < 1 and nsmp > 0 else -INFINITY
     need = -1.0
     for it in range(64):
         if not (t_lo < t_hi):
@@ -247,8 +319,8 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
             # the threshold lies above the bracket: step up
             t_lo = t_hi
             hi_q *= 0.5
-            t_hi = weighted_select(smp, nsmp, hi_q * Zs) if hi_q > 0.005 and nsmp > 0 \
-                else INFINITY
+            t_hi = sample_hist_value(&sh, hi_q * Zs, True) \
+                if hi_q > 0.005 and nsmp > 0 else INFINITY
             continue
         mass_in = 0.0
         for i in range(nin):
@@ -257,15 +329,12 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
             # the threshold lies below the bracket: step down
             t_hi = t_lo
             lo_q = 1.0 - (1.0 - lo_q) * 0.25
-            t_lo = weighted_select(smp, nsmp, lo_q * Zs) if lo_q < 0.9999 and nsmp > 0 \
-                else -INFINITY
+            t_lo = sample_hist_value(&sh, lo_q * Zs, False) \
+                if lo_q < 0.9999 and nsmp > 0 else -INFINITY
             continue
         break
-    # exact threshold from a copy, keeping the bracket list in index order for the draw
-    t = -INFINITY
-    if nin > 0:
-        memcpy(smp, sc.cand, nin * sizeof(Cand))
-        t = weighted_select(smp, nin, need - mass_hi)
+    # exact threshold; mass_select keeps the bracket list in index order for the draw
+    t = mass_select(sc.cand, nin, need - mass_hi, smp, sc.hist2) if nin > 0 else -INFINITY
     acc = mass_hi
     for i in range(nin):
         if sc.cand[i].v >= t:
@@ -410,8 +479,7 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
             sc.cand[i].e = e
             Z += e
         if kn.top_p < 1.0:
-            # reorders the candidates; the draw below only needs some fixed order
-            thr = weighted_select(sc.cand, nc, kn.top_p * Z)
+            thr = mass_select(sc.cand, nc, kn.top_p * Z, sc.cand + nc, sc.hist)
             b = 0
             Z = 0.0
             for i in range(nc):
@@ -541,10 +609,12 @@ cdef int scratch_alloc(Scratch* sc, intp_t V, bint need_work, intp_t max_hist,
     sc.sel = <float*>malloc((V + 1) * sizeof(float))
     sc.ebuf = <float*>malloc((V + 1) * sizeof(float))
     sc.cand = <Cand*>malloc((2 * V + 1) * sizeof(Cand))
+    sc.hist = <float64_t*>malloc(HIST_BINS * sizeof(float64_t))
+    sc.hist2 = <float64_t*>malloc(HIST_BINS * sizeof(float64_t))
     sc.work = <float*>malloc((V + 1) * sizeof(float)) if need_work else NULL
     sc.hbuf = <int64_t*>malloc((max_hist + 1) * sizeof(int64_t))
     if (sc.bmax == NULL or sc.bsum == NULL or sc.sel == NULL or sc.ebuf == NULL
-            or sc.cand == NULL or sc.hbuf == NULL
+            or sc.cand == NULL or sc.hist == NULL or sc.hist2 == NULL or sc.hbuf == NULL
             or (need_work and sc.work == NULL) or (need_raw and sc.bmax_raw == NULL)):
         return TEP_NO_MEMORY
     return TEP_OK
@@ -552,7 +622,7 @@ cdef int scratch_alloc(Scratch* sc, intp_t V, bint need_work, intp_t max_hist,
 
 cdef void scratch_free(Scratch* sc) noexcept nogil:
     free(sc.bmax); free(sc.bmax_raw); free(sc.bsum); free(sc.sel); free(sc.ebuf)
-    free(sc.cand); free(sc.work); free(sc.hbuf)
+    free(sc.cand); free(sc.hist); free(sc.hist2); free(sc.work); free(sc.hbuf)
     memset(sc, 0, sizeof(Scratch))
 
 

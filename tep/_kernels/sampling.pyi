@@ -1,0 +1,41 @@
+"""Stub for the compiled sampling module (tep/_kernels/sampling.pyx).
+
+Use the validating wrappers in :mod:`tep.kernels`; these entry points trust their inputs.
+"""
+import numpy as np
+import numpy.typing as npt
+
+def simd_init(allow_avx2: bool = True) -> int:
+    """Select the AVX2+FMA row primitives (1) or the portable C path (0); returns the level."""
+def simd_level() -> int:
+    """1 when the AVX2+FMA row primitives are in use, 0 for the portable path."""
+def philox(seed: int, step: int) -> float:
+    """The uniform in [0, 1) that the kernel draws for (seed, step)."""
+def max_threads() -> int:
+    """Threads OpenMP uses by default (honours OMP_NUM_THREADS); 1 without OpenMP."""
+def sample_one(logits: npt.NDArray[np.float32], temperature: float, top_k: int, top_p: float,
+               min_p: float, seed: int, step: int) -> int:
+    """One row [V], scalar knobs, no edits: the token id, or -status on failure."""
+def sample_batch(logits: npt.NDArray[np.float32],
+                 temperature: npt.NDArray[np.float32], top_k: npt.NDArray[np.int64],
+                 top_p: npt.NDArray[np.float32], min_p: npt.NDArray[np.float32],
+                 repetition_penalty: npt.NDArray[np.float32],
+                 presence_penalty: npt.NDArray[np.float32],
+                 frequency_penalty: npt.NDArray[np.float32], seed: npt.NDArray[np.uint64],
+                 step: npt.NDArray[np.uint64],
+                 prompt_ids: npt.NDArray[np.int64], prompt_offsets: npt.NDArray[np.int64],
+                 output_ids: npt.NDArray[np.int64], output_offsets: npt.NDArray[np.int64],
+                 bias_ids: npt.NDArray[np.int64], bias_values: npt.NDArray[np.float32],
+                 bias_offsets: npt.NDArray[np.int64],
+                 allowed_ids: npt.NDArray[np.int64], allowed_offsets: npt.NDArray[np.int64],
+                 has_allowed: npt.NDArray[np.uint8],
+                 n_top: int, want_logprobs: bool, need_work: bool, max_history: int,
+                 n_threads: int,
+                 out_tokens: npt.NDArray[np.int64], out_status: npt.NDArray[np.int32],
+                 out_logprobs: npt.NDArray[np.float32], out_ranks: npt.NDArray[np.int64],
+                 out_top_ids: npt.NDArray[np.int64],
+                 out_top_logprobs: npt.NDArray[np.float32]) -> None:
+    """Sample rows of logits [B, V] into the out_* arrays; out_status[r] != 0 flags row r."""
+def log_softmax_batch(logits: npt.NDArray[np.float32], out: npt.NDArray[np.float32],
+                      out_status: npt.NDArray[np.int32], n_threads: int) -> None:
+    """out = log_softmax(logits) row-wise; out_status[r] != 0 flags row r."""
