@@ -75,6 +75,23 @@ def timed(fn, min_time: float, min_reps: int = 3) -> float:
     return statistics.median(times)
 
 
+def timed_group(cases: dict, min_time: float, min_reps: int = 3) -> dict[str, float]:
+    """Median seconds per case, cases interleaved round-robin so load drift hits all alike."""
+    for fn in cases.values():
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in cases}
+    start = time.perf_counter()
+    while min(len(v) for v in times.values()) < min_reps or \
+            time.perf_counter() - start < min_time * len(cases):
+        for k, fn in cases.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+        if len(times[k]) >= 200:
+            break
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
 # --------------------------------------------------------------------------- sentence-transformers
 
 _ST_SCRIPT = r"""
@@ -136,45 +153,53 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_http(model_dir: str, sentences: list[str], batches: list[int], min_time: float) -> dict:
-    try:
-        import openai
-    except ImportError as e:
-        return {"skipped": f"openai client not installed: {e}"}
-    import urllib.request
+class LiveServer:
+    """``tep serve --backend tep.backends.bert:MiniLMBackend`` in a subprocess, with a client."""
 
-    port = _free_port()
-    env = dict(os.environ, TEP_BERT_MODEL_DIR=model_dir, HF_HUB_OFFLINE="1")
-    proc = subprocess.Popen([sys.executable, "-m", "tep", "serve", "--backend",
-                             "tep.backends.bert:MiniLMBackend", "--port", str(port),
-                             "--max-concurrency", "1", "--log-level", "warning"],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
+    def __init__(self, model_dir: str) -> None:
+        self.model_dir = model_dir
+        self.proc: subprocess.Popen | None = None
+        self.client = None
+        self.skipped: str | None = None
+
+    def __enter__(self) -> "LiveServer":
+        try:
+            import openai
+        except ImportError as e:
+            self.skipped = f"openai client not installed: {e}"
+            return self
+        import urllib.request
+
+        port = _free_port()
+        env = dict(os.environ, TEP_BERT_MODEL_DIR=self.model_dir, HF_HUB_OFFLINE="1")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "tep", "serve", "--backend", "tep.backends.bert:MiniLMBackend",
+             "--port", str(port), "--max-concurrency", "1", "--log-level", "warning"],
+            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         deadline = time.monotonic() + 60
         while True:
-            if proc.poll() is not None:
-                return {"skipped": f"tep serve exited: {proc.stderr.read().decode()[-300:]}"}
+            if self.proc.poll() is not None:
+                self.skipped = f"tep serve exited: {self.proc.stderr.read().decode()[-300:]}"
+                return self
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
                     break
             except OSError:
                 if time.monotonic() > deadline:
-                    return {"skipped": "tep serve did not come up in 60 s"}
+                    self.skipped = "tep serve did not come up in 60 s"
+                    return self
                 time.sleep(0.2)
-        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
-                               max_retries=0, timeout=600)
-        model = client.models.list().data[0].id
-        secs = {}
-        for b in batches:
-            s = sentences[:b]
-            secs[str(b)] = timed(lambda: client.embeddings.create(model=model, input=s), min_time)
-        return {"seconds": secs}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+                                    max_retries=0, timeout=600)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
 
 
 # --------------------------------------------------------------------------- main
@@ -210,28 +235,38 @@ def main() -> int:
     name = backend.model_name
     sentences = corpus(max(args.batches))
 
-    rows = []
-    for b in args.batches:
-        s = sentences[:b]
-        ids = backend.tokenize_batch(name, s)
-        lens = np.array([len(x) for x in ids])
-        flat = np.concatenate([np.asarray(x, np.int64) for x in ids])
-        off = np.concatenate([[0], np.cumsum(lens)])
-        hidden = backend.encoder(flat, off)
-        row = {
-            "batch": b, "tokens": int(lens.sum()), "max_len": int(lens.max()),
-            "tokenize": timed(lambda: backend.tokenize_batch(name, s), args.min_time / 4),
-            "encoder": timed(lambda: backend.encoder(flat, off), args.min_time),
-            "pool": timed(lambda: backend.pool_hidden(hidden, off), args.min_time / 4),
-            "tep_batched": timed(lambda: backend.embed_texts(s), args.min_time),
-            "tep_1x1": timed(lambda: [backend.generate_embeddings(name, backend.tokenize(name, t))
-                                      for t in s], args.min_time),
-        }
-        rows.append(row)
-        print(f"  tep batch {b}: {row['tep_batched'] * 1e3:.1f} ms", file=sys.stderr)
+    import contextlib
 
-    http = {"skipped": "--no-http"} if args.no_http else run_http(model_dir, sentences,
-                                                                  args.batches, args.min_time)
+    rows = []
+    http: dict = {"skipped": "--no-http"} if args.no_http else {}
+    with (contextlib.nullcontext() if args.no_http else LiveServer(model_dir)) as server:
+        if server is not None and server.skipped:
+            http = {"skipped": server.skipped}
+        client = server.client if server is not None else None
+        for b in args.batches:
+            s = sentences[:b]
+            ids = backend.tokenize_batch(name, s)
+            lens = np.array([len(x) for x in ids])
+            flat = np.concatenate([np.asarray(x, np.int64) for x in ids])
+            off = np.concatenate([[0], np.cumsum(lens)])
+            hidden = backend.encoder(flat, off)
+            row = {"batch": b, "tokens": int(lens.sum()), "max_len": int(lens.max())}
+            row.update(timed_group({
+                "tokenize": lambda: backend.tokenize_batch(name, s),
+                "pool": lambda: backend.pool_hidden(hidden, off),
+            }, args.min_time / 4))
+            cases = {
+                "encoder": lambda: backend.encoder(flat, off),
+                "tep_batched": lambda: backend.embed_texts(s),
+                "tep_1x1": lambda: [backend.generate_embeddings(name, backend.tokenize(name, t))
+                                    for t in s],
+            }
+            if client is not None:  # interleaved with the in-process cases it is compared to
+                cases["http"] = lambda: client.embeddings.create(model=name, input=s)
+            row.update(timed_group(cases, args.min_time))
+            rows.append(row)
+            print(f"  tep batch {b}: {row['tep_batched'] * 1e3:.1f} ms", file=sys.stderr)
+
     st = run_st(args.st_python, model_dir, sentences, args.batches, args.threads, args.min_time)
 
     st_cos = None
@@ -254,7 +289,7 @@ def main() -> int:
     print("-" * len(hdr))
     for r in rows:
         b, key = r["batch"], str(r["batch"])
-        h = http.get("seconds", {}).get(key)
+        h = r.get("http")
         t = st.get("seconds", {}).get(key)
         r["http"] = h
         r["st"] = t
@@ -280,7 +315,7 @@ def main() -> int:
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                        "python": platform.python_version()},
            "threads": args.threads, "min_time_s": args.min_time, "units": "seconds (median)",
-           "rows": rows, "http": {k: v for k, v in http.items() if k != "seconds"},
+           "rows": rows, "http": http,
            "sentence_transformers": {k: v for k, v in st.items() if k != "seconds"},
            "st_vs_tep_min_cosine": st_cos}
     args.json.parent.mkdir(parents=True, exist_ok=True)

@@ -5,13 +5,20 @@
 Metadata methods of the backend (``list_models``, ``supports_*``,
 ``embedding_dimensions``) are called on the event loop and must be cheap; everything
 that computes (generation, embeddings, tokenize, detokenize) runs in the app's worker pool.
+
+Around the routes: API keys (:mod:`tep.auth`), admission with a bounded wait queue
+(:mod:`tep.limits`), Prometheus metrics at ``/metrics`` (:mod:`tep.metrics`), JSONL run
+events (:mod:`tep.events`) and a per-request record closed by an ASGI middleware
+(:mod:`tep.telemetry`).
 """
 from __future__ import annotations
 
 import asyncio
-import hmac
+import atexit
+import dataclasses
 import logging
 import threading
+import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
 
@@ -21,10 +28,15 @@ from werkzeug.exceptions import HTTPException
 
 from tep import errors as E
 from tep import protocol as P
+from tep.auth import KeyChecker
 from tep.backend import Backend, ChatStreamSink, Completion, StreamSink, TokenLogprob, _overrides
 from tep.config import ServerConfig, load_backend
+from tep.events import EventLog, resolve_path
+from tep.limits import Admission, QueueFull
+from tep.metrics import Metrics
 from tep.openapi import openapi_document
 from tep.streaming import StreamBridge, run_blocking, sse
+from tep.telemetry import SCOPE_KEY, RequestRecord, TelemetryMiddleware
 
 __all__ = ["create_app"]
 
@@ -34,15 +46,32 @@ _TOKEN_IDS_ONLY = ("this server takes token IDs: the backend has no tokenize hoo
                    "'{param}' must be a list of integer token IDs")
 
 
+# A cut-off non-streamed generation whose backend ignores the cancel flag is given up on
+# this long after the generation timeout (its choice then comes back empty).
+_TIMEOUT_GRACE_S = 2.0
+
+
 class ServerState:
-    """What the app shares between requests: backend, settings, worker pool, live requests."""
+    """What the app shares between requests: backend, settings, worker pool, live
+    requests, admission gate, keys, metrics and events."""
 
     def __init__(self, backend: Backend, config: ServerConfig) -> None:
         self.backend = backend
         self.config = config
         self.executor: ThreadPoolExecutor | None = None
         self.active: set[threading.Event] = set()
+        self.slots: dict[threading.Event, Any] = {}   # cancel flag -> release()
         self._lock = threading.Lock()
+        self.keys = KeyChecker(config.all_api_keys())
+        self.metrics = Metrics(config.metrics)
+        self.events = EventLog(resolve_path(config.events_jsonl) if config.events_jsonl
+                               else None)
+        self.admission = Admission(config.max_concurrency, config.max_queue,
+                                   on_change=self._queue_changed)
+
+    def _queue_changed(self, running: int, queued: int) -> None:
+        if self.metrics.enabled:
+            self.metrics.queue_depth.set(queued)
 
     def pool(self) -> ThreadPoolExecutor:
         with self._lock:  # created in before_serving; lazily for bare test clients
@@ -54,6 +83,9 @@ class ServerState:
     def shutdown(self) -> None:
         for ev in list(self.active):
             ev.set()
+        for release in list(self.slots.values()):
+            release()
+        self.slots.clear()
         with self._lock:
             if self.executor is not None:
                 self.executor.shutdown(wait=False, cancel_futures=True)
@@ -67,8 +99,9 @@ def create_app(backend: Backend | str | None = None, **config: Any) -> Quart:
         backend: a :class:`tep.Backend` instance, a ``"module:Class"`` string, or None for
             ``$TEP_BACKEND`` (default: the toy backend ``tep.backends.toy:ToyBackend``).
         **config: :class:`tep.config.ServerConfig` fields (``max_concurrency``,
-            ``max_body_bytes``, ``chat_max_tokens``, ``api_key``); unset ones come from
-            ``TEP_<NAME>`` environment variables.
+            ``max_queue``, ``max_body_bytes``, ``chat_max_tokens``, ``api_keys``,
+            ``generation_timeout``, ``events_jsonl``, ``metrics``, ...); unset ones come
+            from ``TEP_<NAME>`` environment variables.
     """
     if not isinstance(backend, Backend):
         backend = load_backend(backend)
@@ -80,7 +113,33 @@ def create_app(backend: Backend | str | None = None, **config: Any) -> Quart:
     app.json.sort_keys = False  # keep the OpenAI field order (id, object, created, ...)
     app.extensions["tep"] = state
     _register(app, state)
+    app.asgi_app = TelemetryMiddleware(app.asgi_app, state.metrics,  # type: ignore[method-assign]
+                                       lambda rec: _finish(state, rec))
+    if state.events.enabled:
+        # a process that dies without a clean shutdown still closes its events file;
+        # after a clean shutdown run_end was written and this does nothing
+        atexit.register(_run_end_at_exit, weakref.ref(state.events))
     return app
+
+
+def _run_end_at_exit(ref: "weakref.ref[EventLog]") -> None:
+    ev = ref()
+    if ev is not None:
+        ev.run_end("errored")
+
+
+def _finish(state: ServerState, rec: RequestRecord) -> None:
+    """Close a request (called once, by the middleware, after the last byte)."""
+    if rec.cancel is not None:
+        _done(state, rec.cancel)
+    import time
+
+    seconds = time.perf_counter() - rec.start
+    status, outcome = rec.final_status_and_outcome()
+    state.metrics.request_done(rec.endpoint, status, outcome, seconds, rec.prompt_tokens,
+                               rec.completion_tokens, rec.timed_out)
+    if rec.inference:
+        state.events.request(rec.eval_extra(status, outcome, seconds))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -98,6 +157,17 @@ def _error_response(err: E.APIError) -> Response:
 async def _body() -> dict:
     data = await request.get_data(cache=False)
     return P.parse_json_body(data)
+
+
+def _rec() -> RequestRecord:
+    """This request's record (a detached one when the app is called without the
+    middleware, e.g. through ``app.handle_request``)."""
+    rec = request.scope.get(SCOPE_KEY) if hasattr(request, "scope") else None
+    if rec is None:
+        rec = g.get("_tep_record")
+        if rec is None:
+            rec = g._tep_record = RequestRecord("other")
+    return rec
 
 
 def _check_model(state: ServerState, model: str) -> None:
@@ -126,15 +196,85 @@ async def _call(state: ServerState, cancel: threading.Event, what: str, fn: Any,
         raise _backend_failure(e, what) from None
 
 
-def _new_cancel(state: ServerState) -> threading.Event:
+async def _admit(state: ServerState, rec: RequestRecord) -> threading.Event:
+    """Wait for an admission slot (429 when the queue is full) and return the request's
+    cancel flag; :func:`_done` with that flag gives the slot back."""
+    try:
+        await state.admission.acquire()
+    except QueueFull:
+        rec.outcome = "rejected"
+        raise E.RateLimitError(
+            f"The server is at capacity ({state.config.max_concurrency} running, "
+            f"{state.config.max_queue} waiting); retry after {state.config.retry_after}s",
+            retry_after=state.config.retry_after) from None
+    except asyncio.CancelledError:
+        rec.outcome = "dropped"  # the client left while waiting: the backend never ran
+        raise
     ev = threading.Event()
     state.active.add(ev)
+    state.slots[ev] = state.admission.release
+    rec.cancel = ev
     return ev
 
 
 def _done(state: ServerState, cancel: threading.Event) -> None:
     cancel.set()
     state.active.discard(cancel)
+    release = state.slots.pop(cancel, None)
+    if release is not None:
+        release()
+
+
+def _deadline(state: ServerState) -> float | None:
+    t = state.config.generation_timeout
+    return asyncio.get_running_loop().time() + t if t > 0 else None
+
+
+async def _gather_choices(state: ServerState, rec: RequestRecord, cancel: threading.Event,
+                          jobs: list) -> tuple[list[Completion], list[bool]]:
+    """Run the per-choice jobs; with a generation timeout, set the cancel flag at the
+    deadline (cooperative backends return what they have) and give up on a job
+    ``_TIMEOUT_GRACE_S`` later. Returns the results and, per choice, whether the timeout
+    cut it (its finish reason becomes "length")."""
+    t = state.config.generation_timeout
+    if t <= 0:
+        return list(await asyncio.gather(*jobs)), [False] * len(jobs)
+    loop = asyncio.get_running_loop()
+    tasks = [asyncio.ensure_future(j) for j in jobs]
+    fired: list[bool] = []
+    early: set = set()
+    for task in tasks:
+        task.add_done_callback(lambda tk: None if fired else early.add(tk))
+    timer = loop.call_later(t, lambda: (fired.append(True), cancel.set()))
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=t + _TIMEOUT_GRACE_S)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        raise
+    finally:
+        timer.cancel()
+    for task in pending:
+        task.cancel()
+    results, cut = [], []
+    for task in tasks:
+        if task in pending:
+            results.append(Completion(finish_reason="length"))
+            cut.append(True)
+        else:
+            results.append(task.result())  # re-raises a backend failure, like gather
+            cut.append(task not in early)
+    if any(cut):
+        rec.timed_out = True
+        rec.outcome = "timeout"
+    return results, cut
+
+
+def _sampling_dict(s: P.Sampling) -> dict[str, Any]:
+    d = dataclasses.asdict(s)
+    if d.get("logit_bias"):
+        d["logit_bias"] = {str(k): v for k, v in d["logit_bias"].items()}
+    return d
 
 
 def _tokenize_all(backend: Backend, model: str, items: list, param: str) -> list[list[int]]:
@@ -188,24 +328,30 @@ def _register(app: Quart, state: ServerState) -> None:
             models: Any = backend.list_models()
         except Exception as e:  # reported per request; the server still starts
             models = f"<list_models failed: {e!r}>"
-        log.info("tep serving %s (%s), models: %s, max_concurrency=%d",
+        log.info("tep serving %s (%s), models: %s, max_concurrency=%d, max_queue=%d",
                  type(backend).__name__, backend.device_kind(), models,
-                 state.config.max_concurrency)
+                 state.config.max_concurrency, state.config.max_queue)
+        state.events.run_start(backend=backend, models=models, config=state.config.public())
 
     @app.after_serving
     async def _shutdown() -> None:
         state.shutdown()
+        state.events.run_end("ok")
+        state.metrics.mark_process_dead()
 
     @app.before_request
     async def _before() -> Response | None:
         g.request_id = request.headers.get("X-Request-Id") or P.new_id("req")
-        key = state.config.api_key
-        if key and request.path.startswith("/v1"):
-            auth = request.headers.get("Authorization", "")
-            if not (auth.startswith("Bearer ") and hmac.compare_digest(auth[7:], key)):
-                return _error_response(E.APIError("Missing or invalid API key", status=401,
-                                                  type="invalid_request_error",
-                                                  code="invalid_api_key"))
+        rec = _rec()
+        rec.request_id = g.request_id
+        if state.keys.enabled and request.path.startswith("/v1"):
+            principal = state.keys.check(request.headers.get("Authorization"))
+            if principal is None:
+                resp = _error_response(E.AuthenticationError(
+                    "Missing or invalid API key: send 'Authorization: Bearer <key>'"))
+                resp.headers["WWW-Authenticate"] = "Bearer"
+                return resp
+            rec.principal_id = principal
         return None
 
     @app.after_request
@@ -218,7 +364,10 @@ def _register(app: Quart, state: ServerState) -> None:
     async def _api_error(err: E.APIError) -> Response:
         if err.status >= 500:
             log.warning("request %s: %d %s", g.get("request_id", "?"), err.status, err.message)
-        return _error_response(err)
+        resp = _error_response(err)
+        if isinstance(err, E.RateLimitError):
+            resp.headers["Retry-After"] = str(err.retry_after)
+        return resp
 
     @app.errorhandler(HTTPException)
     async def _http_error(err: HTTPException) -> Response:
@@ -256,6 +405,14 @@ def _register(app: Quart, state: ServerState) -> None:
     async def openapi() -> Response:
         return _json(openapi_document())
 
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        if not state.metrics.enabled:
+            raise E.NotSupportedError("Metrics are off (metrics=False, or prometheus-client "
+                                      "is not installed)", code="metrics_disabled")
+        body, ctype = state.metrics.render()
+        return Response(body, status=200, content_type=ctype)
+
     def _model_card(mid: str) -> dict:
         return {"id": mid, "object": "model", "created": 0, "owned_by": "tep"}
 
@@ -272,7 +429,10 @@ def _register(app: Quart, state: ServerState) -> None:
     @app.post("/v1/completions")
     async def completions() -> Response:
         rid = g.request_id = P.new_id("cmpl")
+        rec = _rec()
+        rec.request_id = rid
         req = P.parse_completion_request(await _body(), rid)
+        rec.model, rec.sampling = req.model, _sampling_dict(req.sampling)
         _check_model(state, req.model)
         s = req.sampling
         if any(isinstance(p, str) for p in req.prompts) and not backend.supports_tokenize():
@@ -281,10 +441,11 @@ def _register(app: Quart, state: ServerState) -> None:
                 not all(isinstance(p, str) for p in req.prompts):
             raise E.NotSupportedError("'echo' with token-ID prompts needs a backend with a "
                                       "detokenize hook", param="echo")
-        cancel = _new_cancel(state)
+        cancel = await _admit(state, rec)
         try:
             prompt_ids = await _call(state, cancel, "tokenize", _tokenize_all, backend,
                                      req.model, req.prompts, "prompt")
+            rec.prompt_tokens = sum(len(x) for x in prompt_ids)
             echoes: list[tuple[str, list[TokenLogprob]]] = []
             if s.echo:
                 for p, ids in zip(req.prompts, prompt_ids):
@@ -305,10 +466,13 @@ def _register(app: Quart, state: ServerState) -> None:
             raise E.NotSupportedError("This backend does not support chat completions",
                                       param=None, code="chat_not_supported")
         rid = g.request_id = P.new_id("chatcmpl")
+        rec = _rec()
+        rec.request_id = rid
         req = P.parse_chat_request(await _body(), rid,
                                    default_max_tokens=state.config.chat_max_tokens)
+        rec.model, rec.sampling = req.model, _sampling_dict(req.sampling)
         _check_model(state, req.model)
-        cancel = _new_cancel(state)
+        cancel = await _admit(state, rec)
         try:
             if req.stream:
                 return await _stream_chat(state, req, rid, cancel)
@@ -323,7 +487,9 @@ def _register(app: Quart, state: ServerState) -> None:
         if not backend.supports_embeddings():
             raise E.NotSupportedError("This backend does not support embeddings",
                                       code="embeddings_not_supported")
+        rec = _rec()
         req = P.parse_embedding_request(await _body(), g.request_id)
+        rec.model = req.model
         _check_model(state, req.model)
         dim = backend.embedding_dimensions(req.model)
         if req.dimensions is not None and dim is not None and req.dimensions > dim:
@@ -331,10 +497,11 @@ def _register(app: Quart, state: ServerState) -> None:
                                     f"got {req.dimensions}", param="dimensions")
         if any(isinstance(x, str) for x in req.inputs) and not backend.supports_tokenize():
             raise E.BadRequestError(_TOKEN_IDS_ONLY.format(param="input"), param="input")
-        cancel = _new_cancel(state)
+        cancel = await _admit(state, rec)
         try:
             ids = await _call(state, cancel, "tokenize", _tokenize_all, backend, req.model,
                               req.inputs, "input")
+            rec.prompt_tokens = sum(len(x) for x in ids)
             vecs = await _call(state, cancel, "embeddings", _embed_all, backend, req.model, ids)
         finally:
             _done(state, cancel)

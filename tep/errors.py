@@ -15,6 +15,8 @@ __all__ = [
     "PayloadTooLargeError",
     "InternalServerError",
     "NotSupportedError",
+    "AuthenticationError",
+    "RateLimitError",
     "error_body",
 ]
 
@@ -89,6 +91,27 @@ class NotSupportedError(APIError):
     status = 501
     type = "not_implemented_error"
     code = "not_implemented"
+
+
+class AuthenticationError(APIError):
+    """401: missing or unknown API key (the openai client raises ``AuthenticationError``)."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class RateLimitError(APIError):
+    """429: every backend thread is busy and the wait queue is full. The response carries
+    ``Retry-After: <retry_after>`` (seconds); the openai client retries after that long."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, *, retry_after: int = 1, **kw: object) -> None:
+        super().__init__(message, **kw)  # type: ignore[arg-type]
+        self.retry_after = retry_after
 
 
 def error_body(message: str, *, type: str, param: str | None = None,

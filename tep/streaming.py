@@ -37,7 +37,10 @@ class StreamBridge:
     """Runs one backend call per choice in the pool and yields their events in order.
 
     Events (tuples): ``("role", i, role)``, ``("delta", i, text, logprobs)``,
-    ``("finish", i, reason, completion_tokens, prompt_tokens)``, ``("error", i, exc)``.
+    ``("finish", i, reason, completion_tokens, prompt_tokens)``, ``("error", i, exc)``,
+    and ``("timeout", -1)`` when a deadline passed (see :meth:`events`).
+    ``sinks[i]`` is choice ``i``'s sink once its job has started (its ``n_tokens`` and
+    ``prompt_tokens`` count what a cut-off choice produced).
     """
 
     def __init__(self, executor: Executor, cancel: threading.Event,
@@ -48,6 +51,7 @@ class StreamBridge:
         self._loop = asyncio.get_running_loop()
         self._queue: asyncio.Queue = asyncio.Queue()
         self._running = 0
+        self.sinks: dict[int, StreamSink] = {}
 
     def _put(self, item: tuple) -> None:
         try:
@@ -70,6 +74,7 @@ class StreamBridge:
         def job() -> None:
             try:
                 sink = make_sink(on_delta=on_delta, on_role=on_role)
+                self.sinks[index] = sink
                 call(sink)
                 reason = sink.close()
                 put(("finish", index, reason, sink.n_tokens, sink.prompt_tokens))
@@ -81,10 +86,24 @@ class StreamBridge:
         self._running += 1
         self._executor.submit(ctx.run, job)
 
-    async def events(self) -> AsyncIterator[tuple]:
-        """Events until every choice has finished, or up to and including an error."""
+    async def events(self, deadline: float | None = None) -> AsyncIterator[tuple]:
+        """Events until every choice has finished, or up to and including an error.
+
+        Args:
+            deadline: ``loop.time()`` after which the cancel flag is set and a final
+                ``("timeout", -1)`` event ends the iteration (None = no deadline).
+        """
         while self._running:
-            ev = await self._queue.get()
+            if deadline is None:
+                ev = await self._queue.get()
+            else:
+                try:
+                    ev = await asyncio.wait_for(self._queue.get(),
+                                                max(0.0, deadline - self._loop.time()))
+                except asyncio.TimeoutError:
+                    self.cancel.set()
+                    yield ("timeout", -1)
+                    return
             if ev[0] == "finish":
                 self._running -= 1
             yield ev

@@ -14,6 +14,7 @@ Algorithm per row, never sorting the vocabulary:
      scanned token by token. One uniform per row from Philox4x32-10 keyed on (seed, step).
 """
 from cython.parallel cimport parallel, prange
+from libc.float cimport FLT_MAX
 from libc.math cimport INFINITY, log, logf
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy, memset
@@ -130,7 +131,7 @@ cdef float kth_largest(float* a, intp_t n, intp_t k) noexcept nogil:
 
 cdef intp_t collect(const float* v, intp_t V, const float* bmax, float lb, bint exact_all,
                     Cand* out) noexcept nogil:
-    """Tokens with v >= lb (index order), scanning only blocks whose max reaches lb.
+    """Finite tokens with v >= lb (index order), scanning only blocks whose max reaches lb.
 
     exact_all keeps every token, NaN/-inf included (used when fewer finite tokens exist
     than the caller needs)."""
@@ -142,7 +143,7 @@ cdef intp_t collect(const float* v, intp_t V, const float* bmax, float lb, bint 
         e = min((b + 1) * TEP_BLOCK, V)
         for j in range(b * TEP_BLOCK, e):
             x = v[j]
-            if exact_all or x >= lb:
+            if exact_all or (x >= lb and x > -INFINITY):
                 out[n].v = x if x == x else -INFINITY
                 out[n].idx = j
                 n += 1
@@ -309,7 +310,9 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     for it in range(64):
         if not (t_lo < t_hi):
             t_lo = t_hi
-        nin = tep_bracket(v, V, m, s, t_lo, t_hi, sc.bsum, &Z, sc.cand, V)
+        # -FLT_MAX, not -inf, as the floor: masked (-inf) tokens never enter a bracket
+        nin = tep_bracket(v, V, m, s, t_lo if t_lo > -INFINITY else -FLT_MAX, t_hi, sc.bsum,
+                          &Z, sc.cand, V)
         if need < 0:
             need = p * Z
         mass_hi = 0.0

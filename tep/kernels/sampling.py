@@ -110,6 +110,8 @@ def _int_knob(name: str, value: Any, B: int, lo: int, hi: int, dtype) -> np.ndar
             raise ValueError(f"{name} must be in [{lo}, {hi}], got {int(value)}")
         return np.full(B, int(value), dtype)
     arr = np.asarray(value)
+    if arr.size == 0 and arr.ndim == 1:
+        arr = arr.astype(dtype)                    # [] for an empty batch
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         raise TypeError(f"{name} must be an integer or one integer per row, got dtype {arr.dtype}")
     if arr.ndim == 0:
@@ -271,6 +273,7 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
             and logits.flags.c_contiguous and logits.shape[0] > 0 and logprobs is None
             and prompt_token_ids is None and output_token_ids is None
             and logit_bias is None and allowed_token_ids is None
+            and (n_threads is None or (type(n_threads) is int and n_threads >= 1))
             and type(temperature) in (float, int) and type(top_k) is int
             and type(top_p) in (float, int) and type(min_p) in (float, int)
             and (seed is None or type(seed) is int) and type(step) is int
