@@ -539,6 +539,7 @@ async def _complete(state: ServerState, req: P.CompletionRequest, rid: str,
     backend, s = state.backend, req.sampling
     own = _overrides(backend, "generate_from_tokens")
     token_text = backend._token_text_fn(req.model)
+    rec = _rec()
     try:
         jobs = []
         for ids in prompt_ids:
@@ -548,7 +549,7 @@ async def _complete(state: ServerState, req: P.CompletionRequest, rid: str,
                 else:
                     jobs.append(_call(state, cancel, "generation", backend.generate_from_tokens,
                                       req.model, ids, s.for_choice(j)))
-        results = await asyncio.gather(*jobs)
+        results, cut = await _gather_choices(state, rec, cancel, jobs)
     finally:
         _done(state, cancel)
     choices = []
@@ -556,6 +557,10 @@ async def _complete(state: ServerState, req: P.CompletionRequest, rid: str,
     for k, c in enumerate(results):
         if own:
             c = _replay(s, c, token_text=token_text)
+        if cut[k]:
+            c.finish_reason = "length"
+        if s.logprobs is not None and state.events.enabled:
+            state.events.steps(rid, k, 0, c.logprobs or [])
         p = k // s.n
         echo_text, echo_lp = echoes[p] if s.echo else ("", [])
         completion_tokens += c.completion_tokens if c.completion_tokens is not None \
@@ -569,15 +574,17 @@ async def _complete(state: ServerState, req: P.CompletionRequest, rid: str,
         choices.append({"index": k, "text": echo_text + c.text, "logprobs": lp,
                         "finish_reason": c.finish_reason})
     prompt_tokens = sum(len(x) for x in prompt_ids)
+    rec.completion_tokens = completion_tokens
     return _json({"id": rid, "object": "text_completion", "created": P.now(),
                   "model": req.model, "choices": choices,
                   "usage": P.usage(prompt_tokens, completion_tokens)})
 
 
-async def _first_event(bridge: StreamBridge) -> tuple[AsyncIterator[tuple], tuple | None]:
+async def _first_event(bridge: StreamBridge, deadline: float | None = None
+                       ) -> tuple[AsyncIterator[tuple], tuple | None]:
     """Wait for the first event before sending headers, so a backend that fails at once
     gets a real HTTP error status instead of a 200 stream with an error event."""
-    it = bridge.events().__aiter__()
+    it = bridge.events(deadline).__aiter__()
     try:
         first = await it.__anext__()
     except StopAsyncIteration:
@@ -615,9 +622,11 @@ async def _stream_completions(state: ServerState, req: P.CompletionRequest, rid:
                 prompt_tokens=len(ids)),
             lambda sink, sk=sk, ids=ids: backend.generate_stream_from_tokens(
                 req.model, ids, sk, sink))
-    it, first = await _first_event(bridge)
+    rec = _rec()
+    it, first = await _first_event(bridge, _deadline(state))
     usage_null = {"usage": None} if s.include_usage else {}
     echo_len = [len(echoes[k // s.n][0]) if s.echo else 0 for k in range(n_choices)]
+    want_steps = s.logprobs is not None and state.events.enabled
 
     def chunk(k: int, text: str, lps: list | None, finish: str | None, base: int) -> bytes:
         lp = None
@@ -630,6 +639,8 @@ async def _stream_completions(state: ServerState, req: P.CompletionRequest, rid:
 
     async def gen() -> AsyncIterator[bytes]:
         completion_tokens = 0
+        finished: set[int] = set()
+        steps = [0] * n_choices
         try:
             if s.echo:
                 for k in range(n_choices):
@@ -639,11 +650,23 @@ async def _stream_completions(state: ServerState, req: P.CompletionRequest, rid:
             async for ev in _chain(pending, it):
                 kind, k = ev[0], ev[1]
                 if kind == "delta":
+                    rec.token(k)
+                    if want_steps:
+                        steps[k] += state.events.steps(rid, k, steps[k], ev[3] or [])
                     yield chunk(k, ev[2], ev[3], None, echo_len[k])
                 elif kind == "finish":
+                    finished.add(k)
                     completion_tokens += ev[3]
                     yield chunk(k, "", [], ev[2], echo_len[k])
+                elif kind == "timeout":
+                    rec.timed_out, rec.outcome = True, "timeout"
+                    for k2 in range(n_choices):
+                        if k2 not in finished:
+                            finished.add(k2)
+                            completion_tokens += _sink_tokens(bridge, k2)
+                            yield chunk(k2, "", [], "length", echo_len[k2])
                 elif kind == "error":
+                    rec.outcome = "error"
                     yield sse(_backend_failure(ev[2], "generation", rid).body())
                     yield sse("[DONE]")
                     return
@@ -654,8 +677,15 @@ async def _stream_completions(state: ServerState, req: P.CompletionRequest, rid:
             yield sse("[DONE]")
         finally:
             _done(state, cancel)
+            rec.completion_tokens = completion_tokens + sum(
+                _sink_tokens(bridge, k) for k in range(n_choices) if k not in finished)
 
     return _stream_response(gen())
+
+
+def _sink_tokens(bridge: StreamBridge, k: int) -> int:
+    sink = bridge.sinks.get(k)
+    return sink.n_tokens if sink is not None else 0
 
 
 async def _chain(first: list, rest: AsyncIterator[tuple]) -> AsyncIterator[tuple]:
@@ -671,6 +701,7 @@ async def _chat(state: ServerState, req: P.ChatRequest, rid: str,
                 cancel: threading.Event) -> Response:
     backend, s = state.backend, req.sampling
     own = _overrides(backend, "chat_completion")
+    rec = _rec()
     try:
         jobs = []
         for j in range(s.n):
@@ -679,13 +710,17 @@ async def _chat(state: ServerState, req: P.ChatRequest, rid: str,
             else:
                 jobs.append(_call(state, cancel, "chat completion", backend.chat_completion,
                                   req.for_choice(j)))
-        results = await asyncio.gather(*jobs)
+        results, cut = await _gather_choices(state, rec, cancel, jobs)
     finally:
         _done(state, cancel)
     choices, completion_tokens, prompt_tokens = [], 0, 0
     for j, c in enumerate(results):
         if own:
             c = _replay(s, c, ChatStreamSink, backend._token_text_fn(req.model))
+        if cut[j]:
+            c.finish_reason = "length"
+        if s.logprobs is not None and state.events.enabled:
+            state.events.steps(rid, j, 0, c.logprobs or [])
         completion_tokens += c.completion_tokens if c.completion_tokens is not None \
             else len(c.token_ids)
         prompt_tokens = max(prompt_tokens, c.prompt_tokens or 0)
@@ -695,6 +730,7 @@ async def _chat(state: ServerState, req: P.ChatRequest, rid: str,
             "logprobs": P.chat_logprobs(c.logprobs or []) if s.logprobs is not None else None,
             "finish_reason": c.finish_reason,
         })
+    rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
     return _json({"id": rid, "object": "chat.completion", "created": P.now(),
                   "model": req.model, "choices": choices,
                   "usage": P.usage(prompt_tokens, completion_tokens)})
@@ -719,9 +755,11 @@ async def _stream_chat(state: ServerState, req: P.ChatRequest, rid: str,
                 rj.sampling, cancel=cancel, on_delta=on_delta, on_role=on_role,
                 token_text=token_text),
             lambda sink, rj=rj: backend.chat_completion_stream(rj, sink))
-    it, first = await _first_event(bridge)
+    rec = _rec()
+    it, first = await _first_event(bridge, _deadline(state))
     usage_null = {"usage": None} if s.include_usage else {}
     role_sent = [False] * s.n
+    want_steps = s.logprobs is not None and state.events.enabled
 
     def chunk(j: int, delta: dict, lps: list | None, finish: str | None) -> bytes:
         lp = P.chat_logprobs(lps) if (s.logprobs is not None and lps is not None) else None
@@ -738,6 +776,8 @@ async def _stream_chat(state: ServerState, req: P.ChatRequest, rid: str,
 
     async def gen() -> AsyncIterator[bytes]:
         completion_tokens, prompt_tokens = 0, 0
+        finished: set[int] = set()
+        steps = [0] * s.n
         try:
             pending = [first] if first is not None else []
             async for ev in _chain(pending, it):
@@ -746,16 +786,33 @@ async def _stream_chat(state: ServerState, req: P.ChatRequest, rid: str,
                     for b in role(j, ev[2]):
                         yield b
                 elif kind == "delta":
+                    rec.token(j)
+                    if want_steps:
+                        steps[j] += state.events.steps(rid, j, steps[j], ev[3] or [])
                     for b in role(j):
                         yield b
                     yield chunk(j, {"content": ev[2]}, ev[3], None)
                 elif kind == "finish":
+                    finished.add(j)
                     for b in role(j):
                         yield b
                     completion_tokens += ev[3]
                     prompt_tokens = max(prompt_tokens, ev[4] or 0)
                     yield chunk(j, {}, None, ev[2])
+                elif kind == "timeout":
+                    rec.timed_out, rec.outcome = True, "timeout"
+                    for j2 in range(s.n):
+                        if j2 not in finished:
+                            finished.add(j2)
+                            completion_tokens += _sink_tokens(bridge, j2)
+                            sink = bridge.sinks.get(j2)
+                            prompt_tokens = max(prompt_tokens, (sink.prompt_tokens or 0)
+                                                if sink is not None else 0)
+                            for b in role(j2):
+                                yield b
+                            yield chunk(j2, {}, None, "length")
                 elif kind == "error":
+                    rec.outcome = "error"
                     yield sse(_backend_failure(ev[2], "chat completion", rid).body())
                     yield sse("[DONE]")
                     return
@@ -766,5 +823,10 @@ async def _stream_chat(state: ServerState, req: P.ChatRequest, rid: str,
             yield sse("[DONE]")
         finally:
             _done(state, cancel)
+            for j2, sink in list(bridge.sinks.items()):
+                if j2 not in finished:
+                    completion_tokens += sink.n_tokens
+                    prompt_tokens = max(prompt_tokens, sink.prompt_tokens or 0)
+            rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
 
     return _stream_response(gen())
