@@ -522,11 +522,15 @@ def _register(app: Quart, state: ServerState) -> None:
 
 
 def _embed_all(backend: Backend, model: str, ids: list[list[int]]) -> list[Any]:
+    vecs = backend.generate_embeddings_batch(model, ids)
+    if len(vecs) != len(ids):
+        raise ValueError(f"generate_embeddings_batch returned {len(vecs)} vectors "
+                         f"for {len(ids)} inputs")
     out = []
-    for x in ids:
-        v = np.asarray(backend.generate_embeddings(model, x), dtype=np.float32)
+    for v in vecs:
+        v = np.asarray(v, dtype=np.float32)
         if v.ndim != 1:
-            raise ValueError(f"generate_embeddings returned shape {v.shape}, expected [D]")
+            raise ValueError(f"an embedding has shape {v.shape}, expected [D]")
         out.append(v)
     return out
 

@@ -375,6 +375,12 @@ class Backend:
 
         return np.zeros(0, dtype=np.float32)
 
+    def generate_embeddings_batch(self, model: str, token_ids: list[list[int]]) -> Any:
+        """One pooled vector per input: a sequence of B float32 [D] vectors (or an array
+        [B, D]). The server calls this once per request, so a backend can run the inputs
+        as one ragged batch. Default: :meth:`generate_embeddings` per input."""
+        return [self.generate_embeddings(model, x) for x in token_ids]
+
     def embedding_dimensions(self, model: str) -> int | None:
         """The length D of this model's embeddings, or None if unknown (then a
         ``dimensions`` request is checked against each returned vector)."""
