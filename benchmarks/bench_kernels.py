@@ -16,6 +16,7 @@ Cases (every one timed with ``n_threads=1``; for B >= 8 also ``n_threads=2``):
   penalties  chain + repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5 over
              a 512-token output history per row (Zipf-distributed ids, so tokens repeat)
   floor      np.max(logits, axis=1): one read of the logits, the least any sampler can do
+B = 1 is timed twice: as a [V] row (the targets use this) and as [1, V].
 All take ``seed=0, step=0`` (the draw's cost does not depend on the values) and the default
 ``logprobs=None``. Cases of one (dist, V, B) group are interleaved within each repeat; the
 number reported is the median per call.
@@ -84,11 +85,18 @@ def make_history(B: int, V: int, n: int = HISTORY, seed: int = 1) -> list[np.nda
 
 
 def bench_sampling_group(dist: str, V: int, B: int, threads: list[int],
-                         budget_s: float, min_repeats: int) -> list[dict]:
-    """All sampling cases of one (dist, V, B) group, interleaved; one row per case/threads."""
+                         budget_s: float, min_repeats: int, flat: bool = False) -> list[dict]:
+    """All sampling cases of one (dist, V, B) group, interleaved; one row per case/threads.
+
+    ``flat`` (B == 1 only): pass the row as a [V] array (and its history as one sequence)
+    instead of [1, V]."""
     x = make_logits(dist, B, V)
     hist = make_history(B, V)
-    cases = {"floor": lambda: np.max(x, axis=1)}
+    layout = "[B,V]"
+    if flat:
+        assert B == 1
+        x, hist, layout = x[0], hist[0], "[V]"
+    cases = {"floor": lambda: np.max(x, axis=-1)}
     for t in threads:
         for name, kw in SAMPLING_CASES.items():
             extra = {"output_token_ids": hist} if name == "penalties" else {}
@@ -96,17 +104,17 @@ def bench_sampling_group(dist: str, V: int, B: int, threads: list[int],
                                     sample(x, seed=0, step=0, n_threads=t, **kw, **extra))
     # sanity: greedy is argmax, so the table measures a kernel that computes the right thing
     got = sample(x, temperature=0.0, n_threads=1)
-    assert np.array_equal(got, np.argmax(x, axis=1)), "greedy != argmax"
+    assert np.array_equal(got, np.argmax(x, axis=-1)), "greedy != argmax"
     res = interleaved(cases, min_repeats=min_repeats, budget_s=budget_s)
     floor = res["floor"]["median_s"]
-    rows = [{"kind": "sampling", "dist": dist, "V": V, "B": B, "threads": 1, "case": "floor",
-             **res["floor"], "ratio_to_floor": 1.0}]
+    rows = [{"kind": "sampling", "dist": dist, "V": V, "B": B, "layout": layout, "threads": 1,
+             "case": "floor", **res["floor"], "ratio_to_floor": 1.0}]
     for key, r in res.items():
         if key == "floor":
             continue
         name, t = key.split("@")
-        rows.append({"kind": "sampling", "dist": dist, "V": V, "B": B, "threads": int(t),
-                     "case": name, **r, "ratio_to_floor": r["median_s"] / floor})
+        rows.append({"kind": "sampling", "dist": dist, "V": V, "B": B, "layout": layout,
+                     "threads": int(t), "case": name, **r, "ratio_to_floor": r["median_s"] / floor})
     return rows
 
 
@@ -150,7 +158,7 @@ def targets(rows: list[dict]) -> list[dict]:
         out.append({"name": name, "value": value, "op": op, "target": target, "pass": ok})
 
     samp = [r for r in rows if r["kind"] == "sampling" and r["dist"] == "normal2"
-            and r["V"] == TARGET_V]
+            and r["V"] == TARGET_V and (r["B"] > 1 or r["layout"] == "[V]")]
     for B in sorted({r["B"] for r in samp}):
         for case, tgt in SAMPLING_TARGETS.items():
             r = next((r for r in samp if r["B"] == B and r["case"] == case
@@ -178,19 +186,20 @@ def print_report(rows: list[dict], checks: list[dict]) -> None:
     """The human-readable tables."""
     names = list(SAMPLING_CASES)
     print("\nSampling: median us per call (x = ratio to the np.max floor of the same group)")
-    print(f"{'dist':>8} {'V':>7} {'B':>3} {'thr':>3} {'floor':>9} " +
+    print(f"{'dist':>8} {'V':>7} {'B':>3} {'layout':>6} {'thr':>3} {'floor':>9} " +
           " ".join(f"{n:>18}" for n in names))
-    groups = sorted({(r["dist"], r["V"], r["B"], r["threads"]) for r in rows
+    key = lambda r: (r["dist"], r["V"], r["B"], r["layout"])  # noqa: E731
+    groups = sorted({(*key(r), r["threads"]) for r in rows
                      if r["kind"] == "sampling" and r["case"] != "floor"})
-    for dist, V, B, t in groups:
-        floor = next(r for r in rows if r["kind"] == "sampling" and r["dist"] == dist
-                     and r["V"] == V and r["B"] == B and r["case"] == "floor")
+    for dist, V, B, lay, t in groups:
+        floor = next(r for r in rows if r["kind"] == "sampling"
+                     and key(r) == (dist, V, B, lay) and r["case"] == "floor")
         cells = []
         for n in names:
-            r = next(r for r in rows if r["kind"] == "sampling" and r["dist"] == dist
-                     and r["V"] == V and r["B"] == B and r["threads"] == t and r["case"] == n)
+            r = next(r for r in rows if r["kind"] == "sampling" and key(r) == (dist, V, B, lay)
+                     and r["threads"] == t and r["case"] == n)
             cells.append(f"{r['median_s'] * 1e6:9.1f} {r['ratio_to_floor']:6.1f}x ")
-        print(f"{dist:>8} {V:>7} {B:>3} {t:>3} {floor['median_s'] * 1e6:9.1f} " +
+        print(f"{dist:>8} {V:>7} {B:>3} {lay:>6} {t:>3} {floor['median_s'] * 1e6:9.1f} " +
               " ".join(f"{c:>18}" for c in cells))
     print("\nPooling (masked mean): median ms per call")
     print(f"{'shape':>16} {'case':>12} {'thr':>3} {'ms':>9} {'numpy/x':>8} {'x/floor':>8}")
@@ -228,6 +237,10 @@ def main(argv: list[str] | None = None) -> dict:
         for V in vocabs:
             for B in args.batch:
                 threads = [1, 2] if B >= 8 else [1]
+                if B == 1:  # one row as [V] (what a single-sequence backend passes) ...
+                    rows += bench_sampling_group(dist, V, B, threads, args.budget, min_repeats,
+                                                 flat=True)
+                # ... and every B as [B, V]
                 rows += bench_sampling_group(dist, V, B, threads, args.budget, min_repeats)
                 print(f"  sampling {dist} V={V} B={B} done", file=sys.stderr, flush=True)
     if not args.no_pooling:

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import inspect
 import json
 import sys
 import time
@@ -156,7 +157,10 @@ class LlamaChain:
         self.chain = lc.llama_sampler_chain_init(params)
         add = lambda s: lc.llama_sampler_chain_add(self.chain, s)  # noqa: E731
         if history is not None and (rep != 1.0 or freq or pres):
-            pen = lc.llama_sampler_init_penalties(len(history), rep, freq, pres)
+            # older bindings take (n_vocab, last_n, ...), newer ones (last_n, ...)
+            n_args = len(inspect.signature(lc.llama_sampler_init_penalties).parameters)
+            lead = (V,) if n_args == 5 else ()
+            pen = lc.llama_sampler_init_penalties(*lead, len(history), rep, freq, pres)
             for t in history.tolist():
                 lc.llama_sampler_accept(pen, int(t))
             add(pen)

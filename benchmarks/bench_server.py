@@ -262,9 +262,10 @@ def wrk_rps(port: int, conns: int, duration_s: float) -> dict:
 
 async def streams(port: int, n_streams: int, n_tokens: int) -> dict:
     """``n_streams`` concurrent streams of ``n_tokens``: aggregate and slowest-stream rates."""
-    t0 = time.perf_counter()
+    cpu0, t0 = time.process_time(), time.perf_counter()
     res = await asyncio.gather(*(one_stream(port, n_tokens) for _ in range(n_streams)))
     wall = time.perf_counter() - t0
+    cpu = time.process_time() - cpu0
     first_finish = min(r["end"] for r in res)
     rates = [r["tokens"] / (r["end"] - r["start"]) for r in res]
     ttfts = sorted(r["first"] - r["start"] for r in res)
@@ -272,7 +273,8 @@ async def streams(port: int, n_streams: int, n_tokens: int) -> dict:
             "slowest_stream_tokens_per_s": min(rates),
             "fastest_stream_tokens_per_s": max(rates),
             "ttft_p50_s": statistics.median(ttfts), "ttft_max_s": ttfts[-1],
-            "interleaved": sum(r["first"] < first_finish for r in res), "wall_s": wall}
+            "interleaved": sum(r["first"] < first_finish for r in res), "wall_s": wall,
+            "client_cpu_frac": cpu / wall}
 
 
 def bench_server(name: str, args: argparse.Namespace, use_wrk: bool) -> dict:
@@ -291,6 +293,7 @@ def bench_server(name: str, args: argparse.Namespace, use_wrk: bool) -> dict:
         out["stream1"] = {
             "tokens_per_s": statistics.median(r["agg_tokens_per_s"] for r in runs),
             "ttft_s": statistics.median(r["ttft_p50_s"] for r in runs),
+            "client_cpu_frac": statistics.median(r["client_cpu_frac"] for r in runs),
             "repeats": len(runs)}
         runs = [asyncio.run(streams(s.port, 64, 256)) for _ in range(args.stream64_repeats)]
         mid = sorted(runs, key=lambda r: r["slowest_stream_tokens_per_s"])[len(runs) // 2]
@@ -379,6 +382,10 @@ def main(argv: list[str] | None = None) -> dict:
     if "rps_asyncio_client" in fl:
         print(f"asyncio client on the floor: {fl['rps_asyncio_client']['rps']:.0f} req/s "
               f"(client CPU {fl['rps_asyncio_client']['client_cpu_frac']:.0%} of one core)")
+    for name, r in results.items():
+        if "stream1" in r:
+            print(f"stream client CPU ({name}): one stream {r['stream1']['client_cpu_frac']:.0%}, "
+                  f"64 streams {r['stream64']['client_cpu_frac']:.0%} of one core")
     print("Targets")
     for c in checks:
         print(f"  {'PASS' if c['pass'] else 'MISS'}  {c['name']:<42} {c['value']:10.2f} "

@@ -76,7 +76,7 @@ def plot_kernels(ps: dict, path: Path) -> bool:
                          if r["peer"] == peer and r["case"] == case)
             if pts:
                 ax.plot([v for v, _ in pts], [t * 1e6 for _, t in pts], marker="o", label=peer)
-        ax.plot([v for v, _ in floor], [t * 1e6 for _, t in floor], "k--", label="floor np.max")
+        ax.plot([v for v, _ in floor], [t * 1e6 for _, t in floor], "k--", marker="x", label="floor np.max")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.set_title(case)
@@ -193,20 +193,20 @@ def render(errors: dict[str, str], quick: bool) -> str:
               "presence 0.5, frequency 0.5 over a 512-token history). `seed=0`, default "
               "`logprobs=None`.", ""]
         names = ["greedy", "chain", "top_p", "full", "penalties"]
-        L += ["| logits | V | B | threads | floor | " + " | ".join(names) + " |",
-              "|---|---:|---:|---:|---:|" + "---:|" * len(names)]
+        L += ["| logits | V | B | layout | threads | floor | " + " | ".join(names) + " |",
+              "|---|---:|---:|---|---:|---:|" + "---:|" * len(names)]
         rows = [r for r in kn["rows"] if r["kind"] == "sampling"]
-        groups = sorted({(r["dist"], r["V"], r["B"], r["threads"]) for r in rows
-                         if r["case"] != "floor"}, key=lambda g: (g[0] != "normal2", *g[1:]))
-        for dist, V, B, t in groups:
-            fl = next(r for r in rows if (r["dist"], r["V"], r["B"], r["case"]) ==
-                      (dist, V, B, "floor"))
+        key = lambda r: (r["dist"], r["V"], r["B"], r.get("layout", "[B,V]"))  # noqa: E731
+        groups = sorted({(*key(r), r["threads"]) for r in rows if r["case"] != "floor"},
+                        key=lambda g: (g[0] != "normal2", *g[1:]))
+        for dist, V, B, lay, t in groups:
+            fl = next(r for r in rows if key(r) == (dist, V, B, lay) and r["case"] == "floor")
             cells = []
             for n in names:
-                r = next((r for r in rows if (r["dist"], r["V"], r["B"], r["threads"],
-                                              r["case"]) == (dist, V, B, t, n)), None)
+                r = next((r for r in rows if key(r) == (dist, V, B, lay)
+                          and r["threads"] == t and r["case"] == n), None)
                 cells.append(f"{_us(r['median_s'])} ({r['ratio_to_floor']:.1f}x)" if r else "-")
-            L.append(f"| {dist} | {V} | {B} | {t} | {_us(fl['median_s'])} | " +
+            L.append(f"| {dist} | {V} | {B} | {lay} | {t} | {_us(fl['median_s'])} | " +
                      " | ".join(cells) + " |")
         L += ["", "Pooling (masked mean), median ms per call:", "",
               "| shape [B, T, D] | case | threads | ms | numpy / case | case / floor |",
@@ -285,7 +285,11 @@ def render(errors: dict[str, str], quick: bool) -> str:
             L += ["", f"Client check: the asyncio client drives the floor at {a['rps']:,.0f} "
                   f"req/s using {a['client_cpu_frac']:.0%} of one core, and the floor's stream "
                   "rates above are its ceiling for the streaming numbers; servers below those "
-                  "are not limited by the client."]
+                  "are not limited by the client.", "",
+                  "Stream client CPU (share of one core while streaming): " + "; ".join(
+                      f"{n}: one stream {r['stream1'].get('client_cpu_frac', float('nan')):.0%}, "
+                      f"64 streams {r['stream64'].get('client_cpu_frac', float('nan')):.0%}"
+                      for n, r in sv["results"].items() if "stream1" in r)]
         L.append("")
     L += ["## Reproduce", "", "```", ". /work/venv/bin/activate   # or any env with tep built",
           "pip install -r benchmarks/requirements-peers.txt   # optional peers",
