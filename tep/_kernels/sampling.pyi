@@ -16,6 +16,10 @@ def max_threads() -> int:
 def sample_one(logits: npt.NDArray[np.float32], temperature: float, top_k: int, top_p: float,
                min_p: float, seed: int, step: int) -> int:
     """One row [V], scalar knobs, no edits: the token id, or -status on failure."""
+def sample_rows(logits: npt.NDArray[np.float32], temperature: float, top_k: int, top_p: float,
+                min_p: float, seed: npt.NDArray[np.uint64], step: int, n_threads: int,
+                out_tokens: npt.NDArray[np.int64], out_status: npt.NDArray[np.int32]) -> None:
+    """Rows [B, V] sharing scalar knobs, no edits or logprobs; seed is per row [B]."""
 def sample_batch(logits: npt.NDArray[np.float32],
                  temperature: npt.NDArray[np.float32], top_k: npt.NDArray[np.int64],
                  top_p: npt.NDArray[np.float32], min_p: npt.NDArray[np.float32],

@@ -759,6 +759,44 @@ def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, fl
     return tok if st == TEP_OK else -st
 
 
+def sample_rows(const float32_t[:, ::1] logits, float temperature, int64_t top_k, float top_p,
+                float min_p, const uint64_t[::1] seed, uint64_t step, int n_threads,
+                int64_t[::1] out_tokens, int32_t[::1] out_status):
+    """Rows [B, V] with the same scalar knobs and no edits or logprobs; seed is [B].
+
+    out_tokens[r] / out_status[r] are written per row. Arguments are pre-validated."""
+    cdef intp_t B = logits.shape[0], V = logits.shape[1], r
+    cdef Knobs kn
+    cdef RowEdits ed
+    cdef Scratch* psc
+    cdef int ok
+    if B == 0:
+        return
+    memset(&ed, 0, sizeof(RowEdits))
+    kn.temperature = temperature; kn.top_k = top_k; kn.top_p = top_p; kn.min_p = min_p
+    kn.repetition_penalty = 1.0; kn.presence_penalty = 0.0; kn.frequency_penalty = 0.0
+    kn.step = step
+    with nogil, parallel(num_threads=max(n_threads, 1)):
+        psc = <Scratch*>malloc(sizeof(Scratch))
+        ok = scratch_alloc(psc, V, False, 0, False) if psc != NULL else TEP_NO_MEMORY
+        for r in prange(B, schedule="static"):
+            if ok != TEP_OK:
+                out_status[r] = ok
+            else:
+                out_status[r] = sample_seeded(&logits[r, 0], V, &kn, seed[r], &ed, psc,
+                                              &out_tokens[r])
+        if psc != NULL:
+            scratch_free(psc)
+            free(psc)
+
+
+cdef inline int sample_seeded(const float32_t* x, intp_t V, const Knobs* shared, uint64_t seed,
+                              const RowEdits* ed, Scratch* sc, int64_t* tok) noexcept nogil:
+    cdef Knobs kn = shared[0]
+    kn.seed = seed
+    return sample_row(x, V, &kn, ed, sc, tok)
+
+
 def log_softmax_batch(const float32_t[:, ::1] logits, float32_t[:, ::1] out,
                       int32_t[::1] out_status, int n_threads):
     """out[B, V] = log_softmax(logits[B, V]) row-wise; out_status[r] is a Status."""

@@ -293,6 +293,26 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
 
     x, one = _logits_2d(logits)
     B, V = x.shape
+    # Scalar knobs for every row and nothing sparse: skip the per-row arrays.
+    if (logprobs is None and prompt_token_ids is None and output_token_ids is None
+            and logit_bias is None and allowed_token_ids is None
+            and type(temperature) in (float, int) and type(top_k) is int
+            and type(top_p) in (float, int) and type(min_p) in (float, int)
+            and type(step) is int
+            and type(repetition_penalty) in (float, int)
+            and type(presence_penalty) in (float, int)
+            and type(frequency_penalty) in (float, int)
+            and repetition_penalty == 1.0 and presence_penalty == 0.0
+            and frequency_penalty == 0.0
+            and 0.0 <= temperature < float("inf") and 0.0 < top_p <= 1.0
+            and 0.0 <= min_p <= 1.0 and -1 <= top_k < 2**62 and 0 <= step < 2**64):
+        sd = _seeds(seed, B)
+        nt = _threads(n_threads, B, V)
+        tokens = np.empty(B, np.int64)
+        status = np.zeros(B, np.int32)
+        _k.sample_rows(x, temperature, max(top_k, 0), top_p, min_p, sd, step, nt, tokens, status)
+        _raise_status(status)
+        return int(tokens[0]) if one else tokens
     if logprobs is not None:
         if isinstance(logprobs, (bool, np.bool_)) or not isinstance(logprobs, numbers.Integral):
             raise TypeError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
