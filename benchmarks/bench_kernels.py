@@ -1,7 +1,7 @@
 """tep.kernels speed against the issue-2 targets: sampling vs the np.max floor, pooling vs numpy.
 
     python benchmarks/bench_kernels.py [--quick] [--vocab 32000 128256 262144] [--batch 1 8 64]
-                                       [--dists normal2 peaked] [--budget 4]
+                                       [--dists normal2 peaked] [--budget 6]
                                        [--json benchmarks/results/kernels.json]
 
 Sampling. Logits float32 [B, V] (seed 0), two distributions:
@@ -220,12 +220,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 262144])
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 8, 64])
     ap.add_argument("--dists", nargs="+", default=["normal2", "peaked"])
-    ap.add_argument("--budget", type=float, default=4.0,
+    ap.add_argument("--budget", type=float, default=6.0,
                     help="seconds per group after the minimum repeats")
     ap.add_argument("--no-pooling", action="store_true")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "kernels.json")
     args = ap.parse_args(argv)
-    min_repeats = 5
+    min_repeats = 7
     if args.quick:
         args.vocab, args.batch, args.budget, min_repeats = [TARGET_V], [1, 64], 1.0, 3
 

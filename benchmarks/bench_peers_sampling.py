@@ -1,7 +1,7 @@
 """Sampling, one row, tep against llama.cpp's sampler chain, numpy and torch (vLLM style).
 
     python benchmarks/bench_peers_sampling.py [--quick] [--vocab 32000 128256 262144]
-                                              [--budget 4] [--json benchmarks/results/peers_sampling.json]
+                                              [--budget 6] [--json benchmarks/results/peers_sampling.json]
 
 Logits: one row float32 [V], standard normal * 2 (seed 0), the same array for every peer.
 Cases (tep's names; every peer runs the same knobs on one thread):
@@ -290,10 +290,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="V=128256 only, fewer repeats")
     ap.add_argument("--vocab", type=int, nargs="+", default=[32000, 128256, 262144])
-    ap.add_argument("--budget", type=float, default=4.0)
+    ap.add_argument("--budget", type=float, default=6.0)
     ap.add_argument("--json", type=Path, default=HERE / "results" / "peers_sampling.json")
     args = ap.parse_args(argv)
-    min_repeats = 5
+    min_repeats = 7
     if args.quick:
         args.vocab, args.budget, min_repeats = [TARGET_V], 1.5, 3
     t0 = time.time()

@@ -4,7 +4,9 @@
                                       [--duration 5] [--json benchmarks/results/server.json]
 
 Servers (each started as its own process on 127.0.0.1, one after another):
-  tep       python -m tep serve --toy-instant (defaults otherwise: 1 process, 8 backend threads)
+  tep       python -m tep serve --toy-instant (defaults otherwise: 1 process, 8 backend threads,
+            i.e. at most 8 requests run at once and the rest wait for a slot)
+  tep-c64   the same with --max-concurrency 64, so all 64 streams are admitted at once
   litserve  benchmarks/_litserve_app.py: LitServe OpenAISpec over a model that yields fixed
             text instantly (1 API server + 1 inference worker, LitServe's CPU defaults)
   floor     benchmarks/_floor_app.py: a bare ASGI app on hypercorn (parse JSON, answer)
@@ -19,6 +21,10 @@ Measurements (loopback only):
   stream64  64 concurrent streams of 256 tokens (64 connections opened together);
             aggregate tokens/s, the slowest stream's tokens/s, TTFT p50/max, and how many
             streams had their first token before any stream finished ("interleaved").
+            With instant models a stream whose tokens are all queued never suspends at its
+            queue or socket writes, so the event loop tends to finish it before starting the
+            next (the bare floor too): "interleaved" describes that, it is not a target; the
+            issue asks for the slowest stream's tokens/s, which is reported.
 The load generator and the server share this machine's cores. The asyncio client is run
 against the floor too: the floor's numbers are the client's ceiling, so a server well
 below them is not limited by the client.
@@ -61,9 +67,10 @@ def free_port() -> int:
 
 def server_cmd(name: str, port: int) -> list[str]:
     py = sys.executable
-    if name == "tep":
+    if name in ("tep", "tep-c64"):
+        extra = ["--max-concurrency", "64"] if name == "tep-c64" else []
         return [py, "-m", "tep", "serve", "--toy-instant", "--host", "127.0.0.1",
-                "--port", str(port), "--log-level", "warning"]
+                "--port", str(port), "--log-level", "warning", *extra]
     if name == "litserve":
         return [py, str(HERE / "_litserve_app.py"), str(port)]
     if name == "floor":
@@ -326,14 +333,13 @@ def targets(results: dict) -> list[dict]:
     add("one stream tokens/s (2000 tokens)", tep["stream1"]["tokens_per_s"], ">=",
         STREAM_TPS_TARGET)
     add("one stream TTFT ms", tep["stream1"]["ttft_s"] * 1e3, "<=", TTFT_TARGET_S * 1e3)
-    add("64 streams: streams interleaved (of 64)", tep["stream64"]["interleaved"], ">=", 64)
     return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="2 s wrk runs, fewer stream repeats")
-    ap.add_argument("--servers", nargs="+", default=["tep", "litserve", "floor"])
+    ap.add_argument("--servers", nargs="+", default=["tep", "tep-c64", "litserve", "floor"])
     ap.add_argument("--duration", type=float, default=5.0, help="seconds per wrk run")
     ap.add_argument("--stream-repeats", type=int, default=5)
     ap.add_argument("--stream64-repeats", type=int, default=3)

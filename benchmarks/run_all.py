@@ -1,7 +1,7 @@
 """Run every benchmark, write JSON, render benchmarks/RESULTS.md and the PNG plots.
 
-    python benchmarks/run_all.py            # everything, about 10 minutes on 2 cores
-    python benchmarks/run_all.py --quick    # reduced grid and repeats, about 3 minutes
+    python benchmarks/run_all.py            # everything, about 5-8 minutes on 2 cores
+    python benchmarks/run_all.py --quick    # reduced grid and repeats, about 2-3 minutes
     python benchmarks/run_all.py --only kernels peers_sampling   # a subset
     python benchmarks/run_all.py --render-only                   # re-render from the JSON
 
@@ -30,7 +30,7 @@ BENCHES = {
     "peers_pooling": "bench_peers_pooling.py",
     "server": "bench_server.py",
 }
-TIMEOUT_S = {"kernels": 420, "peers_sampling": 300, "peers_pooling": 180, "server": 420}
+TIMEOUT_S = {"kernels": 480, "peers_sampling": 360, "peers_pooling": 240, "server": 480}
 
 
 def run(names: list[str], quick: bool) -> dict[str, str]:
@@ -79,6 +79,9 @@ def plot_kernels(ps: dict, path: Path) -> bool:
         ax.plot([v for v, _ in floor], [t * 1e6 for _, t in floor], "k--", marker="x", label="floor np.max")
         ax.set_xscale("log")
         ax.set_yscale("log")
+        vs = [v for v, _ in floor]
+        ax.set_xticks(vs, [f"{v / 1000:.0f}k" for v in vs])
+        ax.minorticks_off()
         ax.set_title(case)
         ax.set_xlabel("vocabulary size V")
         ax.grid(True, which="both", alpha=0.3)
@@ -111,7 +114,9 @@ def plot_server(sv: dict, path: Path) -> bool:
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(16, 3.8))
     for ax, (title, vals) in zip(axes, panels):
-        bars = ax.bar(names, vals, color=["tab:blue", "tab:orange", "tab:gray"][:len(names)])
+        colors = {"tep": "tab:blue", "tep-c64": "tab:cyan", "litserve": "tab:orange",
+                  "floor": "tab:gray"}
+        bars = ax.bar(names, vals, color=[colors.get(n, "tab:green") for n in names])
         ax.bar_label(bars, fmt="%.0f", fontsize=8)
         ax.set_title(title, fontsize=9)
         ax.grid(True, axis="y", alpha=0.3)
@@ -223,7 +228,11 @@ def render(errors: dict[str, str], quick: bool) -> str:
               f"Logits: {ps['logits']}; one thread everywhere. `llama.cpp` = `llama_sampler_apply` "
               "alone (copy-in subtracted), `llama.cpp+copy` = refilling the "
               "`llama_token_data_array` from the logits and applying, `llama.cpp copy-in` = "
-              "the refill alone. x = peer time / tep time for the same case.", "",
+              "the refill alone. x = peer time / tep time for the same case. llama.cpp's chain "
+              "runs its default order (penalties, top_k, top_p, min_p, temp, dist: filters "
+              "before the temperature) where tep filters the tempered distribution; numpy is "
+              "a float64 softmax + argsort/cumsum + `Generator.choice`; torch is vLLM's "
+              "sort/cumsum/scatter + exponential race, `torch.set_num_threads(1)`.", "",
               "![sampling time vs vocabulary size](results/kernels_vs_vocab.png)", ""]
         for V in sorted({r["V"] for r in ps["rows"]}):
             vr = [r for r in ps["rows"] if r["V"] == V]
@@ -261,7 +270,12 @@ def render(errors: dict[str, str], quick: bool) -> str:
               "max_tokens 16. Streams: this directory's asyncio client (one stream of 2000 "
               "tokens; 64 concurrent streams of 256 tokens). Load generator and server share "
               "the machine's cores. `interleaved` = streams whose first token arrived before "
-              "any stream finished.", "",
+              "any stream finished (with instant models a fully queued stream never "
+              "suspends, so servers, the floor included, tend to finish one stream before "
+              "starting the next; informational, not a target). tep: `tep serve --toy-instant` (1 process, default "
+              "`--max-concurrency 8`: 8 requests run at once, the rest wait for a slot); "
+              "tep-c64: the same with `--max-concurrency 64`; LitServe: OpenAISpec, 1 API server + 1 inference worker; "
+              "floor: a bare ASGI app on hypercorn that parses the JSON and answers.", "",
               "![server](results/server.png)", "",
               "| server | req/s @16 | p50 ms | p99 ms | 1 stream tok/s | TTFT ms | "
               "64x256 agg tok/s | slowest stream tok/s | TTFT max ms (64) | interleaved |",
@@ -283,9 +297,11 @@ def render(errors: dict[str, str], quick: bool) -> str:
         if "rps_asyncio_client" in fl:
             a = fl["rps_asyncio_client"]
             L += ["", f"Client check: the asyncio client drives the floor at {a['rps']:,.0f} "
-                  f"req/s using {a['client_cpu_frac']:.0%} of one core, and the floor's stream "
-                  "rates above are its ceiling for the streaming numbers; servers below those "
-                  "are not limited by the client.", "",
+                  f"req/s using {a['client_cpu_frac']:.0%} of one core (wrk is the rps tool). "
+                  "For streams, the client's CPU share below says how close it was to its "
+                  "limit: near 100% (the floor) means the number is the client's ceiling, a "
+                  "lower bound for that server; well below (tep, LitServe) means the server "
+                  "is what limits the rate.", "",
                   "Stream client CPU (share of one core while streaming): " + "; ".join(
                       f"{n}: one stream {r['stream1'].get('client_cpu_frac', float('nan')):.0%}, "
                       f"64 streams {r['stream64'].get('client_cpu_frac', float('nan')):.0%}"

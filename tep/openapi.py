@@ -51,7 +51,9 @@ def _error_responses(*codes: int) -> dict[str, Any]:
     ref = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
     text = {400: "Invalid request", 401: "Missing or invalid API key",
             404: "Unknown model", 413: "Body too large",
-            500: "Backend failure", 501: "Capability not supported by the backend"}
+            429: "Every backend slot busy and the wait queue full (see Retry-After)",
+            500: "Backend failure",
+            501: "Capability not supported by the backend (or metrics off)"}
     return {str(c): {"description": text[c], **ref} for c in codes}
 
 
@@ -126,11 +128,15 @@ def openapi_document() -> dict[str, Any]:
                                 "schema": {"type": "string"}}],
                 "responses": {"200": json_ok("Model"), **_error_responses(401, 404)}}},
             "/v1/completions": _post("Create a completion", "CompletionRequest",
-                                     400, 401, 404, 413, 500, 501),
+                                     400, 401, 404, 413, 429, 500, 501),
             "/v1/chat/completions": _post("Create a chat completion", "ChatCompletionRequest",
-                                          400, 401, 404, 413, 500, 501),
+                                          400, 401, 404, 413, 429, 500, 501),
             "/v1/embeddings": _post("Create embeddings", "EmbeddingRequest",
-                                    400, 401, 404, 413, 500, 501),
+                                    400, 401, 404, 413, 429, 500, 501),
+            "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
+                "200": {"description": "Prometheus text exposition format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}}},
+                **_error_responses(501)}}},
         },
         "components": {"schemas": {
             "CompletionRequest": completion, "ChatCompletionRequest": chat,

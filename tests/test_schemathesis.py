@@ -2,6 +2,9 @@
 server: valid and invalid requests to every operation; never a 5xx, and every error
 (status >= 400) is the OpenAI envelope.
 
+"No 5xx" means no server failure: 501 is allowed only where the document declares it
+(DESIGN.md: an unsupported capability or parameter, e.g. ``suffix``, is a 501).
+
 The operations are driven through ``APIOperation.as_strategy`` and hypothesis directly
 (one pytest test per operation and generation mode) rather than through schemathesis'
 pytest plugin, which does not work with the pytest this project uses."""
@@ -17,15 +20,19 @@ if os.environ.get("CI"):  # a required suite: never skipped in CI
 else:
     hypothesis = pytest.importorskip("hypothesis")
     schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck
+from hypothesis import HealthCheck, Phase
 from schemathesis import GenerationMode
 
 from tep.openapi import openapi_document
 
 pytest.importorskip("tep.kernels")
 
-EXAMPLES = 30
-OPERATIONS = [(m.upper(), p) for p, item in openapi_document()["paths"].items() for m in item]
+EXAMPLES = 60
+# invalid inputs exist only for operations that take a body or a path parameter
+CASES = [(m.upper(), p, mode) for p, item in openapi_document()["paths"].items()
+         for m in item
+         for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE)
+         if mode == GenerationMode.POSITIVE or m == "post"]
 
 
 @pytest.fixture(scope="module")
@@ -44,7 +51,9 @@ def api(live_server):
 def _check(url: str, case) -> None:
     r = case.call(base_url=url, timeout=30)
     where = (case.method, case.path, case.path_parameters, case.body)
-    assert r.status_code < 500, (where, r.text[:500])
+    declared = openapi_document()["paths"][case.path][case.method.lower()]["responses"]
+    assert r.status_code < 500 or (r.status_code == 501 and "501" in declared), \
+        (where, r.text[:500])
     if r.status_code >= 400:
         body = r.json()
         assert set(body) == {"error"}, (where, r.text[:500])
@@ -54,9 +63,8 @@ def _check(url: str, case) -> None:
         assert isinstance(err["type"], str)
 
 
-@pytest.mark.parametrize("mode", [GenerationMode.POSITIVE, GenerationMode.NEGATIVE],
-                         ids=["valid", "invalid"])
-@pytest.mark.parametrize("method,path", OPERATIONS)
+@pytest.mark.parametrize("method,path,mode", CASES,
+                         ids=[f"{m}-{p}-{mode.value}" for m, p, mode in CASES])
 def test_no_5xx_and_errors_in_envelope(api, method, path, mode):
     url, ops = api
     op = ops[(method, path)]
@@ -66,9 +74,13 @@ def test_no_5xx_and_errors_in_envelope(api, method, path, mode):
         pytest.skip(f"no {mode.value} cases: {e}")
 
     @hypothesis.settings(max_examples=EXAMPLES, deadline=None, derandomize=True,
-                         database=None, suppress_health_check=list(HealthCheck))
+                         database=None, suppress_health_check=list(HealthCheck),
+                         phases=[Phase.explicit, Phase.generate])  # no shrinking: bounded time
     @hypothesis.given(case=strategy)
     def run(case):
         _check(url, case)
 
-    run()
+    try:
+        run()
+    except hypothesis.errors.Unsatisfiable:
+        pytest.skip(f"no {mode.value} cases for {method} {path}")

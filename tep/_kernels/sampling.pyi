@@ -19,14 +19,9 @@ def sample_one(logits: npt.NDArray[np.float32], temperature: float, top_k: int, 
 def sample_rows(logits: npt.NDArray[np.float32], temperature: float, top_k: int, top_p: float,
                 min_p: float, seed: npt.NDArray[np.uint64], step: int, n_threads: int,
                 out_tokens: npt.NDArray[np.int64], out_status: npt.NDArray[np.int32]) -> None:
-    """Rows [B, V] sharing scalar knobs, no edits or logprobs; seed is per row [B]."""
-def sample_batch(logits: npt.NDArray[np.float32],
-                 temperature: npt.NDArray[np.float32], top_k: npt.NDArray[np.int64],
-                 top_p: npt.NDArray[np.float32], min_p: npt.NDArray[np.float32],
-                 repetition_penalty: npt.NDArray[np.float32],
-                 presence_penalty: npt.NDArray[np.float32],
-                 frequency_penalty: npt.NDArray[np.float32], seed: npt.NDArray[np.uint64],
-                 step: npt.NDArray[np.uint64],
+    """Rows [B, V] sharing scalar knobs, no edits or logprobs; seed is [1 or B]."""
+def sample_batch(logits: npt.NDArray[np.float32], knobs: npt.NDArray[np.float64],
+                 seed: npt.NDArray[np.uint64], step: npt.NDArray[np.uint64],
                  prompt_ids: npt.NDArray[np.int64], prompt_offsets: npt.NDArray[np.int64],
                  output_ids: npt.NDArray[np.int64], output_offsets: npt.NDArray[np.int64],
                  bias_ids: npt.NDArray[np.int64], bias_values: npt.NDArray[np.float32],
@@ -39,7 +34,10 @@ def sample_batch(logits: npt.NDArray[np.float32],
                  out_logprobs: npt.NDArray[np.float32], out_ranks: npt.NDArray[np.int64],
                  out_top_ids: npt.NDArray[np.int64],
                  out_top_logprobs: npt.NDArray[np.float32]) -> None:
-    """Sample rows of logits [B, V] into the out_* arrays; out_status[r] != 0 flags row r."""
+    """Sample rows of logits [B, V] into the out_* arrays; out_status[r] != 0 flags row r.
+
+    knobs [7, 1 or B]: temperature, top_k, top_p, min_p, repetition, presence, frequency;
+    seed and step [1 or B]; one column/element applies to every row."""
 def log_softmax_batch(logits: npt.NDArray[np.float32], out: npt.NDArray[np.float32],
                       out_status: npt.NDArray[np.int32], n_threads: int) -> None:
     """out = log_softmax(logits) row-wise; out_status[r] != 0 flags row r."""

@@ -640,39 +640,79 @@ cdef int finish_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
     return st
 
 
-cdef void batch_row(intp_t r, const float32_t* base, intp_t V,
-                    const float32_t* temperature, const int64_t* top_k, const float32_t* top_p,
-                    const float32_t* min_p, const float32_t* rep, const float32_t* pres,
-                    const float32_t* freq, const uint64_t* seed, const uint64_t* step,
-                    const int64_t* p_ids, const int64_t* p_off, const int64_t* o_ids,
-                    const int64_t* o_off, const int64_t* b_ids, const float32_t* b_vals,
-                    const int64_t* b_off, const int64_t* a_ids, const int64_t* a_off,
-                    const uint8_t* has_allowed, int n_top, bint want_lp, Scratch* sc,
-                    int64_t* out_tok, int32_t* out_status, float32_t* out_lp, int64_t* out_rank,
-                    int64_t* out_top_ids, float32_t* out_top_lp) noexcept nogil:
-    """Gather row r's knobs and edits from the [B] / ragged arrays, then sample it."""
+cdef enum:
+    # rows of the knobs matrix passed to sample_batch
+    K_TEMPERATURE = 0
+    K_TOP_K = 1
+    K_TOP_P = 2
+    K_MIN_P = 3
+    K_REPETITION = 4
+    K_PRESENCE = 5
+    K_FREQUENCY = 6
+    N_KNOBS = 7
+
+
+cdef struct Batch:
+    # Everything sample_batch shares between rows; knobs/seeds/steps broadcast when their
+    # column count is 1 (stride 0).
+    const float32_t* logits
+    intp_t V
+    const float64_t* knobs
+    intp_t knob_cols
+    intp_t knob_stride
+    const uint64_t* seed
+    intp_t seed_stride
+    const uint64_t* step
+    intp_t step_stride
+    const int64_t* p_ids
+    const int64_t* p_off
+    const int64_t* o_ids
+    const int64_t* o_off
+    const int64_t* b_ids
+    const float32_t* b_vals
+    const int64_t* b_off
+    const int64_t* a_ids
+    const int64_t* a_off
+    const uint8_t* has_allowed
+    int n_top
+    bint want_lp
+    int64_t* out_tok
+    int32_t* out_status
+    float32_t* out_lp
+    int64_t* out_rank
+    int64_t* out_top_ids
+    float32_t* out_top_lp
+
+
+cdef void batch_row(intp_t r, const Batch* bt, Scratch* sc) noexcept nogil:
+    """Gather row r's knobs and edits from the batch arrays, then sample it."""
     cdef Knobs kn
     cdef RowEdits ed
-    kn.temperature = temperature[r]; kn.top_k = top_k[r]; kn.top_p = top_p[r]
-    kn.min_p = min_p[r]; kn.repetition_penalty = rep[r]; kn.presence_penalty = pres[r]
-    kn.frequency_penalty = freq[r]; kn.seed = seed[r]; kn.step = step[r]
-    ed.prompt_ids = p_ids + p_off[r]; ed.n_prompt = p_off[r + 1] - p_off[r]
-    ed.output_ids = o_ids + o_off[r]; ed.n_output = o_off[r + 1] - o_off[r]
-    ed.bias_ids = b_ids + b_off[r]; ed.bias_values = b_vals + b_off[r]
-    ed.n_bias = b_off[r + 1] - b_off[r]
-    ed.allowed_ids = a_ids + a_off[r]; ed.n_allowed = a_off[r + 1] - a_off[r]
-    ed.has_allowed = has_allowed[r] != 0
-    out_status[r] = finish_row(base + r * V, V, &kn, &ed, n_top, want_lp, sc, &out_tok[r],
-                               &out_lp[r], &out_rank[r], out_top_ids + r * n_top,
-                               out_top_lp + r * n_top)
+    cdef const float64_t* k = bt.knobs + r * bt.knob_stride
+    cdef intp_t c = bt.knob_cols
+    kn.temperature = <float>k[K_TEMPERATURE * c]
+    kn.top_k = <int64_t>k[K_TOP_K * c]
+    kn.top_p = <float>k[K_TOP_P * c]
+    kn.min_p = <float>k[K_MIN_P * c]
+    kn.repetition_penalty = <float>k[K_REPETITION * c]
+    kn.presence_penalty = <float>k[K_PRESENCE * c]
+    kn.frequency_penalty = <float>k[K_FREQUENCY * c]
+    kn.seed = bt.seed[r * bt.seed_stride]
+    kn.step = bt.step[r * bt.step_stride]
+    ed.prompt_ids = bt.p_ids + bt.p_off[r]; ed.n_prompt = bt.p_off[r + 1] - bt.p_off[r]
+    ed.output_ids = bt.o_ids + bt.o_off[r]; ed.n_output = bt.o_off[r + 1] - bt.o_off[r]
+    ed.bias_ids = bt.b_ids + bt.b_off[r]; ed.bias_values = bt.b_vals + bt.b_off[r]
+    ed.n_bias = bt.b_off[r + 1] - bt.b_off[r]
+    ed.allowed_ids = bt.a_ids + bt.a_off[r]; ed.n_allowed = bt.a_off[r + 1] - bt.a_off[r]
+    ed.has_allowed = bt.has_allowed[r] != 0
+    bt.out_status[r] = finish_row(bt.logits + r * bt.V, bt.V, &kn, &ed, bt.n_top, bt.want_lp,
+                                  sc, &bt.out_tok[r], &bt.out_lp[r], &bt.out_rank[r],
+                                  bt.out_top_ids + r * bt.n_top,
+                                  bt.out_top_lp + r * bt.n_top)
 
 
-def sample_batch(const float32_t[:, ::1] logits,
-                 const float32_t[::1] temperature, const int64_t[::1] top_k,
-                 const float32_t[::1] top_p, const float32_t[::1] min_p,
-                 const float32_t[::1] repetition_penalty, const float32_t[::1] presence_penalty,
-                 const float32_t[::1] frequency_penalty, const uint64_t[::1] seed,
-                 const uint64_t[::1] step,
+def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
+                 const uint64_t[::1] seed, const uint64_t[::1] step,
                  const int64_t[::1] prompt_ids, const int64_t[::1] prompt_offsets,
                  const int64_t[::1] output_ids, const int64_t[::1] output_offsets,
                  const int64_t[::1] bias_ids, const float32_t[::1] bias_values,
@@ -686,35 +726,45 @@ def sample_batch(const float32_t[:, ::1] logits,
                  float32_t[:, ::1] out_top_logprobs):
     """Sample one token per row of logits [B, V]; the wrapper has validated everything.
 
-    Per-row knobs are [B] arrays; ragged inputs are (values, offsets[B+1]) pairs whose value
-    arrays hold at least one element. Outputs [B] (and [B, n_top]) are written in place;
-    out_status[r] is a Status for row r. Runs without the GIL, rows over n_threads threads.
+    knobs [7, 1 or B] float64 rows: temperature, top_k (0 = off), top_p, min_p,
+    repetition, presence, frequency penalty; seed and step [1 or B]. A single column
+    applies to every row. Ragged inputs are (values, offsets[B+1]) pairs whose value arrays
+    hold at least one element. out_tokens/out_status [B] are written for every row, and
+    out_logprobs/out_ranks [B] and out_top_* [B, n_top] when want_logprobs. Runs without
+    the GIL, rows over n_threads threads.
     """
     cdef intp_t B = logits.shape[0], V = logits.shape[1], r
     cdef Scratch sc
+    cdef Scratch* psc
+    cdef Batch bt
     cdef int ok
     if B == 0:
         return
-    cdef const float32_t* base = &logits[0, 0]
-    cdef int64_t* top_ids_p = &out_top_ids[0, 0] if n_top > 0 else NULL
-    cdef float32_t* top_lp_p = &out_top_logprobs[0, 0] if n_top > 0 else NULL
+    bt.logits = &logits[0, 0]; bt.V = V
+    bt.knobs = &knobs[0, 0]; bt.knob_cols = knobs.shape[1]
+    bt.knob_stride = 1 if knobs.shape[1] > 1 else 0
+    bt.seed = &seed[0]; bt.seed_stride = 1 if seed.shape[0] > 1 else 0
+    bt.step = &step[0]; bt.step_stride = 1 if step.shape[0] > 1 else 0
+    bt.p_ids = &prompt_ids[0]; bt.p_off = &prompt_offsets[0]
+    bt.o_ids = &output_ids[0]; bt.o_off = &output_offsets[0]
+    bt.b_ids = &bias_ids[0]; bt.b_vals = &bias_values[0]; bt.b_off = &bias_offsets[0]
+    bt.a_ids = &allowed_ids[0]; bt.a_off = &allowed_offsets[0]
+    bt.has_allowed = &has_allowed[0]
+    bt.n_top = n_top; bt.want_lp = want_logprobs
+    bt.out_tok = &out_tokens[0]; bt.out_status = &out_status[0]
+    bt.out_lp = &out_logprobs[0]; bt.out_rank = &out_ranks[0]
+    bt.out_top_ids = &out_top_ids[0, 0] if n_top > 0 else NULL
+    bt.out_top_lp = &out_top_logprobs[0, 0] if n_top > 0 else NULL
     if n_threads <= 1 or B == 1:
         with nogil:
             ok = scratch_alloc(&sc, V, need_work, max_history, want_logprobs)
             for r in range(B):
                 if ok != TEP_OK:
                     out_status[r] = ok
-                    continue
-                batch_row(r, base, V, &temperature[0], &top_k[0], &top_p[0], &min_p[0],
-                          &repetition_penalty[0], &presence_penalty[0], &frequency_penalty[0],
-                          &seed[0], &step[0], &prompt_ids[0], &prompt_offsets[0], &output_ids[0],
-                          &output_offsets[0], &bias_ids[0], &bias_values[0], &bias_offsets[0],
-                          &allowed_ids[0], &allowed_offsets[0], &has_allowed[0], n_top,
-                          want_logprobs, &sc, &out_tokens[0], &out_status[0], &out_logprobs[0],
-                          &out_ranks[0], top_ids_p, top_lp_p)
+                else:
+                    batch_row(r, &bt, &sc)
             scratch_free(&sc)
         return
-    cdef Scratch* psc
     with nogil, parallel(num_threads=n_threads):
         # assigned inside the parallel block, so each thread gets its own scratch
         psc = <Scratch*>malloc(sizeof(Scratch))
@@ -724,13 +774,7 @@ def sample_batch(const float32_t[:, ::1] logits,
             if ok != TEP_OK:
                 out_status[r] = ok
             else:
-                batch_row(r, base, V, &temperature[0], &top_k[0], &top_p[0], &min_p[0],
-                          &repetition_penalty[0], &presence_penalty[0], &frequency_penalty[0],
-                          &seed[0], &step[0], &prompt_ids[0], &prompt_offsets[0], &output_ids[0],
-                          &output_offsets[0], &bias_ids[0], &bias_values[0], &bias_offsets[0],
-                          &allowed_ids[0], &allowed_offsets[0], &has_allowed[0], n_top,
-                          want_logprobs, psc, &out_tokens[0], &out_status[0], &out_logprobs[0],
-                          &out_ranks[0], top_ids_p, top_lp_p)
+                batch_row(r, &bt, psc)
         if psc != NULL:
             scratch_free(psc)
             free(psc)
@@ -762,10 +806,11 @@ def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, fl
 def sample_rows(const float32_t[:, ::1] logits, float temperature, int64_t top_k, float top_p,
                 float min_p, const uint64_t[::1] seed, uint64_t step, int n_threads,
                 int64_t[::1] out_tokens, int32_t[::1] out_status):
-    """Rows [B, V] with the same scalar knobs and no edits or logprobs; seed is [B].
+    """Rows [B, V] with the same scalar knobs and no edits or logprobs; seed is [1 or B].
 
     out_tokens[r] / out_status[r] are written per row. Arguments are pre-validated."""
     cdef intp_t B = logits.shape[0], V = logits.shape[1], r
+    cdef intp_t seed_stride = 1 if seed.shape[0] > 1 else 0
     cdef Knobs kn
     cdef RowEdits ed
     cdef Scratch* psc
@@ -783,8 +828,8 @@ def sample_rows(const float32_t[:, ::1] logits, float temperature, int64_t top_k
             if ok != TEP_OK:
                 out_status[r] = ok
             else:
-                out_status[r] = sample_seeded(&logits[r, 0], V, &kn, seed[r], &ed, psc,
-                                              &out_tokens[r])
+                out_status[r] = sample_seeded(&logits[r, 0], V, &kn, seed[r * seed_stride],
+                                              &ed, psc, &out_tokens[r])
         if psc != NULL:
             scratch_free(psc)
             free(psc)

@@ -20,6 +20,7 @@ Semantics (DESIGN.md "Sampling semantics"), per row, in this order:
 """
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Any, Mapping, NamedTuple, Sequence
@@ -33,6 +34,8 @@ __all__ = ["sample", "SampleResult", "log_softmax"]
 _F32 = np.dtype(np.float32)
 _EMPTY_I64 = np.zeros(1, np.int64)    # ragged value arrays hold >= 1 element (kernel ABI)
 _EMPTY_F32 = np.zeros(1, np.float32)
+_NO_LP, _NO_RANK = np.zeros(1, np.float32), np.zeros(1, np.int64)
+_NO_TOP_IDS, _NO_TOP_LPS = np.zeros((1, 0), np.int64), np.zeros((1, 0), np.float32)
 MAX_LOGPROBS = 20
 _PARALLEL_MIN_WORK = 1 << 17          # B*V below this stays on one thread
 
@@ -125,6 +128,48 @@ def _int_knob(name: str, value: Any, B: int, lo: int, hi: int, dtype) -> np.ndar
     return arr.astype(dtype)
 
 
+# name, low, high, low open, high open (the order is the kernel's knob-matrix row order;
+# top_k, row 1, is handled on its own)
+_FLOAT_KNOBS = (("temperature", 0.0, math.inf, False, True),
+                ("top_p", 0.0, 1.0, True, False),
+                ("min_p", 0.0, 1.0, False, False),
+                ("repetition_penalty", 0.0, math.inf, True, True),
+                ("presence_penalty", -math.inf, math.inf, True, True),
+                ("frequency_penalty", -math.inf, math.inf, True, True))
+
+
+def _float_scalar(name: str, v: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
+    if type(v) not in (float, int) and (isinstance(v, (bool, np.bool_))
+                                        or not isinstance(v, numbers.Real)):
+        raise TypeError(f"{name} must be a number or one number per row, got {v!r}")
+    f = float(v)
+    if not math.isfinite(f) or (f <= lo if lo_open else f < lo) or (f >= hi if hi_open else f > hi):
+        lo_s, hi_s = "(" if lo_open else "[", ")" if hi_open else "]"
+        raise ValueError(f"{name} must be finite and in {lo_s}{lo}, {hi}{hi_s}, got {v}")
+    return f
+
+
+def _knob_matrix(B: int, V: int, values: dict) -> np.ndarray:
+    """float64 [7, 1] when every knob is a scalar, else [7, B] (the kernel's layout)."""
+    tk = values["top_k"]
+    scalar = _is_scalar(tk) and all(_is_scalar(values[n]) for n, *_ in _FLOAT_KNOBS)
+    if scalar:
+        if not isinstance(tk, numbers.Integral):
+            raise TypeError(f"top_k must be an integer, got {tk!r}")
+        tk = int(tk)
+        if not -1 <= tk < 2**62:
+            raise ValueError(f"top_k must be >= -1 (0 or -1 = off), got {tk}")
+        col = [_float_scalar(n, values[n], *spec) for n, *spec in _FLOAT_KNOBS]
+        col.insert(1, float(tk if 0 < tk < V else 0))
+        return np.array(col, np.float64).reshape(7, 1)
+    out = np.empty((7, B), np.float64)
+    for i, (n, *spec) in zip((0, 2, 3, 4, 5, 6), _FLOAT_KNOBS):
+        out[i] = _float_knob(n, values[n], B, *spec)
+    k = _int_knob("top_k", tk, B, -1, 2**62, np.int64)
+    out[1] = np.where((k > 0) & (k < V), k, 0)
+    return out
+
+
 def _per_row(name: str, value: Any, B: int, one: bool) -> list:
     """A per-row argument (histories, biases, allowed sets) as a list of B entries."""
     if value is None:
@@ -207,7 +252,7 @@ def _seeds(seed: Any, B: int) -> np.ndarray:
     if isinstance(seed, numbers.Integral):
         if not 0 <= int(seed) < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {int(seed)}")
-        return np.full(B, int(seed), np.uint64)
+        return np.array([int(seed)], np.uint64)      # one value for every row
     arr = np.asarray(seed)
     if arr.dtype == object:
         arr = np.asarray([_seeds(int(s) if isinstance(s, numbers.Integral) else s, 1)[0]
@@ -321,16 +366,17 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
             raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}")
         if logprobs > V:
             raise ValueError(f"logprobs ({logprobs}) exceeds the vocabulary size {V}")
-    T = _float_knob("temperature", temperature, B, 0.0, np.inf, False, True)
-    tk = _int_knob("top_k", top_k, B, -1, 2**62, np.int64)
-    tk[tk < 0] = 0
-    tp = _float_knob("top_p", top_p, B, 0.0, 1.0, True)
-    mp = _float_knob("min_p", min_p, B, 0.0, 1.0, False)
-    rp = _float_knob("repetition_penalty", repetition_penalty, B, 0.0, np.inf, True, True)
-    pp = _float_knob("presence_penalty", presence_penalty, B, -np.inf, np.inf, True, True)
-    fp = _float_knob("frequency_penalty", frequency_penalty, B, -np.inf, np.inf, True, True)
+    knobs = _knob_matrix(B, V, dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty))
     sd = _seeds(seed, B)
-    st = _int_knob("step", step, B, 0, 2**64 - 1, np.uint64)
+    if isinstance(step, numbers.Integral) and not isinstance(step, (bool, np.bool_)):
+        if not 0 <= int(step) < 2**64:
+            raise ValueError(f"step must be in [0, 2**64), got {int(step)}")
+        st = np.array([int(step)], np.uint64)
+    else:
+        st = _int_knob("step", step, B, 0, 2**64 - 1, np.uint64)
     p_ids, p_off, _ = _ragged_ids("prompt_token_ids", prompt_token_ids, B, V, one)
     o_ids, o_off, _ = _ragged_ids("output_token_ids", output_token_ids, B, V, one)
     a_ids, a_off, has_a = _ragged_ids("allowed_token_ids", allowed_token_ids, B, V, one)
@@ -343,16 +389,17 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
     max_hist = int(hist.max()) if B else 0
     need_work = bool(has_a.any() or b_off[-1] or max_hist)
 
-    tokens = np.zeros(B, np.int64)
+    tokens = np.empty(B, np.int64)
     status = np.zeros(B, np.int32)
-    lps = np.zeros(B, np.float32)
-    ranks = np.zeros(B, np.int64)
-    top_ids = np.zeros((B, n_top), np.int64)
-    top_lps = np.zeros((B, n_top), np.float32)
+    if want_lp:
+        lps, ranks = np.empty(B, np.float32), np.empty(B, np.int64)
+        top_ids, top_lps = np.empty((B, n_top), np.int64), np.empty((B, n_top), np.float32)
+    else:  # never written by the kernel
+        lps, ranks, top_ids, top_lps = _NO_LP, _NO_RANK, _NO_TOP_IDS, _NO_TOP_LPS
     if B:
-        _k.sample_batch(x, T, tk, tp, mp, rp, pp, fp, sd, st, p_ids, p_off, o_ids, o_off,
-                        b_ids, b_vals, b_off, a_ids, a_off, has_a, n_top, want_lp, need_work,
-                        max_hist, nt, tokens, status, lps, ranks, top_ids, top_lps)
+        _k.sample_batch(x, knobs, sd, st, p_ids, p_off, o_ids, o_off, b_ids, b_vals, b_off,
+                        a_ids, a_off, has_a, n_top, want_lp, need_work, max_hist, nt,
+                        tokens, status, lps, ranks, top_ids, top_lps)
         _raise_status(status)
     if not want_lp:
         return int(tokens[0]) if one else tokens
