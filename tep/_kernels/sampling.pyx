@@ -247,10 +247,13 @@ cdef void sample_hist_build(SampleHist* h, const Cand* a, intp_t n) noexcept nog
             h.vlo = a[i].v
         if a[i].v > vhi:
             vhi = a[i].v
+    cdef float inv
     h.width = (<double>vhi - h.vlo) / (HIST_BINS - 1) if vhi > h.vlo else 1.0
+    inv = <float>(1.0 / h.width)
     memset(h.cum, 0, HIST_BINS * sizeof(float64_t))
     for i in range(n):
-        h.cum[<intp_t>((a[i].v - <double>h.vlo) / h.width)] += a[i].e
+        b = <intp_t>((a[i].v - h.vlo) * inv)
+        h.cum[min(b, HIST_BINS - 1)] += a[i].e
     for b in range(HIST_BINS - 2, -1, -1):
         h.cum[b] += h.cum[b + 1]
 
@@ -268,17 +271,17 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
                        Scratch* sc) noexcept nogil:
     """Sample a whole row under top_p alone, touching most tokens only in vector passes.
 
-    A stratified sample (the head exactly, ~16384 strided tokens for the rest) estimates the
+    A stratified sample (the head exactly, ~8192 strided tokens for the rest) estimates the
     logit values where the cumulative mass reaches p -/+ a margin. One vectorised pass sums
     the exact mass per block above that bracket and collects the tokens inside it; a
     weighted quickselect over those settles the exact threshold t. When the sample
     misjudged (peaked rows) the bracket steps up or down, ending at the row's edge, so t is
     always exact. The draw walks block masses (above-bracket sums plus kept bracket tokens)
     and scans one block."""
-    cdef intp_t q = max(1, V // 16384), ns = V // q, i, nin = 0, it, b, ci, j, lo_j, hi_j
+    cdef intp_t q = max(1, V // 8192), ns = V // q, i, nin = 0, it, b, ci, j, lo_j, hi_j
     cdef intp_t nsmp = 0, nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
     cdef double Zs = 0.0, Z = 0.0, mass_hi = 0.0, mass_in, need
-    cdef double hi_q = p - 0.006, lo_q = p + min(0.006, (1.0 - p) * 0.5), acc, blk, target
+    cdef double hi_q = p - 0.008, lo_q = p + min(0.008, (1.0 - p) * 0.5), acc, blk, target
     cdef float t_hi, t_lo, t, e, L = -INFINITY
     cdef Cand* smp = sc.cand + V          # second half of the candidate buffer
     # Head: every token >= the 32nd largest block max, exactly (peaked rows keep their mass
@@ -602,23 +605,27 @@ cdef int log_softmax_row(const float32_t* x, intp_t V, float32_t* bmax,
 # ---- scratch ----------------------------------------------------------------------------------
 
 cdef int scratch_alloc(Scratch* sc, intp_t V, bint need_work, intp_t max_hist,
-                       bint need_raw) noexcept nogil:
+                       bint need_raw, bint greedy_only=False) noexcept nogil:
+    """Per-thread buffers for rows of V tokens; greedy_only skips the V-sized ones."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
     memset(sc, 0, sizeof(Scratch))
     # malloc, not calloc: large buffers are only touched as far as a row needs them
     sc.bmax = <float*>malloc((nb + 1) * sizeof(float))
     sc.bmax_raw = <float*>malloc((nb + 1) * sizeof(float)) if need_raw else NULL
-    sc.bsum = <double*>malloc((nb + 1) * sizeof(double))
-    sc.sel = <float*>malloc((V + 1) * sizeof(float))
-    sc.ebuf = <float*>malloc((V + 1) * sizeof(float))
-    sc.cand = <Cand*>malloc((2 * V + 1) * sizeof(Cand))
-    sc.hist = <float64_t*>malloc(HIST_BINS * sizeof(float64_t))
-    sc.hist2 = <float64_t*>malloc(HIST_BINS * sizeof(float64_t))
     sc.work = <float*>malloc((V + 1) * sizeof(float)) if need_work else NULL
     sc.hbuf = <int64_t*>malloc((max_hist + 1) * sizeof(int64_t))
-    if (sc.bmax == NULL or sc.bsum == NULL or sc.sel == NULL or sc.ebuf == NULL
-            or sc.cand == NULL or sc.hist == NULL or sc.hist2 == NULL or sc.hbuf == NULL
-            or (need_work and sc.work == NULL) or (need_raw and sc.bmax_raw == NULL)):
+    if not greedy_only:
+        sc.bsum = <double*>malloc((nb + 1) * sizeof(double))
+        sc.sel = <float*>malloc((V + 1) * sizeof(float))
+        sc.ebuf = <float*>malloc((V + 1) * sizeof(float))
+        sc.cand = <Cand*>malloc((2 * V + 1) * sizeof(Cand))
+        sc.hist = <float64_t*>malloc(HIST_BINS * sizeof(float64_t))
+        sc.hist2 = <float64_t*>malloc(HIST_BINS * sizeof(float64_t))
+        if (sc.bsum == NULL or sc.sel == NULL or sc.ebuf == NULL or sc.cand == NULL
+                or sc.hist == NULL or sc.hist2 == NULL):
+            return TEP_NO_MEMORY
+    if (sc.bmax == NULL or sc.hbuf == NULL or (need_work and sc.work == NULL)
+            or (need_raw and sc.bmax_raw == NULL)):
         return TEP_NO_MEMORY
     return TEP_OK
 
@@ -796,7 +803,7 @@ def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, fl
     kn.repetition_penalty = 1.0; kn.presence_penalty = 0.0; kn.frequency_penalty = 0.0
     kn.seed = seed; kn.step = step
     with nogil:
-        st = scratch_alloc(&sc, V, False, 0, False)
+        st = scratch_alloc(&sc, V, False, 0, False, temperature < GREEDY_T)
         if st == TEP_OK:
             st = sample_row(&logits[0], V, &kn, &ed, &sc, &tok)
         scratch_free(&sc)
@@ -823,7 +830,7 @@ def sample_rows(const float32_t[:, ::1] logits, float temperature, int64_t top_k
     kn.step = step
     with nogil, parallel(num_threads=max(n_threads, 1)):
         psc = <Scratch*>malloc(sizeof(Scratch))
-        ok = scratch_alloc(psc, V, False, 0, False) if psc != NULL else TEP_NO_MEMORY
+        ok = scratch_alloc(psc, V, False, 0, False, temperature < GREEDY_T) if psc != NULL else TEP_NO_MEMORY
         for r in prange(B, schedule="static"):
             if ok != TEP_OK:
                 out_status[r] = ok
