@@ -38,6 +38,7 @@ cdef float GREEDY_T = 1e-5
 
 cdef enum:
     HIST_BINS = 1024
+    MAX_TRIALS = 256       # envelope rejections before the exact exp-sum draw
 
 
 
@@ -56,9 +57,9 @@ def simd_level():
 
 # ---- random numbers -------------------------------------------------------------------------
 
-cdef double philox_uniform(uint64_t seed, uint64_t step) noexcept nogil:
-    """Philox4x32-10 (Salmon et al. 2011) keyed on seed, counter = step -> uniform [0, 1)."""
-    cdef uint32_t c0 = <uint32_t>step, c1 = <uint32_t>(step >> 32), c2 = 0, c3 = 0
+cdef void philox4(uint64_t seed, uint64_t step, uint32_t stream, uint32_t* out) noexcept nogil:
+    """Philox4x32-10 (Salmon et al. 2011): key = seed, counter = (step, stream, 0) -> out[4]."""
+    cdef uint32_t c0 = <uint32_t>step, c1 = <uint32_t>(step >> 32), c2 = stream, c3 = 0
     cdef uint32_t k0 = <uint32_t>seed, k1 = <uint32_t>(seed >> 32)
     cdef uint64_t p0, p1
     cdef int r
@@ -69,7 +70,14 @@ cdef double philox_uniform(uint64_t seed, uint64_t step) noexcept nogil:
                          (<uint32_t>(p0 >> 32)) ^ c3 ^ k1, <uint32_t>p0
         k0 = k0 + <uint32_t>0x9E3779B9
         k1 = k1 + <uint32_t>0xBB67AE85
-    return <double>((((<uint64_t>c0) << 32) | c1) >> 11) * (1.0 / 9007199254740992.0)
+    out[0] = c0; out[1] = c1; out[2] = c2; out[3] = c3
+
+
+cdef double philox_uniform(uint64_t seed, uint64_t step) noexcept nogil:
+    """The row's uniform in [0, 1): stream 0 of (seed, step), 53 bits."""
+    cdef uint32_t w[4]
+    philox4(seed, step, 0, w)
+    return <double>((((<uint64_t>w[0]) << 32) | w[1]) >> 11) * (1.0 / 9007199254740992.0)
 
 
 def philox(uint64_t seed, uint64_t step):
@@ -370,6 +378,54 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     return argmax_blocks(v, V, sc.bmax, m)
 
 
+cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t seed,
+                        uint64_t step, Scratch* sc, int64_t* token_out) noexcept nogil:
+    """Exact full-vocabulary draw by rejection from the block-max envelope.
+
+    Proposal: a block with probability proportional to n_b * exp((bmax_b - m) / T), then a
+    token uniformly inside it; accept token j with probability exp((v_j - bmax_b) / T).
+    proposal * acceptance is proportional to exp((v_j - m) / T), so accepted draws follow
+    the softmax exactly, and the vocabulary is never exponentiated in full. Trial t uses
+    Philox stream t + 1 of (seed, step), so the draw stays a function of (seed, step) and the
+    row. Returns False after MAX_TRIALS rejections (the caller then runs the exact
+    exp-sum draw, deterministically as well)."""
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, lo, hi, mid, j, n_b
+    cdef double W = 0.0, target
+    cdef uint32_t w[4]
+    cdef uint32_t t
+    cdef float x
+    # block weights n_b * exp((bmax_b - m) * s), prefix-summed into bsum
+    tep_exp_blocks(sc.bmax, nb, m, s, -INFINITY, NULL, sc.ebuf)
+    for b in range(nb):
+        n_b = min(TEP_BLOCK, V - b * TEP_BLOCK)
+        W += <double>sc.ebuf[b] * n_b
+        sc.bsum[b] = W
+    if not (W > 0):
+        return False
+    for t in range(MAX_TRIALS):
+        philox4(seed, step, t + 1, w)
+        target = (<double>((((<uint64_t>w[0]) << 32) | w[1]) >> 11)
+                  * (1.0 / 9007199254740992.0)) * W
+        lo = 0
+        hi = nb - 1
+        while lo < hi:                      # first block whose prefix sum exceeds target
+            mid = (lo + hi) // 2
+            if sc.bsum[mid] > target:
+                hi = mid
+            else:
+                lo = mid + 1
+        b = lo
+        n_b = min(TEP_BLOCK, V - b * TEP_BLOCK)
+        j = b * TEP_BLOCK + <intp_t>((<uint64_t>w[2] * <uint64_t>n_b) >> 32)
+        x = v[j]
+        # acceptance exp((x - bmax) * s) against a 32-bit uniform in (0, 1]
+        if x > -INFINITY and ((<double>w[3] + 1.0) * (1.0 / 4294967296.0)
+                              <= tep_expf((x - sc.bmax[b]) * s)):
+            token_out[0] = j
+            return True
+    return False
+
+
 # ---- logit edits ------------------------------------------------------------------------------
 
 cdef inline bint row_has_edits(const Knobs* kn, const RowEdits* ed) noexcept nogil:
@@ -507,6 +563,8 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
     # whole-row paths: top_p alone, or the full vocabulary
     if kn.top_p < 1.0:
         token_out[0] = top_p_row(v, V, m, s, kn.top_p, u, sc)
+        return TEP_OK
+    if envelope_draw(v, V, m, s, kn.seed, kn.step, sc, token_out):
         return TEP_OK
     thr = -INFINITY
     Z = tep_exp_blocks(v, V, m, s, thr, sc.bsum, NULL)
