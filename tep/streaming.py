@@ -52,12 +52,33 @@ class StreamBridge:
         self._queue: asyncio.Queue = asyncio.Queue()
         self._running = 0
         self.sinks: dict[int, StreamSink] = {}
+        # Events from worker threads wait here; one loop wake-up moves all of them, so a
+        # fast backend does not pay a self-pipe write and a loop turn per token.
+        self._pending: list[tuple] = []
+        self._pending_lock = threading.Lock()
+        self._wake_scheduled = False
 
     def _put(self, item: tuple) -> None:
+        with self._pending_lock:
+            self._pending.append(item)
+            if self._wake_scheduled:
+                return
+            self._wake_scheduled = True
         try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # loop closed: the server is gone, stop generating
             self.cancel.set()
+
+    def _drain(self) -> None:
+        with self._pending_lock:
+            items, self._pending = self._pending, []
+            self._wake_scheduled = False
+        for item in items:
+            self._queue.put_nowait(item)
+
+    def has_pending(self) -> bool:
+        """Whether an event is ready for :meth:`events` without waiting."""
+        return not self._queue.empty()
 
     def start(self, index: int, make_sink: Callable[..., StreamSink],
               call: Callable[[StreamSink], None]) -> None:
