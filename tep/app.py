@@ -18,6 +18,7 @@ import atexit
 import dataclasses
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, AsyncIterator
@@ -49,6 +50,9 @@ _TOKEN_IDS_ONLY = ("this server takes token IDs: the backend has no tokenize hoo
 # A cut-off non-streamed generation whose backend ignores the cancel flag is given up on
 # this long after the generation timeout (its choice then comes back empty).
 _TIMEOUT_GRACE_S = 2.0
+
+# Most SSE events joined into one body write (see _coalesce).
+_COALESCE_MAX = 64
 
 
 class ServerState:
@@ -132,14 +136,13 @@ def _finish(state: ServerState, rec: RequestRecord) -> None:
     """Close a request (called once, by the middleware, after the last byte)."""
     if rec.cancel is not None:
         _done(state, rec.cancel)
-    import time
-
     seconds = time.perf_counter() - rec.start
     status, outcome = rec.final_status_and_outcome()
     state.metrics.request_done(rec.endpoint, status, outcome, seconds, rec.prompt_tokens,
                                rec.completion_tokens, rec.timed_out)
     if rec.inference:
-        state.events.request(rec.eval_extra(status, outcome, seconds))
+        state.events.request(rec.eval_extra(status, outcome, seconds,
+                                            with_sampling=state.events.enabled))
 
 
 # --------------------------------------------------------------------------- helpers
@@ -268,13 +271,6 @@ async def _gather_choices(state: ServerState, rec: RequestRecord, cancel: thread
         rec.timed_out = True
         rec.outcome = "timeout"
     return results, cut
-
-
-def _sampling_dict(s: P.Sampling) -> dict[str, Any]:
-    d = dataclasses.asdict(s)
-    if d.get("logit_bias"):
-        d["logit_bias"] = {str(k): v for k, v in d["logit_bias"].items()}
-    return d
 
 
 def _tokenize_all(backend: Backend, model: str, items: list, param: str) -> list[list[int]]:
@@ -432,7 +428,7 @@ def _register(app: Quart, state: ServerState) -> None:
         rec = _rec()
         rec.request_id = rid
         req = P.parse_completion_request(await _body(), rid)
-        rec.model, rec.sampling = req.model, _sampling_dict(req.sampling)
+        rec.model, rec.sampling = req.model, req.sampling
         _check_model(state, req.model)
         s = req.sampling
         if any(isinstance(p, str) for p in req.prompts) and not backend.supports_tokenize():
@@ -470,7 +466,7 @@ def _register(app: Quart, state: ServerState) -> None:
         rec.request_id = rid
         req = P.parse_chat_request(await _body(), rid,
                                    default_max_tokens=state.config.chat_max_tokens)
-        rec.model, rec.sampling = req.model, _sampling_dict(req.sampling)
+        rec.model, rec.sampling = req.model, req.sampling
         _check_model(state, req.model)
         cancel = await _admit(state, rec)
         try:
@@ -603,12 +599,17 @@ async def _coalesce(gen: AsyncIterator[bytes], bridge: StreamBridge) -> AsyncIte
     leave in a few large writes instead of one small write (and one round through the
     server) each, while a slow one still gets every event flushed as soon as it exists."""
     buf: list[bytes] = []
+    first = True
     try:
         async for b in gen:
             buf.append(b)
-            if not bridge.has_pending():
+            # the first event goes at once (time to first token); later ones wait only
+            # while more are ready, up to a bound so a backend that outruns the socket
+            # still streams
+            if first or len(buf) >= _COALESCE_MAX or not bridge.has_pending():
                 yield buf[0] if len(buf) == 1 else b"".join(buf)
                 buf = []
+                first = False
         if buf:
             yield b"".join(buf)
     finally:

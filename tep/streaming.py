@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import json
 import threading
+import time
 from concurrent.futures import Executor
 from typing import Any, AsyncIterator, Callable
 
@@ -68,6 +69,10 @@ class StreamBridge:
             self._loop.call_soon_threadsafe(self._drain)
         except RuntimeError:  # loop closed: the server is gone, stop generating
             self.cancel.set()
+            return
+        # A backend that never releases the GIL (pure-Python or instant) would otherwise
+        # keep the loop waiting a whole switch interval (5 ms) before it sends anything.
+        time.sleep(0)
 
     def _drain(self) -> None:
         with self._pending_lock:

@@ -10,12 +10,23 @@ app's ``finish(record)`` exactly once per request, which records metrics, writes
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from typing import Any, Awaitable, Callable
 
 from tep.metrics import Metrics, endpoint_label
 
 __all__ = ["RequestRecord", "TelemetryMiddleware", "SCOPE_KEY", "INFERENCE_ENDPOINTS"]
+
+
+def sampling_dict(s: Any) -> dict[str, Any] | None:
+    """A request's Sampling as a JSON-ready dict (only built when an event is written)."""
+    if s is None:
+        return None
+    d = dataclasses.asdict(s)
+    if d.get("logit_bias"):
+        d["logit_bias"] = {str(k): v for k, v in d["logit_bias"].items()}
+    return d
 
 SCOPE_KEY = "tep.request"
 INFERENCE_ENDPOINTS = frozenset({"/v1/completions", "/v1/chat/completions",
@@ -35,7 +46,7 @@ class RequestRecord:
         self.request_id: str | None = None
         self.principal_id: str | None = None
         self.model: str | None = None
-        self.sampling: dict[str, Any] | None = None
+        self.sampling: Any = None          # the request's tep.Sampling (a dict in events)
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.status: int | None = None     # from http.response.start
@@ -78,14 +89,17 @@ class RequestRecord:
             return status, "rejected"
         return status, ("error" if status >= 400 else "ok")
 
-    def eval_extra(self, status: int, outcome: str, seconds: float) -> dict[str, Any]:
-        """The ``extra`` of this request's ``eval`` event."""
+    def eval_extra(self, status: int, outcome: str, seconds: float,
+                   with_sampling: bool = True) -> dict[str, Any]:
+        """The ``extra`` of this request's ``eval`` event (with_sampling=False skips
+        building the sampling dict when no event will be written)."""
         return {"endpoint": self.endpoint, "model": self.model,
                 "prompt_tokens": self.prompt_tokens,
                 "completion_tokens": self.completion_tokens,
                 "latency_us": int(seconds * 1e6),
                 "ttft_us": None if self.ttft is None else int(self.ttft * 1e6),
-                "sampling": self.sampling, "request_id": self.request_id,
+                "sampling": sampling_dict(self.sampling) if with_sampling else None,
+                "request_id": self.request_id,
                 "principal_id": self.principal_id, "status": status, "outcome": outcome}
 
 
