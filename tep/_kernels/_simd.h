@@ -72,13 +72,14 @@ static double tep_exp_blocks_scalar(const float *v, ptrdiff_t n, float m, float 
 }
 
 /* Tokens with lo <= v < hi go to out[0:cap] (index order; the count is returned even past
- * cap). bsum_hi[b] = sum of exp((v - m) * s) over block b's tokens with v >= hi, and
- * *z_all = the sum over every token; both summed per 64-token block like tep_exp_blocks. */
+ * cap). bsum_hi[b] = sum of exp((v - m) * s) over block b's tokens with v >= hi,
+ * *z_all = the sum over every token (both summed per 64-token block like tep_exp_blocks),
+ * *mass_in = the sum over the bracket's tokens. */
 static ptrdiff_t tep_bracket_scalar(const float *v, ptrdiff_t n, float m, float s, float lo,
-                                    float hi, double *bsum_hi, double *z_all, tep_cand *out,
-                                    ptrdiff_t cap) {
+                                    float hi, double *bsum_hi, double *z_all, double *mass_in,
+                                    tep_cand *out, ptrdiff_t cap) {
     ptrdiff_t c = 0, blk = 0;
-    double total = 0.0;
+    double total = 0.0, inside = 0.0;
     for (ptrdiff_t b0 = 0; b0 < n; b0 += TEP_BLOCK, blk++) {
         ptrdiff_t e = b0 + TEP_BLOCK < n ? b0 + TEP_BLOCK : n;
         float acc = 0.0f, all = 0.0f;
@@ -90,12 +91,14 @@ static ptrdiff_t tep_bracket_scalar(const float *v, ptrdiff_t n, float m, float 
             } else if (x >= lo) {
                 if (c < cap) { out[c].v = x; out[c].e = ex; out[c].idx = j; }
                 c++;
+                inside += ex;
             }
         }
         bsum_hi[blk] = acc;
         total += all;
     }
     *z_all = total;
+    *mass_in = inside;
     return c;
 }
 
@@ -198,15 +201,15 @@ TEP_AVX2 static double tep_exp_blocks_avx2(const float *v, ptrdiff_t n, float m,
 }
 TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m, float s, float lo,
                                            float hi, double *bsum_hi, double *z_all,
-                                           tep_cand *out, ptrdiff_t cap) {
+                                           double *mass_in, tep_cand *out, ptrdiff_t cap) {
     const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s);
     const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
-    double total = 0.0;
+    double total = 0.0, inside = 0.0;
     ptrdiff_t c = 0, full = n / TEP_BLOCK, blk;
     float ebuf[8];
     for (blk = 0; blk < full; blk++) {
         const float *p = v + blk * TEP_BLOCK;
-        __m256 acc = _mm256_setzero_ps(), all = _mm256_setzero_ps();
+        __m256 acc = _mm256_setzero_ps(), all = _mm256_setzero_ps(), ins = _mm256_setzero_ps();
         for (int k = 0; k < TEP_BLOCK; k += 8) {
             __m256 x = _mm256_loadu_ps(p + k);
             __m256 e = tep_exp256(_mm256_mul_ps(_mm256_sub_ps(x, vm), vs));
@@ -214,8 +217,10 @@ TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m,
             all = _mm256_add_ps(all, e);
             acc = _mm256_add_ps(acc, _mm256_and_ps(e, ge_hi));
             /* in the bracket: x >= lo and not x >= hi; rare, so test the lane group at once */
-            int in = _mm256_movemask_ps(_mm256_andnot_ps(ge_hi, _mm256_cmp_ps(x, vlo, _CMP_GE_OQ)));
+            __m256 inm = _mm256_andnot_ps(ge_hi, _mm256_cmp_ps(x, vlo, _CMP_GE_OQ));
+            int in = _mm256_movemask_ps(inm);
             if (in) {
+                ins = _mm256_add_ps(ins, _mm256_and_ps(e, inm));
                 _mm256_storeu_ps(ebuf, e);
                 while (in) {
                     int l = __builtin_ctz(in);
@@ -230,18 +235,21 @@ TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m,
         }
         bsum_hi[blk] = tep_hsum256(acc);
         total += tep_hsum256(all);
+        inside += tep_hsum256(ins);
     }
     if (full * TEP_BLOCK < n) {
-        double t = 0.0;
+        double t = 0.0, t_in = 0.0;
         ptrdiff_t room = c < cap ? cap - c : 0;
         tep_cand *dst = out + (c < cap ? c : cap);
         ptrdiff_t extra = tep_bracket_scalar(v + full * TEP_BLOCK, n - full * TEP_BLOCK, m, s, lo, hi,
-                                             bsum_hi + full, &t, dst, room);
+                                             bsum_hi + full, &t, &t_in, dst, room);
         for (ptrdiff_t i = 0; i < extra && i < room; i++) dst[i].idx += full * TEP_BLOCK;
         c += extra;
         total += t;
+        inside += t_in;
     }
     *z_all = total;
+    *mass_in = inside;
     return c;
 }
 #else
@@ -252,7 +260,7 @@ TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m,
 typedef float (*tep_block_max_fn)(const float *, ptrdiff_t, float *);
 typedef double (*tep_exp_blocks_fn)(const float *, ptrdiff_t, float, float, float, double *, float *);
 typedef ptrdiff_t (*tep_bracket_fn)(const float *, ptrdiff_t, float, float, float, float, double *,
-                                    double *, tep_cand *, ptrdiff_t);
+                                    double *, double *, tep_cand *, ptrdiff_t);
 
 static tep_block_max_fn tep_block_max = tep_block_max_scalar;
 static tep_exp_blocks_fn tep_exp_blocks = tep_exp_blocks_scalar;

@@ -39,6 +39,9 @@ cdef extern from "_simd.h" nogil:
         int64_t idx      # token id
 
 cdef struct Scratch:
+    # Views into one block: this thread's kept block (see _scratch.h) or, when block is
+    # not NULL, a block of this call's own that scratch_free gives back.
+    char* block
     float32_t* work      # [V] processed logits (only when a row has edits)
     float32_t* bmax      # [nb] block maxima of the row being sampled
     float32_t* bmax_raw  # [nb] block maxima of the raw row (logprobs)

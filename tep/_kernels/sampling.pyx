@@ -15,7 +15,7 @@ Algorithm per row, never sorting the vocabulary:
 """
 from cython.parallel cimport parallel, prange
 from libc.float cimport FLT_MAX
-from libc.math cimport INFINITY, log, logf
+from libc.math cimport INFINITY, log, logf, nextafterf
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy, memset
 
@@ -30,9 +30,13 @@ cdef extern from "_simd.h" nogil:
     double tep_exp_blocks(const float* v, Py_ssize_t n, float m, float s, float lo,
                           double* bsum, float* out)
     Py_ssize_t tep_bracket(const float* v, Py_ssize_t n, float m, float s, float lo, float hi,
-                           double* bsum_hi, double* z_all, Cand* out, Py_ssize_t cap)
+                           double* bsum_hi, double* z_all, double* mass_in, Cand* out,
+                           Py_ssize_t cap)
     int tep_simd_init(int allow_avx2)
     int tep_simd_level
+
+cdef extern from "_scratch.h" nogil:
+    void* tep_scratch_get(size_t n, int* owned)
 
 cdef float GREEDY_T = 1e-5
 
@@ -209,32 +213,35 @@ cdef float weighted_select(Cand* a, intp_t n, double need) noexcept nogil:
 
 
 cdef float mass_select(const Cand* a, intp_t n, double need, Cand* tmp,
-                       float64_t* hist) noexcept nogil:
+                       float64_t* hist, float vlo=INFINITY, float vhi=-INFINITY) noexcept nogil:
     """weighted_select without reordering a: a 1024-bin mass histogram over the value
     range finds the bin where the mass from the top reaches need, and only that bin's
-    tokens (copied to tmp) go through the quickselect. hist: scratch [HIST_BINS]."""
+    tokens (copied to tmp) go through the quickselect. hist: scratch [HIST_BINS].
+    vlo <= every value <= vhi may be given (finite) to skip the range pass."""
     cdef intp_t i, b, nbin = 0
-    cdef float vlo = INFINITY, vhi = -INFINITY
     cdef double scale, above = 0.0
     if n == 0:
         return -INFINITY
-    for i in range(n):
-        if a[i].v < vlo:
-            vlo = a[i].v
-        if a[i].v > vhi:
-            vhi = a[i].v
+    if not (vlo <= vhi and vlo > -INFINITY and vhi < INFINITY):
+        vlo = INFINITY
+        vhi = -INFINITY
+        for i in range(n):
+            if a[i].v < vlo:
+                vlo = a[i].v
+            if a[i].v > vhi:
+                vhi = a[i].v
     if not (vhi > vlo):
         return vlo
     scale = (HIST_BINS - 1) / (<double>vhi - <double>vlo)
     memset(hist, 0, HIST_BINS * sizeof(float64_t))
     for i in range(n):
-        hist[<intp_t>((a[i].v - <double>vlo) * scale)] += a[i].e
+        hist[min(<intp_t>((a[i].v - <double>vlo) * scale), HIST_BINS - 1)] += a[i].e
     b = HIST_BINS - 1
     while b > 0 and above + hist[b] < need:
         above += hist[b]
         b -= 1
     for i in range(n):
-        if <intp_t>((a[i].v - <double>vlo) * scale) == b:
+        if min(<intp_t>((a[i].v - <double>vlo) * scale), HIST_BINS - 1) == b:
             tmp[nbin] = a[i]
             nbin += 1
     return weighted_select(tmp, nbin, need - above)
@@ -289,7 +296,7 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     cdef intp_t q = max(1, V // 8192), ns = V // q, i, nin = 0, it, b, ci, j, lo_j, hi_j
     cdef intp_t nsmp = 0, nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
     cdef double Zs = 0.0, Z = 0.0, mass_hi = 0.0, mass_in, need
-    cdef double hi_q = p - 0.008, lo_q = p + min(0.008, (1.0 - p) * 0.5), acc, blk, target
+    cdef double hi_q = p - 0.004, lo_q = p + min(0.004, (1.0 - p) * 0.5), acc, blk, target
     cdef float t_hi, t_lo, t, e, L = -INFINITY
     cdef Cand* smp = sc.cand + V          # second half of the candidate buffer
     # Head: every token >= the 32nd largest block max, exactly (peaked rows keep their mass
@@ -323,7 +330,7 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
             t_lo = t_hi
         # -FLT_MAX, not -inf, as the floor: masked (-inf) tokens never enter a bracket
         nin = tep_bracket(v, V, m, s, t_lo if t_lo > -INFINITY else -FLT_MAX, t_hi, sc.bsum,
-                          &Z, sc.cand, V)
+                          &Z, &mass_in, sc.cand, V)
         if need < 0:
             need = p * Z
         mass_hi = 0.0
@@ -336,9 +343,6 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
             t_hi = sample_hist_value(&sh, hi_q * Zs, True) \
                 if hi_q > 0.005 and nsmp > 0 else INFINITY
             continue
-        mass_in = 0.0
-        for i in range(nin):
-            mass_in += sc.cand[i].e
         if mass_hi + mass_in < need and t_lo > -INFINITY:
             # the threshold lies below the bracket: step down
             t_hi = t_lo
@@ -348,7 +352,8 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
             continue
         break
     # exact threshold; mass_select keeps the bracket list in index order for the draw
-    t = mass_select(sc.cand, nin, need - mass_hi, smp, sc.hist2) if nin > 0 else -INFINITY
+    t = mass_select(sc.cand, nin, need - mass_hi, smp, sc.hist2,
+                    t_lo, nextafterf(t_hi, -INFINITY)) if nin > 0 else -INFINITY
     acc = mass_hi
     for i in range(nin):
         if sc.cand[i].v >= t:
@@ -662,35 +667,51 @@ cdef int log_softmax_row(const float32_t* x, intp_t V, float32_t* bmax,
 
 # ---- scratch ----------------------------------------------------------------------------------
 
+cdef inline size_t _carve(size_t n) noexcept nogil:
+    return (n + 63) & ~(<size_t>63)      # 64-byte aligned sub-buffers
+
+
 cdef int scratch_alloc(Scratch* sc, intp_t V, bint need_work, intp_t max_hist,
                        bint need_raw, bint greedy_only=False) noexcept nogil:
-    """Per-thread buffers for rows of V tokens; greedy_only skips the V-sized ones."""
+    """Point sc at this thread's scratch block, carved into the buffers a row of V tokens
+    needs (greedy_only: the small ones). Buffers are not cleared: code writes before it
+    reads."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
+    cdef size_t f_nb = _carve((nb + 1) * sizeof(float))
+    cdef size_t d_nb = _carve((nb + 1) * sizeof(double))
+    cdef size_t f_v = _carve((V + 1) * sizeof(float))
+    cdef size_t c_v = _carve((2 * V + 1) * sizeof(Cand))
+    cdef size_t h = _carve(HIST_BINS * sizeof(float64_t))
+    cdef size_t hb = _carve((max_hist + 1) * sizeof(int64_t))
+    cdef size_t total = f_nb + hb + (f_nb if need_raw else 0) + (f_v if need_work else 0)
+    cdef char* p
+    cdef int owned = 1
     memset(sc, 0, sizeof(Scratch))
-    # malloc, not calloc: large buffers are only touched as far as a row needs them
-    sc.bmax = <float*>malloc((nb + 1) * sizeof(float))
-    sc.bmax_raw = <float*>malloc((nb + 1) * sizeof(float)) if need_raw else NULL
-    sc.work = <float*>malloc((V + 1) * sizeof(float)) if need_work else NULL
-    sc.hbuf = <int64_t*>malloc((max_hist + 1) * sizeof(int64_t))
     if not greedy_only:
-        sc.bsum = <double*>malloc((nb + 1) * sizeof(double))
-        sc.sel = <float*>malloc((V + 1) * sizeof(float))
-        sc.ebuf = <float*>malloc((V + 1) * sizeof(float))
-        sc.cand = <Cand*>malloc((2 * V + 1) * sizeof(Cand))
-        sc.hist = <float64_t*>malloc(HIST_BINS * sizeof(float64_t))
-        sc.hist2 = <float64_t*>malloc(HIST_BINS * sizeof(float64_t))
-        if (sc.bsum == NULL or sc.sel == NULL or sc.ebuf == NULL or sc.cand == NULL
-                or sc.hist == NULL or sc.hist2 == NULL):
-            return TEP_NO_MEMORY
-    if (sc.bmax == NULL or sc.hbuf == NULL or (need_work and sc.work == NULL)
-            or (need_raw and sc.bmax_raw == NULL)):
+        total += d_nb + 2 * f_v + c_v + 2 * h
+    p = <char*>tep_scratch_get(total, &owned)
+    if p == NULL:
         return TEP_NO_MEMORY
+    sc.block = p if owned else NULL
+    sc.bmax = <float*>p; p += f_nb
+    sc.hbuf = <int64_t*>p; p += hb
+    if need_raw:
+        sc.bmax_raw = <float*>p; p += f_nb
+    if need_work:
+        sc.work = <float*>p; p += f_v
+    if not greedy_only:
+        sc.bsum = <double*>p; p += d_nb
+        sc.sel = <float*>p; p += f_v
+        sc.ebuf = <float*>p; p += f_v
+        sc.cand = <Cand*>p; p += c_v
+        sc.hist = <float64_t*>p; p += h
+        sc.hist2 = <float64_t*>p; p += h
     return TEP_OK
 
 
 cdef void scratch_free(Scratch* sc) noexcept nogil:
-    free(sc.bmax); free(sc.bmax_raw); free(sc.bsum); free(sc.sel); free(sc.ebuf)
-    free(sc.cand); free(sc.hist); free(sc.hist2); free(sc.work); free(sc.hbuf)
+    """Give back a block that is not this thread's kept one."""
+    free(sc.block)
     memset(sc, 0, sizeof(Scratch))
 
 
