@@ -11,9 +11,9 @@ run. Sentences per second per batch size, and where tep's time goes:
   encoder    the numpy BERT forward pass over the ragged batch
   pool       tep.kernels.pool (mean + L2 normalise)
   http       `tep serve` + the official openai client (base64), minus tep's in-process
-             time for the same work. NB: the server calls Backend.generate_embeddings once
-             per input, so its model time is the one-by-one time (`tep 1x1`), not the
-             batched one; both are reported.
+             time for the same batched work (the server passes a request's inputs to
+             Backend.generate_embeddings_batch as one ragged batch). `tep 1x1`, one input
+             per call, is reported for comparison.
 
 sentence-transformers runs in its own interpreter (``--st-python``; torch must never be
 imported into tep's environment). If that interpreter or torch is missing, its rows say
@@ -293,7 +293,7 @@ def main() -> int:
         t = st.get("seconds", {}).get(key)
         r["http"] = h
         r["st"] = t
-        r["http_overhead"] = (h - r["tep_1x1"]) if h else None
+        r["http_overhead"] = (h - r["tep_batched"]) if h else None
         r["ratio_tep_vs_st"] = (t / r["tep_batched"]) if t else None
         r["ratio_http_vs_st"] = (t / h) if (t and h) else None
         ratio = f"{r['ratio_tep_vs_st']:6.2f}" if t else f"{'-':>6}"
@@ -308,8 +308,9 @@ def main() -> int:
     if st_cos is not None:
         print(f"sentence-transformers vs tep on these sentences: min cosine {st_cos:.7f}; "
               f"ST {st['versions']}, torch threads {st['torch_threads']}")
-    print("tep = tokenize+encode+pool in one ragged batch; tep 1x1 = one input at a time (what "
-          "`tep serve` does now); tep/ST = ST time / tep time; http+ = HTTP time - tep 1x1 time")
+    print("tep = tokenize+encode+pool in one ragged batch (what `tep serve` runs per request); "
+          "tep 1x1 = one input per call; tep/ST = ST time / tep time; "
+          "http+ = HTTP time - tep batched time")
 
     doc = {"benchmark": "bench_bert", "model": name, "model_dir": model_dir,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
