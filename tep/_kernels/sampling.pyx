@@ -7,11 +7,14 @@ Algorithm per row, never sorting the vocabulary:
   3. min_p is a logit threshold (max + T*log(min_p)); top_k's k-th value is bounded below by
      the k-th largest block max, so only the blocks that can hold a top-k token are scanned
      and the exact k-th value comes from a quickselect over those few candidates;
-  4. top_p is a weighted quickselect over the candidates; over a whole row, a strided
+  4. top_p is a mass-weighted select over the candidates; over a whole row, a stratified
      sample brackets the threshold, one vectorised pass sums the mass above the bracket
-     and collects the few tokens inside it, and the quickselect runs on those;
-  5. the draw is an inverse CDF over block sums of exp, so only one 64-token block is
-     scanned token by token. One uniform per row from Philox4x32-10 keyed on (seed, step).
+     and collects the few tokens inside it, and the select runs on those;
+  5. a candidate set or a top-p row is drawn by inverse CDF (block sums, then one block
+     token by token); the full vocabulary by rejection from the block-max envelope, which
+     exponentiates only the block maxima (an exact exp-sum draw backs it up).
+Randomness: Philox4x32-10 keyed on the seed, counter (step, stream): the draw depends on
+(seed, step) and the row only. Scratch memory is per thread and kept between calls.
 """
 from cython.parallel cimport parallel, prange
 from libc.float cimport FLT_MAX
