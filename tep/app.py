@@ -352,6 +352,17 @@ def _register(app: Quart, state: ServerState) -> None:
     @app.after_request
     async def _after(resp: Response) -> Response:
         resp.headers["X-Request-Id"] = g.get("request_id", "")
+        if request.method in ("POST", "PUT", "PATCH"):
+            # An early answer (401, 404, 501, ...) leaves the body unread; the server can
+            # then only close the connection, and a client that already reused it sees
+            # "disconnected without a response". Read it so keep-alive stays usable.
+            if resp.status_code == 413:
+                resp.headers["Connection"] = "close"
+            else:
+                try:
+                    await request.get_data()
+                except Exception:  # too large or the client went away: do not reuse
+                    resp.headers["Connection"] = "close"
         return resp
 
     # ---- errors: everything becomes the OpenAI envelope

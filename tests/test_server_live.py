@@ -237,3 +237,41 @@ def test_cli_without_command_prints_help():
                         "--port", str(free_port())], capture_output=True, text=True,
                        env=child_env(), timeout=60)
     assert r.returncode != 0 and "nope" in (r.stderr + r.stdout)
+
+
+def test_early_errors_keep_the_connection_usable(live_server):
+    """A 501/404/400 answered before the body is read must not cost the keep-alive
+    connection: with the body still arriving when the answer is ready, the next request
+    on the same socket still gets its answer."""
+    import socket
+    from urllib.parse import urlparse
+
+    url = urlparse(live_server("tep:Backend"))
+    body = json.dumps({"model": "x", "input": list(range(20000))}).encode()
+    sock = socket.create_connection((url.hostname, url.port), timeout=10)
+    f = sock.makefile("rb")
+
+    def read_response() -> tuple[int, dict, bytes]:
+        status = int(f.readline().split()[1])
+        headers = {}
+        while (line := f.readline()) not in (b"\r\n", b""):
+            k, _, v = line.decode().partition(":")
+            headers[k.strip().lower()] = v.strip()
+        return status, headers, f.read(int(headers.get("content-length", 0)))
+
+    try:
+        for path, status in [("/v1/embeddings", 501), ("/v1/chat/completions", 501),
+                             ("/v1/nope", 404), ("/v1/completions", 400)]:
+            head = (f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                    f"Content-Length: {len(body)}\r\n\r\n").encode()
+            sock.sendall(head + body[:1000])
+            time.sleep(0.2)            # the server may answer before the rest arrives
+            sock.sendall(body[1000:])
+            got, headers, payload = read_response()
+            assert got == status and b"error" in payload
+            assert headers.get("connection", "").lower() != "close"
+        sock.sendall(b"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n")
+        assert read_response()[0] == 200
+    finally:
+        f.close()
+        sock.close()
