@@ -158,6 +158,7 @@ def _error_response(err: E.APIError) -> Response:
 
 async def _body() -> dict:
     data = await request.get_data(cache=False)
+    g.body_read = True
     return P.parse_json_body(data)
 
 
@@ -240,6 +241,8 @@ async def _gather_choices(state: ServerState, rec: RequestRecord, cancel: thread
     cut it (its finish reason becomes "length")."""
     t = state.config.generation_timeout
     if t <= 0:
+        if len(jobs) == 1:  # the common n=1 case: no gather task around the one job
+            return [await jobs[0]], [False]
         return list(await asyncio.gather(*jobs)), [False] * len(jobs)
     loop = asyncio.get_running_loop()
     tasks = [asyncio.ensure_future(j) for j in jobs]
@@ -352,7 +355,7 @@ def _register(app: Quart, state: ServerState) -> None:
     @app.after_request
     async def _after(resp: Response) -> Response:
         resp.headers["X-Request-Id"] = g.get("request_id", "")
-        if request.method in ("POST", "PUT", "PATCH"):
+        if request.method in ("POST", "PUT", "PATCH") and not g.get("body_read"):
             # An early answer (401, 404, 501, ...) leaves the body unread; the server can
             # then only close the connection, and a client that already reused it sees
             # "disconnected without a response". Read it so keep-alive stays usable.
