@@ -32,6 +32,7 @@ from tep._kernels import sampling as _k
 __all__ = ["sample", "SampleResult", "log_softmax"]
 
 _F32 = np.dtype(np.float32)
+_NUM = (float, int)
 _EMPTY_I64 = np.zeros(1, np.int64)    # ragged value arrays hold >= 1 element (kernel ABI)
 _EMPTY_F32 = np.zeros(1, np.float32)
 _NO_LP, _NO_RANK = np.zeros(1, np.float32), np.zeros(1, np.int64)
@@ -312,24 +313,23 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
     the top-n tokens. The kernel releases the GIL; rows run on ``n_threads`` threads
     (None = automatic). Invalid input raises ``TypeError``/``ValueError`` naming the argument.
     """
-    # Fast path: one row, scalar knobs, nothing sparse. Kept lean because a decode loop
-    # calls it once per token and the kernel itself takes microseconds.
-    if (type(logits) is np.ndarray and logits.ndim == 1 and logits.dtype == _F32
-            and logits.flags.c_contiguous and logits.shape[0] > 0 and logprobs is None
-            and prompt_token_ids is None and output_token_ids is None
-            and logit_bias is None and allowed_token_ids is None
+    # Scalar knobs that are all in range, no penalties, nothing sparse, no logprobs: the
+    # kernel needs no per-row arrays. Checked with plain comparisons because a decode loop
+    # calls this once per token and the kernel itself takes microseconds.
+    plain = (logprobs is None and prompt_token_ids is None and output_token_ids is None
+             and logit_bias is None and allowed_token_ids is None
+             and type(temperature) in _NUM and type(top_k) is int and type(top_p) in _NUM
+             and type(min_p) in _NUM and type(step) is int
+             and type(repetition_penalty) in _NUM and type(presence_penalty) in _NUM
+             and type(frequency_penalty) in _NUM
+             and repetition_penalty == 1.0 and presence_penalty == 0.0
+             and frequency_penalty == 0.0
+             and 0.0 <= temperature < math.inf and 0.0 < top_p <= 1.0
+             and 0.0 <= min_p <= 1.0 and -1 <= top_k < 2**62 and 0 <= step < 2**64)
+    if (plain and type(logits) is np.ndarray and logits.ndim == 1 and logits.dtype == _F32
+            and logits.flags.c_contiguous and logits.shape[0] > 0
             and (n_threads is None or (type(n_threads) is int and n_threads >= 1))
-            and type(temperature) in (float, int) and type(top_k) is int
-            and type(top_p) in (float, int) and type(min_p) in (float, int)
-            and (seed is None or type(seed) is int) and type(step) is int
-            and type(repetition_penalty) in (float, int)
-            and type(presence_penalty) in (float, int)
-            and type(frequency_penalty) in (float, int)
-            and repetition_penalty == 1.0 and presence_penalty == 0.0
-            and frequency_penalty == 0.0
-            and 0.0 <= temperature < float("inf") and 0.0 < top_p <= 1.0
-            and 0.0 <= min_p <= 1.0 and -1 <= top_k < 2**62 and 0 <= step < 2**64
-            and (seed is None or 0 <= seed < 2**64)):
+            and (seed is None or (type(seed) is int and 0 <= seed < 2**64))):
         s = int.from_bytes(os.urandom(8), "little") if seed is None else seed
         tok = _k.sample_one(logits, temperature, max(top_k, 0), top_p, min_p, s, step)
         if tok < 0:
@@ -338,19 +338,7 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
 
     x, one = _logits_2d(logits)
     B, V = x.shape
-    # Scalar knobs for every row and nothing sparse: skip the per-row arrays.
-    if (logprobs is None and prompt_token_ids is None and output_token_ids is None
-            and logit_bias is None and allowed_token_ids is None
-            and type(temperature) in (float, int) and type(top_k) is int
-            and type(top_p) in (float, int) and type(min_p) in (float, int)
-            and type(step) is int
-            and type(repetition_penalty) in (float, int)
-            and type(presence_penalty) in (float, int)
-            and type(frequency_penalty) in (float, int)
-            and repetition_penalty == 1.0 and presence_penalty == 0.0
-            and frequency_penalty == 0.0
-            and 0.0 <= temperature < float("inf") and 0.0 < top_p <= 1.0
-            and 0.0 <= min_p <= 1.0 and -1 <= top_k < 2**62 and 0 <= step < 2**64):
+    if plain:
         sd = _seeds(seed, B)
         nt = _threads(n_threads, B, V)
         tokens = np.empty(B, np.int64)
