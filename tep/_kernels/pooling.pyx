@@ -20,6 +20,7 @@ re-check what would otherwise be out-of-bounds memory access.
 from cython.parallel cimport parallel, prange
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
+from libc.string cimport memset
 
 from tep._kernels._openmp cimport TEP_OPENMP, omp_get_max_threads
 from tep._kernels._typedefs cimport float32_t, float64_t, int64_t, intp_t, uint8_t
@@ -201,18 +202,66 @@ cdef inline intp_t _acc_len(intp_t n) noexcept nogil:
 
 
 # ---------------------------------------------------------------------------------------------
-# Kernels (see pooling.pxd)
+# Kernels (see pooling.pxd): each validates its layout, then runs the shared driver.
+
+cdef struct Layout:
+    # Where sequence b lives; exactly one of offsets / lengths / mask is set.
+    const float32_t* h         # hidden row 0 (NULL when there are no rows or D == 0)
+    intp_t D                   # row stride (floats)
+    intp_t T                   # padded length (padded layouts)
+    const int64_t* offsets     # ragged: [B + 1]
+    const int64_t* lengths     # padded by lengths: [B]
+    const uint8_t* mask        # padded by mask: [B, T]
+
+
+cdef inline intp_t _reduce_seq(const Layout* L, intp_t b, int mode, float64_t* acc,
+                               intp_t n) noexcept nogil:
+    """Reduce sequence b into acc; returns its token count (0 = empty, acc untouched)."""
+    cdef intp_t start, length
+    if L.h == NULL:
+        return 0
+    if L.mask != NULL:
+        return _reduce_masked(L.h + b * L.T * L.D, L.mask + b * L.T, L.T, L.D, mode, acc, n)
+    if L.offsets != NULL:
+        start = L.offsets[b]
+        length = L.offsets[b + 1] - start
+    else:
+        start = b * L.T
+        length = L.lengths[b]
+    if length <= 0:
+        return 0
+    return _reduce_rows(L.h + start * L.D, length, L.D, mode, acc, n)
+
+
+cdef int _pool_all(const Layout* L, intp_t B, int mode, bint normalize, float32_t* out,
+                   intp_t n, int n_threads) noexcept nogil:
+    """Pool B sequences into out [B, n], sequences split over threads (one float64
+    accumulator per thread)."""
+    cdef intp_t b, cnt
+    cdef int status[1]
+    cdef float64_t* acc
+    if B == 0 or n == 0:  # nothing to write (D' == 0 only arises when D == 0)
+        return POOL_OK
+    status[0] = POOL_OK
+    acc = NULL
+    with nogil, parallel(num_threads=_workers(n_threads, B)):
+        acc = <float64_t*>malloc(_acc_len(n) * sizeof(float64_t))  # thread-local
+        if acc == NULL:
+            status[0] = POOL_ERR_NOMEM
+        for b in prange(B, schedule='dynamic'):
+            if acc != NULL:
+                cnt = _reduce_seq(L, b, mode, acc, n)
+                _finish(acc, cnt, mode, normalize, out + b * n, n)
+        free(acc)
+    return status[0]
+
 
 cdef int c_pool_ragged(const float32_t[:, ::1] hidden_nd, const int64_t[::1] offsets_b1,
                        int mode, bint normalize, float32_t[:, ::1] out_bd,
                        int n_threads) noexcept nogil:
     cdef intp_t N = hidden_nd.shape[0], D = hidden_nd.shape[1]
-    cdef intp_t B = offsets_b1.shape[0] - 1, n = out_bd.shape[1]
-    cdef intp_t b, start, cnt
-    cdef int nt
-    cdef int status[1]
-    cdef float64_t* acc
-    cdef const float32_t* h = NULL
+    cdef intp_t B = offsets_b1.shape[0] - 1, n = out_bd.shape[1], b
+    cdef Layout L
     if mode < POOL_MEAN or mode > POOL_SUM:
         return POOL_ERR_MODE
     if B < 0 or out_bd.shape[0] != B or n > D:
@@ -220,39 +269,21 @@ cdef int c_pool_ragged(const float32_t[:, ::1] hidden_nd, const int64_t[::1] off
     for b in range(B + 1):
         if offsets_b1[b] < 0 or offsets_b1[b] > N or (b > 0 and offsets_b1[b] < offsets_b1[b - 1]):
             return POOL_ERR_OFFSETS
-    if B == 0 or n == 0:  # nothing to write (D' == 0 only arises when D == 0)
+    if B == 0 or n == 0:
         return POOL_OK
-    if N > 0 and D > 0:
-        h = &hidden_nd[0, 0]
-    nt = _workers(n_threads, B)
-    status[0] = POOL_OK
-    acc = NULL
-    with nogil, parallel(num_threads=nt):
-        acc = <float64_t*>malloc(_acc_len(n) * sizeof(float64_t))  # thread-local
-        if acc == NULL:
-            status[0] = POOL_ERR_NOMEM
-        for b in prange(B, schedule='dynamic'):
-            if acc != NULL:
-                start = offsets_b1[b]
-                cnt = 0
-                if offsets_b1[b + 1] > start and h != NULL:
-                    cnt = _reduce_rows(h + start * D, offsets_b1[b + 1] - start, D, mode,
-                                       acc, n)
-                _finish(acc, cnt, mode, normalize, &out_bd[b, 0], n)
-        free(acc)
-    return status[0]
+    memset(&L, 0, sizeof(Layout))
+    L.h = &hidden_nd[0, 0] if N > 0 and D > 0 else NULL
+    L.D = D
+    L.offsets = &offsets_b1[0]
+    return _pool_all(&L, B, mode, normalize, &out_bd[0, 0], n, n_threads)
 
 
 cdef int c_pool_lengths(const float32_t[:, :, ::1] hidden_btd, const int64_t[::1] lengths_b,
                         int mode, bint normalize, float32_t[:, ::1] out_bd,
                         int n_threads) noexcept nogil:
     cdef intp_t B = hidden_btd.shape[0], T = hidden_btd.shape[1], D = hidden_btd.shape[2]
-    cdef intp_t n = out_bd.shape[1]
-    cdef intp_t b, cnt
-    cdef int nt
-    cdef int status[1]
-    cdef float64_t* acc
-    cdef const float32_t* h = NULL
+    cdef intp_t n = out_bd.shape[1], b
+    cdef Layout L
     if mode < POOL_MEAN or mode > POOL_SUM:
         return POOL_ERR_MODE
     if lengths_b.shape[0] != B or out_bd.shape[0] != B or n > D:
@@ -260,25 +291,14 @@ cdef int c_pool_lengths(const float32_t[:, :, ::1] hidden_btd, const int64_t[::1
     for b in range(B):
         if lengths_b[b] < 0 or lengths_b[b] > T:
             return POOL_ERR_LENGTHS
-    if B == 0 or n == 0:  # nothing to write (D' == 0 only arises when D == 0)
+    if B == 0 or n == 0:
         return POOL_OK
-    if T > 0 and D > 0:
-        h = &hidden_btd[0, 0, 0]
-    nt = _workers(n_threads, B)
-    status[0] = POOL_OK
-    acc = NULL
-    with nogil, parallel(num_threads=nt):
-        acc = <float64_t*>malloc(_acc_len(n) * sizeof(float64_t))  # thread-local
-        if acc == NULL:
-            status[0] = POOL_ERR_NOMEM
-        for b in prange(B, schedule='dynamic'):
-            if acc != NULL:
-                cnt = 0
-                if lengths_b[b] > 0 and h != NULL:
-                    cnt = _reduce_rows(h + b * T * D, lengths_b[b], D, mode, acc, n)
-                _finish(acc, cnt, mode, normalize, &out_bd[b, 0], n)
-        free(acc)
-    return status[0]
+    memset(&L, 0, sizeof(Layout))
+    L.h = &hidden_btd[0, 0, 0] if T > 0 and D > 0 else NULL
+    L.D = D
+    L.T = T
+    L.lengths = &lengths_b[0]
+    return _pool_all(&L, B, mode, normalize, &out_bd[0, 0], n, n_threads)
 
 
 cdef int c_pool_masked(const float32_t[:, :, ::1] hidden_btd, const uint8_t[:, ::1] mask_bt,
@@ -286,34 +306,19 @@ cdef int c_pool_masked(const float32_t[:, :, ::1] hidden_btd, const uint8_t[:, :
                        int n_threads) noexcept nogil:
     cdef intp_t B = hidden_btd.shape[0], T = hidden_btd.shape[1], D = hidden_btd.shape[2]
     cdef intp_t n = out_bd.shape[1]
-    cdef intp_t b, cnt
-    cdef int nt
-    cdef int status[1]
-    cdef float64_t* acc
-    cdef const float32_t* h = NULL
+    cdef Layout L
     if mode < POOL_MEAN or mode > POOL_SUM:
         return POOL_ERR_MODE
     if mask_bt.shape[0] != B or mask_bt.shape[1] != T or out_bd.shape[0] != B or n > D:
         return POOL_ERR_SHAPE
-    if B == 0 or n == 0:  # nothing to write (D' == 0 only arises when D == 0)
+    if B == 0 or n == 0:
         return POOL_OK
-    if T > 0 and D > 0:
-        h = &hidden_btd[0, 0, 0]
-    nt = _workers(n_threads, B)
-    status[0] = POOL_OK
-    acc = NULL
-    with nogil, parallel(num_threads=nt):
-        acc = <float64_t*>malloc(_acc_len(n) * sizeof(float64_t))  # thread-local
-        if acc == NULL:
-            status[0] = POOL_ERR_NOMEM
-        for b in prange(B, schedule='dynamic'):
-            if acc != NULL:
-                cnt = 0
-                if h != NULL:
-                    cnt = _reduce_masked(h + b * T * D, &mask_bt[b, 0], T, D, mode, acc, n)
-                _finish(acc, cnt, mode, normalize, &out_bd[b, 0], n)
-        free(acc)
-    return status[0]
+    memset(&L, 0, sizeof(Layout))
+    L.h = &hidden_btd[0, 0, 0] if T > 0 and D > 0 else NULL
+    L.D = D
+    L.T = T
+    L.mask = &mask_bt[0, 0] if T > 0 else NULL   # T == 0: h is NULL, nothing is read
+    return _pool_all(&L, B, mode, normalize, &out_bd[0, 0], n, n_threads)
 
 
 # ---------------------------------------------------------------------------------------------
