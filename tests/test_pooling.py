@@ -15,18 +15,10 @@ try:  # tests/ may or may not become a package
     from . import reference as ref
 except ImportError:  # pragma: no cover
     import reference as ref
+from kernel_checks import assert_raises_naming
 
 MODES = ["mean", "max", "cls", "last", "sum"]
 RTOL, ATOL = 1e-5, 1e-5
-
-
-def assert_raises_naming(fn, names, exc=(ValueError, TypeError)):
-    if isinstance(names, str):
-        names = (names,)
-    with pytest.raises(exc) as ei:
-        fn()
-    msg = str(ei.value)
-    assert any(n in msg for n in names), f"message {msg!r} names none of {names}"
 
 
 def check(hidden, **kw):

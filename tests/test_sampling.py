@@ -16,6 +16,7 @@ try:  # tests/ may or may not become a package
     from . import reference as ref
 except ImportError:  # pragma: no cover - depends on how pytest imports tests/
     import reference as ref
+from kernel_checks import assert_raises_naming
 
 ID_ARGS = ("prompt_token_ids", "output_token_ids", "allowed_token_ids")
 ROW_ARGS = ID_ARGS + ("logit_bias",)
@@ -86,16 +87,6 @@ def make_row(rng: np.random.Generator, V: int, scale: float = 1.0, margin: float
         if ref.knife_edge_distance(row, **knobs) > margin:
             return row
     raise AssertionError("could not build a row away from the knife edge")
-
-
-def assert_raises_naming(fn, names, exc=(ValueError, TypeError)):
-    if isinstance(names, str):
-        names = (names,)
-    with pytest.raises(exc) as ei:
-        fn()
-    msg = str(ei.value)
-    assert any(n in msg for n in names), f"message {msg!r} names none of {names}"
-    return ei.value
 
 
 def check_support(row, knobs, n=20000, seed=1234, min_seen_p=1e-3):
