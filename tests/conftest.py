@@ -31,10 +31,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_health(url: str, proc: subprocess.Popen, timeout: float = 60.0) -> None:
+def wait_health(url: str, proc: subprocess.Popen | None, timeout: float = 60.0) -> None:
+    """Poll ``url``/health until it answers 200; fail early if ``proc`` (if any) exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
             raise RuntimeError(f"server exited with {proc.returncode}:\n{out[-4000:]}")
         try:

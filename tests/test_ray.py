@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 import time
 
-import httpx
 import openai
 import pytest
-from conftest import ROOT, TESTS, free_port
+from conftest import ROOT, TESTS, free_port, wait_health
 
 if os.environ.get("CI"):  # a required suite: never skipped in CI
     import ray
@@ -38,14 +37,7 @@ def ray_serve_url(tmp_path_factory):
                           events_jsonl=str(events))
         serve.run(app, name="tep", route_prefix="/")
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
+        wait_health(url, None, timeout=60)
         yield url, events.parent
     finally:
         try:

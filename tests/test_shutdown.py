@@ -28,6 +28,18 @@ def _stream(url: str, out: list, started: threading.Event) -> None:
         out.append((r.status_code, n, done))
 
 
+def start_streams(url: str, n: int) -> tuple[list, list[threading.Thread]]:
+    """n slow streaming requests in threads, returned once every one has its first token;
+    each appends (status, data events, saw [DONE]) to the list when it ends."""
+    out: list = []
+    started = [threading.Event() for _ in range(n)]
+    threads = [threading.Thread(target=_stream, args=(url, out, s)) for s in started]
+    for t in threads:
+        t.start()
+    assert all(s.wait(20) for s in started)
+    return out, threads
+
+
 def _serve_and_sigterm(tmp_path, *extra: str) -> tuple[int, list, list[dict], str]:
     port = free_port()
     ev = tmp_path / "events.jsonl"
@@ -36,12 +48,7 @@ def _serve_and_sigterm(tmp_path, *extra: str) -> tuple[int, list, list[dict], st
             "--log-level", "warning", *extra]
     proc, url = start_process(args, port, child_env())
     try:
-        out: list = []
-        started = [threading.Event() for _ in range(3)]
-        threads = [threading.Thread(target=_stream, args=(url, out, s)) for s in started]
-        for t in threads:
-            t.start()
-        assert all(s.wait(20) for s in started)
+        out, threads = start_streams(url, 3)
         proc.send_signal(signal.SIGTERM)
         time.sleep(0.2)
         refused = False

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 
 import httpx
 from conftest import child_env, free_port, start_process, stop_process
-from test_shutdown import _stream
+from test_shutdown import start_streams
 
 from tep.events import read_events
 from tep.metrics import parse
@@ -38,12 +37,7 @@ def test_two_workers_metrics_events_and_sigterm(tmp_path):
             assert m[("tep_completion_tokens_total", (("endpoint", "/v1/completions"),))] \
                 == 3 * N
             assert m[("tep_requests_in_flight", ())] == 0
-        out: list = []
-        started = [threading.Event() for _ in range(2)]
-        threads = [threading.Thread(target=_stream, args=(url, out, s)) for s in started]
-        for t in threads:
-            t.start()
-        assert all(s.wait(20) for s in started)
+        out, threads = start_streams(url, 2)
         proc.send_signal(signal.SIGTERM)
         for t in threads:
             t.join(30)
