@@ -35,7 +35,6 @@ tep / floor <= 1.3.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -47,6 +46,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from _machine import describe  # noqa: E402
+from _report import print_targets, write_result  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 from tep.kernels import pool, sample  # noqa: E402
@@ -207,10 +207,8 @@ def print_report(rows: list[dict], checks: list[dict]) -> None:
         if r["kind"] == "pooling":
             print(f"{str(r['shape']):>16} {r['case']:>12} {r['threads']:>3} "
                   f"{r['median_s'] * 1e3:9.3f} {r['numpy_over']:8.2f} {r['over_floor']:8.2f}")
-    print("\nTargets")
-    for c in checks:
-        print(f"  {'PASS' if c['pass'] else 'MISS'}  {c['name']:<55} {c['value']:8.2f} "
-              f"(target {c['op']} {c['target']})")
+    print()
+    print_targets(checks)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -248,15 +246,11 @@ def main(argv: list[str] | None = None) -> dict:
             rows += bench_pooling(shape, [1, 2], args.budget, min_repeats)
     checks = targets(rows)
     print_report(rows, checks)
-    machine["loadavg_end"] = describe()["loadavg_1_5_15"]
-    out = {"bench": "kernels", "quick": args.quick, "machine": machine,
-           "wall_s": time.time() - t_start, "rows": rows, "targets": checks,
-           "logits": "normal2 = standard normal * 2; peaked = normal2 + 10 on 16 random "
-                     "tokens per row", "seed": 0}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-    return out
+    return write_result(args.json, {
+        "bench": "kernels", "quick": args.quick, "machine": machine,
+        "wall_s": time.time() - t_start, "rows": rows, "targets": checks,
+        "logits": "normal2 = standard normal * 2; peaked = normal2 + 10 on 16 random "
+                  "tokens per row", "seed": 0})
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ Targets (issue 5): numpy / tep >= 3, torch / tep >= 3, st.Pooling / tep >= 3.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from _machine import describe  # noqa: E402
+from _report import print_targets, write_result  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 from tep.kernels import pool  # noqa: E402
@@ -138,18 +138,11 @@ def main(argv: list[str] | None = None) -> dict:
               f"{r['over_tep']:7.2f}x tep {r['over_floor']:6.2f}x floor")
     for k, v in skipped.items():
         print(f"  {k}: SKIPPED - {v}")
-    print("Targets")
-    for c in checks:
-        print(f"  {'PASS' if c['pass'] else 'MISS'}  {c['name']:<40} {c['value']:7.2f} "
-              f"(target >= {c['target']})")
-    machine["loadavg_end"] = describe()["loadavg_1_5_15"]
-    out = {"bench": "peers_pooling", "quick": args.quick, "machine": machine,
-           "versions": versions, "skipped": skipped, "wall_s": time.time() - t0,
-           "rows": rows, "targets": checks}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-    return out
+    print_targets(checks)
+    return write_result(args.json, {
+        "bench": "peers_pooling", "quick": args.quick, "machine": machine,
+        "versions": versions, "skipped": skipped, "wall_s": time.time() - t0,
+        "rows": rows, "targets": checks})
 
 
 if __name__ == "__main__":

@@ -36,7 +36,6 @@ from __future__ import annotations
 import argparse
 import ctypes
 import inspect
-import json
 import sys
 import time
 from pathlib import Path
@@ -48,6 +47,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 from _machine import describe  # noqa: E402
+from _report import print_targets, write_result  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 from tep.kernels import sample  # noqa: E402
@@ -329,19 +329,11 @@ def main(argv: list[str] | None = None) -> dict:
                   f"{rel:9.1f}x tep")
     for peer, why in skipped.items():
         print(f"  {peer}: SKIPPED - {why}")
-    print("Targets")
-    for c in checks:
-        print(f"  {'PASS' if c['pass'] else 'MISS'}  {c['name']:<45} {c['value']:9.2f} "
-              f"(target {c['op']} {c['target']})")
-    machine["loadavg_end"] = describe()["loadavg_1_5_15"]
-    out = {"bench": "peers_sampling", "quick": args.quick, "machine": machine,
-           "versions": versions, "skipped": skipped, "wall_s": time.time() - t0,
-           "rows": rows, "targets": checks,
-           "logits": "one row, standard normal * 2, seed 0"}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-    return out
+    print_targets(checks)
+    return write_result(args.json, {
+        "bench": "peers_sampling", "quick": args.quick, "machine": machine,
+        "versions": versions, "skipped": skipped, "wall_s": time.time() - t0,
+        "rows": rows, "targets": checks, "logits": "one row, standard normal * 2, seed 0"})
 
 
 if __name__ == "__main__":

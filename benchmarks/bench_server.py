@@ -51,6 +51,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _machine import describe  # noqa: E402
+from _report import print_targets, write_result  # noqa: E402
 
 MODEL = "tep-toy"
 RPS_TARGET_VS_LITSERVE = 20.0
@@ -392,18 +393,11 @@ def main(argv: list[str] | None = None) -> dict:
         if "stream1" in r:
             print(f"stream client CPU ({name}): one stream {r['stream1']['client_cpu_frac']:.0%}, "
                   f"64 streams {r['stream64']['client_cpu_frac']:.0%} of one core")
-    print("Targets")
-    for c in checks:
-        print(f"  {'PASS' if c['pass'] else 'MISS'}  {c['name']:<42} {c['value']:10.2f} "
-              f"(target {c['op']} {c['target']})")
-    machine["loadavg_end"] = describe()["loadavg_1_5_15"]
-    out = {"bench": "server", "quick": args.quick, "machine": machine, "versions": versions,
-           "rps_tool": "wrk -t1" if use_wrk else "asyncio", "wall_s": time.time() - t0,
-           "results": results, "targets": checks}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=1))
-    return out
+    print_targets(checks)
+    return write_result(args.json, {
+        "bench": "server", "quick": args.quick, "machine": machine, "versions": versions,
+        "rps_tool": "wrk -t1" if use_wrk else "asyncio", "wall_s": time.time() - t0,
+        "results": results, "targets": checks})
 
 
 def _dist_version(name: str) -> str | None:
