@@ -20,24 +20,47 @@
 /* A candidate token: (processed) logit, its exp((v - max) / T), its id. */
 typedef struct { float v; float e; int64_t idx; } tep_cand;
 
-/* exp(z) for z <= 0 (Cephes expf polynomial); 0 for z < -87.3, -inf or NaN. */
-static inline float tep_expf(float z) {
-    if (!(z >= -87.3f)) return 0.0f;
-    if (z > 88.0f) z = 88.0f;
-    float fx = nearbyintf(z * 1.44269504088896341f);
-    float r = z - fx * 0.693359375f;
-    r = r - fx * -2.12194440e-4f;
-    float p = 1.9875691500E-4f;
-    p = p * r + 1.3981999507E-3f;
-    p = p * r + 8.3334519073E-3f;
-    p = p * r + 4.1665795894E-2f;
-    p = p * r + 1.6666665459E-1f;
-    p = p * r + 5.0000001201E-1f;
-    p = p * (r * r) + r + 1.0f;
-    int32_t ei = ((int32_t)fx + 127) << 23;
-    float scale;
-    memcpy(&scale, &ei, sizeof scale);
-    return p * scale;
+/* exp as 2^t: t = (x - m) * a with a = log2(e) / T (one multiply for the temperature and
+ * the change of base; not an FMA x * a - m * a, whose rounded m * a shifts every t when
+ * logits are huge), t = k + f with k an integer and
+ * |f| <= 1/2, 2^f from a degree-5 polynomial (relative error 8e-8 in exact arithmetic),
+ * 2^k added straight into the exponent bits. k comes from the 1.5 * 2^23 "magic" addition,
+ * which rounds to nearest in the default rounding mode without a libm call. t is clamped
+ * to [-125, ...]: below that, and for NaN or -inf, the result is 0 (e^-86.6 = 2.5e-38 is
+ * nothing next to the row's max token, whose weight is 1). Callers keep t <= ~1 (they
+ * subtract the row max), so the exponent never overflows. */
+#define TEP_EXP2_LO (-125.0f)
+#define TEP_MAGIC 12582912.0f
+#define TEP_LOG2E 1.44269504088896341f
+#define TEP_E2C0 1.0000001192092896f
+#define TEP_E2C1 0.6931469440460205f
+#define TEP_E2C2 0.24022121727466583f
+#define TEP_E2C3 0.05550742521882057f
+#define TEP_E2C4 0.009675469249486923f
+#define TEP_E2C5 0.001326697994954884f
+
+static inline float tep_exp2f(float t) {
+    if (!(t >= TEP_EXP2_LO)) return 0.0f;
+    float k = t + TEP_MAGIC;             /* k's low mantissa bits hold round(t) */
+    float f = t - (k - TEP_MAGIC);
+    float p = TEP_E2C5;
+    p = p * f + TEP_E2C4;
+    p = p * f + TEP_E2C3;
+    p = p * f + TEP_E2C2;
+    p = p * f + TEP_E2C1;
+    p = p * f + TEP_E2C0;
+    uint32_t kb, pb;
+    memcpy(&kb, &k, sizeof kb);
+    memcpy(&pb, &p, sizeof pb);
+    pb += kb << 23;                      /* the magic's own bits shift out */
+    memcpy(&p, &pb, sizeof p);
+    return p;
+}
+
+/* exp((x - m) * s) for x <= m, rounded exactly as the vector passes round it (the same t);
+ * 0 below e^-86.6, for -inf and for NaN. */
+static inline float tep_exp_ms(float x, float m, float s) {
+    return tep_exp2f((x - m) * (s * TEP_LOG2E));
 }
 
 /* ---- scalar reference paths -------------------------------------------------------- */
@@ -56,12 +79,13 @@ static float tep_block_max_scalar(const float *v, ptrdiff_t n, float *bmax) {
 
 static double tep_exp_blocks_scalar(const float *v, ptrdiff_t n, float m, float s, float lo,
                                     double *bsum, float *out) {
+    const float a = s * TEP_LOG2E;
     double total = 0.0;
     for (ptrdiff_t b0 = 0, blk = 0; b0 < n; b0 += TEP_BLOCK, blk++) {
         ptrdiff_t e = b0 + TEP_BLOCK < n ? b0 + TEP_BLOCK : n;
         float acc = 0.0f;
         for (ptrdiff_t j = b0; j < e; j++) {
-            float x = v[j] >= lo ? tep_expf((v[j] - m) * s) : 0.0f;
+            float x = v[j] >= lo ? tep_exp2f((v[j] - m) * a) : 0.0f;
             if (out) out[j] = x;
             acc += x;
         }
@@ -78,13 +102,14 @@ static double tep_exp_blocks_scalar(const float *v, ptrdiff_t n, float m, float 
 static ptrdiff_t tep_bracket_scalar(const float *v, ptrdiff_t n, float m, float s, float lo,
                                     float hi, double *bsum_hi, double *z_all, double *mass_in,
                                     tep_cand *out, ptrdiff_t cap) {
+    const float a = s * TEP_LOG2E;
     ptrdiff_t c = 0, blk = 0;
     double total = 0.0, inside = 0.0;
     for (ptrdiff_t b0 = 0; b0 < n; b0 += TEP_BLOCK, blk++) {
         ptrdiff_t e = b0 + TEP_BLOCK < n ? b0 + TEP_BLOCK : n;
         float acc = 0.0f, all = 0.0f;
         for (ptrdiff_t j = b0; j < e; j++) {
-            float x = v[j], ex = tep_expf((x - m) * s);
+            float x = v[j], ex = tep_exp2f((x - m) * a);
             all += ex;
             if (x >= hi) {
                 acc += ex;
@@ -122,24 +147,21 @@ TEP_AVX2 static inline float tep_hsum256(__m256 a) {
     return _mm_cvtss_f32(x);
 }
 
-TEP_AVX2 static inline __m256 tep_exp256(__m256 z) {
-    const __m256 lo = _mm256_set1_ps(-87.3f);
-    __m256 valid = _mm256_cmp_ps(z, lo, _CMP_GE_OQ); /* false for NaN, -inf, tiny */
-    z = _mm256_max_ps(z, lo);                         /* NaN -> lo (2nd operand wins) */
-    z = _mm256_min_ps(z, _mm256_set1_ps(88.0f));
-    __m256 fx = _mm256_round_ps(_mm256_mul_ps(z, _mm256_set1_ps(1.44269504088896341f)),
-                                _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), z);
-    r = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), r);
-    __m256 p = _mm256_set1_ps(1.9875691500E-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073E-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894E-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459E-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201E-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    __m256i ei = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(fx), _mm256_set1_epi32(127)), 23);
-    return _mm256_and_ps(_mm256_mul_ps(p, _mm256_castsi256_ps(ei)), valid);
+/* tep_exp2f on 8 lanes (FMA in the polynomial; same clamp, NaN -> 0). */
+TEP_AVX2 static inline __m256 tep_exp2_256(__m256 t) {
+    const __m256 lo = _mm256_set1_ps(TEP_EXP2_LO), magic = _mm256_set1_ps(TEP_MAGIC);
+    __m256 valid = _mm256_cmp_ps(t, lo, _CMP_GE_OQ);  /* false for NaN, -inf, tiny */
+    t = _mm256_max_ps(t, lo);                          /* NaN -> lo (2nd operand wins) */
+    __m256 k = _mm256_add_ps(t, magic);
+    __m256 f = _mm256_sub_ps(t, _mm256_sub_ps(k, magic));
+    __m256 p = _mm256_fmadd_ps(_mm256_set1_ps(TEP_E2C5), f, _mm256_set1_ps(TEP_E2C4));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(TEP_E2C3));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(TEP_E2C2));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(TEP_E2C1));
+    p = _mm256_fmadd_ps(p, f, _mm256_set1_ps(TEP_E2C0));
+    __m256i pk = _mm256_add_epi32(_mm256_castps_si256(p),
+                                  _mm256_slli_epi32(_mm256_castps_si256(k), 23));
+    return _mm256_and_ps(_mm256_castsi256_ps(pk), valid);
 }
 
 TEP_AVX2 static float tep_block_max_avx2(const float *v, ptrdiff_t n, float *bmax) {
@@ -171,7 +193,8 @@ TEP_AVX2 static float tep_block_max_avx2(const float *v, ptrdiff_t n, float *bma
 
 TEP_AVX2 static double tep_exp_blocks_avx2(const float *v, ptrdiff_t n, float m, float s, float lo,
                                            double *bsum, float *out) {
-    const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s), vlo = _mm256_set1_ps(lo);
+    const float a = s * TEP_LOG2E;
+    const __m256 va = _mm256_set1_ps(a), vm = _mm256_set1_ps(m), vlo = _mm256_set1_ps(lo);
     double total = 0.0;
     ptrdiff_t full = n / TEP_BLOCK, blk;
     for (blk = 0; blk < full; blk++) {
@@ -179,9 +202,9 @@ TEP_AVX2 static double tep_exp_blocks_avx2(const float *v, ptrdiff_t n, float m,
         __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
         for (int k = 0; k < TEP_BLOCK; k += 16) {
             __m256 x0 = _mm256_loadu_ps(p + k), x1 = _mm256_loadu_ps(p + k + 8);
-            __m256 e0 = _mm256_and_ps(tep_exp256(_mm256_mul_ps(_mm256_sub_ps(x0, vm), vs)),
+            __m256 e0 = _mm256_and_ps(tep_exp2_256(_mm256_mul_ps(_mm256_sub_ps(x0, vm), va)),
                                       _mm256_cmp_ps(x0, vlo, _CMP_GE_OQ));
-            __m256 e1 = _mm256_and_ps(tep_exp256(_mm256_mul_ps(_mm256_sub_ps(x1, vm), vs)),
+            __m256 e1 = _mm256_and_ps(tep_exp2_256(_mm256_mul_ps(_mm256_sub_ps(x1, vm), va)),
                                       _mm256_cmp_ps(x1, vlo, _CMP_GE_OQ));
             if (out) {
                 _mm256_storeu_ps(out + blk * TEP_BLOCK + k, e0);
@@ -202,7 +225,8 @@ TEP_AVX2 static double tep_exp_blocks_avx2(const float *v, ptrdiff_t n, float m,
 TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m, float s, float lo,
                                            float hi, double *bsum_hi, double *z_all,
                                            double *mass_in, tep_cand *out, ptrdiff_t cap) {
-    const __m256 vm = _mm256_set1_ps(m), vs = _mm256_set1_ps(s);
+    const float a = s * TEP_LOG2E;
+    const __m256 va = _mm256_set1_ps(a), vm = _mm256_set1_ps(m);
     const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
     double total = 0.0, inside = 0.0;
     ptrdiff_t c = 0, full = n / TEP_BLOCK, blk;
@@ -212,7 +236,7 @@ TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m,
         __m256 acc = _mm256_setzero_ps(), all = _mm256_setzero_ps(), ins = _mm256_setzero_ps();
         for (int k = 0; k < TEP_BLOCK; k += 8) {
             __m256 x = _mm256_loadu_ps(p + k);
-            __m256 e = tep_exp256(_mm256_mul_ps(_mm256_sub_ps(x, vm), vs));
+            __m256 e = tep_exp2_256(_mm256_mul_ps(_mm256_sub_ps(x, vm), va));
             __m256 ge_hi = _mm256_cmp_ps(x, vhi, _CMP_GE_OQ);
             all = _mm256_add_ps(all, e);
             acc = _mm256_add_ps(acc, _mm256_and_ps(e, ge_hi));

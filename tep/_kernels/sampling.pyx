@@ -28,7 +28,7 @@ from tep._kernels._typedefs cimport (float32_t, float64_t, int32_t, int64_t, int
 
 cdef extern from "_simd.h" nogil:
     int TEP_BLOCK
-    float tep_expf(float z)
+    float tep_exp_ms(float x, float m, float s)
     float tep_block_max(const float* v, Py_ssize_t n, float* bmax)
     double tep_exp_blocks(const float* v, Py_ssize_t n, float m, float s, float lo,
                           double* bsum, float* out)
@@ -309,7 +309,7 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
         L = kth_largest(sc.sel, nb, 32)
     nsmp = collect(v, V, sc.bmax, L, False, smp) if L > -INFINITY else 0
     for i in range(nsmp):
-        smp[i].e = tep_expf((smp[i].v - m) * s)
+        smp[i].e = tep_exp_ms(smp[i].v, m, s)
         Zs += smp[i].e
     for i in range(ns):
         sc.sel[i] = v[i * q]
@@ -375,12 +375,12 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
             lo_j = b * TEP_BLOCK
             for j in range(lo_j, hi_j):
                 if v[j] >= t:
-                    e = tep_expf((v[j] - m) * s)
+                    e = tep_exp_ms(v[j], m, s)
                     acc += e
                     if acc > target and e > 0:
                         return j
             for j in range(hi_j - 1, lo_j - 1, -1):   # rounding: last kept token here
-                if v[j] >= t and tep_expf((v[j] - m) * s) > 0:
+                if v[j] >= t and tep_exp_ms(v[j], m, s) > 0:
                     return j
         acc += blk
     return argmax_blocks(v, V, sc.bmax, m)
@@ -428,7 +428,7 @@ cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t see
         x = v[j]
         # acceptance exp((x - bmax) * s) against a 32-bit uniform in (0, 1]
         if x > -INFINITY and ((<double>w[3] + 1.0) * (1.0 / 4294967296.0)
-                              <= tep_expf((x - sc.bmax[b]) * s)):
+                              <= tep_exp_ms(x, sc.bmax[b], s)):
             token_out[0] = j
             return True
     return False
@@ -545,7 +545,7 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
     if have_cands:
         Z = 0.0
         for i in range(nc):
-            e = tep_expf((sc.cand[i].v - m) * s)
+            e = tep_exp_ms(sc.cand[i].v, m, s)
             sc.cand[i].e = e
             Z += e
         if kn.top_p < 1.0:
@@ -589,14 +589,14 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
         hi_j = min(lo_j + TEP_BLOCK, V)
         for i in range(lo_j, hi_j):
             if v[i] >= thr:
-                e = tep_expf((v[i] - m) * s)
+                e = tep_exp_ms(v[i], m, s)
                 acc += e
                 if acc > target and e > 0:
                     token_out[0] = i
                     return TEP_OK
         # rounding between block sums and the scalar exp: take the block's last kept token
         for i in range(hi_j - 1, lo_j - 1, -1):
-            if v[i] >= thr and tep_expf((v[i] - m) * s) > 0:
+            if v[i] >= thr and tep_exp_ms(v[i], m, s) > 0:
                 token_out[0] = i
                 return TEP_OK
         if b == 0:
