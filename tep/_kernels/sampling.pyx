@@ -256,24 +256,37 @@ cdef struct SampleHist:
     float64_t width      # value width of one bin
 
 
-cdef void sample_hist_build(SampleHist* h, const Cand* a, intp_t n) noexcept nogil:
-    cdef intp_t i, b
-    cdef float vhi = -INFINITY
-    h.vlo = INFINITY
-    for i in range(n):
-        if a[i].v < h.vlo:
-            h.vlo = a[i].v
-        if a[i].v > vhi:
-            vhi = a[i].v
-    cdef float inv
-    h.width = (<double>vhi - h.vlo) / (HIST_BINS - 1) if vhi > h.vlo else 1.0
+cdef void sample_hist_build(SampleHist* h, const Cand* head, intp_t nh, const float* tv,
+                            const float* te, intp_t nt, double w, float L, float vlo, float vhi,
+                            float64_t* spare) noexcept nogil:
+    """Mass histogram of the top-p sample: head[0:nh] (weight 1) and the strided tail
+    tv/te[0:nt] (weight w; values >= L are in the head already). Bins are linear over
+    [vlo, vhi]; lower values land in bin 0. Odd tail items go to a spare histogram so that
+    two updates of one bin are rarely back to back (a store-to-load stall each)."""
+    cdef intp_t i, b, top = HIST_BINS - 1
+    cdef float x, f, inv
+    h.vlo = vlo
+    h.width = (<double>vhi - vlo) / top if vhi > vlo else 1.0
     inv = <float>(1.0 / h.width)
     memset(h.cum, 0, HIST_BINS * sizeof(float64_t))
-    for i in range(n):
-        b = <intp_t>((a[i].v - h.vlo) * inv)
-        h.cum[min(b, HIST_BINS - 1)] += a[i].e
-    for b in range(HIST_BINS - 2, -1, -1):
-        h.cum[b] += h.cum[b + 1]
+    memset(spare, 0, HIST_BINS * sizeof(float64_t))
+    for i in range(nh):
+        f = (head[i].v - vlo) * inv
+        b = <intp_t>f if f >= 0 else 0
+        h.cum[min(b, top)] += head[i].e
+    for i in range(nt):
+        x = tv[i]
+        if x >= L:
+            continue
+        f = (x - vlo) * inv
+        b = <intp_t>f if f >= 0 else 0          # also NaN (whose weight is 0)
+        if i & 1:
+            spare[min(b, top)] += te[i] * w
+        else:
+            h.cum[min(b, top)] += te[i] * w
+    h.cum[top] += spare[top]
+    for b in range(top - 1, -1, -1):
+        h.cum[b] += h.cum[b + 1] + spare[b]
 
 
 cdef float sample_hist_value(const SampleHist* h, double target, bint upper) noexcept nogil:
@@ -294,13 +307,13 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     the exact mass per block above that bracket and collects the tokens inside it; a
     weighted quickselect over those settles the exact threshold t. When the sample
     misjudged (peaked rows) the bracket steps up or down, ending at the row's edge, so t is
-    always exact. The draw walks block masses (above-bracket sums plus kept bracket tokens)
-    and scans one block."""
+    always exact. The draw walks the block masses above the bracket and scans one block,
+    or walks the kept bracket tokens."""
     cdef intp_t q = max(1, V // 8192), ns = V // q, i, nin = 0, it, b, ci, j, lo_j, hi_j
     cdef intp_t nsmp = 0, nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
     cdef double Zs = 0.0, Z = 0.0, mass_hi = 0.0, mass_in, need
-    cdef double hi_q = p - 0.004, lo_q = p + min(0.004, (1.0 - p) * 0.5), acc, blk, target
-    cdef float t_hi, t_lo, t, e, L = -INFINITY
+    cdef double hi_q = p - 0.004, lo_q = p + min(0.004, (1.0 - p) * 0.5), acc, target
+    cdef float t_hi, t_lo, t, e, x, L = -INFINITY, vmin = m
     cdef Cand* smp = sc.cand + V          # second half of the candidate buffer
     # Head: every token >= the 32nd largest block max, exactly (peaked rows keep their mass
     # there); tail: a strided sample weighted by the stride.
@@ -310,21 +323,19 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     nsmp = collect(v, V, sc.bmax, L, False, smp) if L > -INFINITY else 0
     for i in range(nsmp):
         smp[i].e = tep_exp_ms(smp[i].v, m, s)
-        Zs += smp[i].e
     for i in range(ns):
-        sc.sel[i] = v[i * q]
+        x = v[i * q]
+        sc.sel[i] = x
+        if x < vmin and x > -INFINITY:
+            vmin = x
     tep_exp_blocks(sc.sel, ns, m, s, -INFINITY, NULL, sc.ebuf)
-    for i in range(ns):
-        e = sc.ebuf[i]
-        if e > 0 and not (sc.sel[i] >= L):
-            smp[nsmp].v = sc.sel[i]
-            smp[nsmp].e = e * q
-            Zs += e * q
-            nsmp += 1
+    # bins over [m - 30 T, m] at most: tokens further down weigh < e^-30 each
     cdef SampleHist sh
     sh.cum = sc.hist
-    if nsmp > 0:
-        sample_hist_build(&sh, smp, nsmp)
+    sample_hist_build(&sh, smp, nsmp, sc.sel, sc.ebuf, ns, q, L,
+                      max(vmin, m - 30.0 / s), m, sc.hist2)
+    nsmp += ns
+    Zs = sh.cum[0]
     t_hi = sample_hist_value(&sh, hi_q * Zs, True) if hi_q > 0 and nsmp > 0 else INFINITY
     t_lo = sample_hist_value(&sh, lo_q * Zs, False) if lo_q < 1 and nsmp > 0 else -INFINITY
     need = -1.0
@@ -357,32 +368,44 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     # exact threshold; mass_select keeps the bracket list in index order for the draw
     t = mass_select(sc.cand, nin, need - mass_hi, smp, sc.hist2,
                     t_lo, nextafterf(t_hi, -INFINITY)) if nin > 0 else -INFINITY
-    acc = mass_hi
+    # The draw orders the kept tokens as: those >= t_hi (block sums, then one block's scan),
+    # then the kept bracket tokens; index order within each group.
+    acc = 0.0
     for i in range(nin):
         if sc.cand[i].v >= t:
             acc += sc.cand[i].e
-    target = u * acc
-    acc = 0.0
-    ci = 0
-    for b in range(nb):
-        hi_j = min((b + 1) * TEP_BLOCK, V)
-        blk = sc.bsum[b]
-        while ci < nin and sc.cand[ci].idx < hi_j:
-            if sc.cand[ci].v >= t:
-                blk += sc.cand[ci].e
-            ci += 1
-        if acc + blk > target or b == nb - 1:
-            lo_j = b * TEP_BLOCK
-            for j in range(lo_j, hi_j):
-                if v[j] >= t:
-                    e = tep_exp_ms(v[j], m, s)
-                    acc += e
-                    if acc > target and e > 0:
+    target = u * (mass_hi + acc)
+    if target < mass_hi:
+        acc = 0.0
+        for b in range(nb):
+            if acc + sc.bsum[b] > target:
+                lo_j = b * TEP_BLOCK
+                hi_j = min(lo_j + TEP_BLOCK, V)
+                for j in range(lo_j, hi_j):
+                    if v[j] >= t_hi:
+                        e = tep_exp_ms(v[j], m, s)
+                        acc += e
+                        if acc > target and e > 0:
+                            return j
+                for j in range(hi_j - 1, lo_j - 1, -1):   # rounding: last kept token here
+                    if v[j] >= t_hi and tep_exp_ms(v[j], m, s) > 0:
                         return j
-            for j in range(hi_j - 1, lo_j - 1, -1):   # rounding: last kept token here
-                if v[j] >= t and tep_exp_ms(v[j], m, s) > 0:
-                    return j
-        acc += blk
+                break
+            acc += sc.bsum[b]
+        target = mass_hi          # rounding ran past the block sums: the bracket's first
+    target -= mass_hi
+    acc = 0.0
+    ci = -1
+    for i in range(nin):
+        if sc.cand[i].v >= t:
+            e = sc.cand[i].e
+            acc += e
+            if e > 0:
+                ci = i
+                if acc > target:
+                    return sc.cand[i].idx
+    if ci >= 0:
+        return sc.cand[ci].idx    # rounding: the last kept bracket token
     return argmax_blocks(v, V, sc.bmax, m)
 
 

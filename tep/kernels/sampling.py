@@ -326,15 +326,18 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
              and frequency_penalty == 0.0
              and 0.0 <= temperature < math.inf and 0.0 < top_p <= 1.0
              and 0.0 <= min_p <= 1.0 and -1 <= top_k < 2**62 and 0 <= step < 2**64)
-    if (plain and type(logits) is np.ndarray and logits.ndim == 1 and logits.dtype == _F32
-            and logits.flags.c_contiguous and logits.shape[0] > 0
+    # One row, as [V] or [1, V] (a decode loop with batch 1): straight to the one-row entry.
+    if (plain and type(logits) is np.ndarray and logits.dtype == _F32
+            and logits.flags.c_contiguous and logits.size > 0
+            and (logits.ndim == 1 or (logits.ndim == 2 and logits.shape[0] == 1))
             and (n_threads is None or (type(n_threads) is int and n_threads >= 1))
             and (seed is None or (type(seed) is int and 0 <= seed < 2**64))):
         s = int.from_bytes(os.urandom(8), "little") if seed is None else seed
-        tok = _k.sample_one(logits, temperature, max(top_k, 0), top_p, min_p, s, step)
+        row = logits if logits.ndim == 1 else logits[0]
+        tok = _k.sample_one(row, temperature, max(top_k, 0), top_p, min_p, s, step)
         if tok < 0:
             _raise_status(np.array([-tok], np.int32))
-        return tok
+        return tok if logits.ndim == 1 else np.array([tok], np.int64)
 
     x, one = _logits_2d(logits)
     B, V = x.shape
