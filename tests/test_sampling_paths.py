@@ -77,3 +77,25 @@ def test_top_p_alone_matches_reference(kind, top_p):
     p = _probs(row, 1.0, top_p)
     toks = sample(np.tile(row, (N, 1)), top_p=top_p, seed=23, step=np.arange(N))
     assert _chi2(toks, p) > 1e-3
+
+
+def _skewed_row(direction: str, V: int = 32768) -> np.ndarray:
+    """A row whose strided top-p sample (every (V // 8192)-th token) is unrepresentative.
+
+    "up": the sampled tokens sit lower than the rest, so the sample puts the threshold too
+    low and the kernel must move its bracket up; "down": the opposite."""
+    rng = np.random.default_rng({"up": 5, "down": 6}[direction])
+    row = rng.standard_normal(V).astype(np.float32)
+    sampled = np.zeros(V, bool)
+    sampled[:: V // 8192] = True
+    row[sampled if direction == "down" else ~sampled] += 1.5
+    return row
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_top_p_bracket_recovers_when_the_sample_misjudges(direction):
+    row = _skewed_row(direction)
+    p = _probs(row, 1.0, 0.9)
+    n = 40_000
+    toks = np.array([sample(row, top_p=0.9, seed=29, step=i) for i in range(n)])
+    assert _chi2(toks, p) > 1e-3

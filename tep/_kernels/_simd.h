@@ -98,10 +98,12 @@ static double tep_exp_blocks_scalar(const float *v, ptrdiff_t n, float m, float 
 /* Tokens with lo <= v < hi go to out[0:cap] (index order; the count is returned even past
  * cap). bsum_hi[b] = sum of exp((v - m) * s) over block b's tokens with v >= hi,
  * *z_all = the sum over every token (both summed per 64-token block like tep_exp_blocks),
- * *mass_in = the sum over the bracket's tokens. */
+ * *mass_in = the sum over the bracket's tokens. ecache[0:n] (may be NULL) keeps the
+ * exps between calls over one row: filled when fresh is set, read back otherwise, so a
+ * second bracket over the same row costs compares, not exps. */
 static ptrdiff_t tep_bracket_scalar(const float *v, ptrdiff_t n, float m, float s, float lo,
                                     float hi, double *bsum_hi, double *z_all, double *mass_in,
-                                    tep_cand *out, ptrdiff_t cap) {
+                                    tep_cand *out, ptrdiff_t cap, float *ecache, int fresh) {
     const float a = s * TEP_LOG2E;
     ptrdiff_t c = 0, blk = 0;
     double total = 0.0, inside = 0.0;
@@ -109,7 +111,13 @@ static ptrdiff_t tep_bracket_scalar(const float *v, ptrdiff_t n, float m, float 
         ptrdiff_t e = b0 + TEP_BLOCK < n ? b0 + TEP_BLOCK : n;
         float acc = 0.0f, all = 0.0f;
         for (ptrdiff_t j = b0; j < e; j++) {
-            float x = v[j], ex = tep_exp2f((x - m) * a);
+            float x = v[j], ex;
+            if (ecache && !fresh) {
+                ex = ecache[j];
+            } else {
+                ex = tep_exp2f((x - m) * a);
+                if (ecache) ecache[j] = ex;
+            }
             all += ex;
             if (x >= hi) {
                 acc += ex;
@@ -224,38 +232,42 @@ TEP_AVX2 static double tep_exp_blocks_avx2(const float *v, ptrdiff_t n, float m,
 }
 TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m, float s, float lo,
                                            float hi, double *bsum_hi, double *z_all,
-                                           double *mass_in, tep_cand *out, ptrdiff_t cap) {
+                                           double *mass_in, tep_cand *out, ptrdiff_t cap,
+                                           float *ecache, int fresh) {
     const float a = s * TEP_LOG2E;
     const __m256 va = _mm256_set1_ps(a), vm = _mm256_set1_ps(m);
     const __m256 vlo = _mm256_set1_ps(lo), vhi = _mm256_set1_ps(hi);
+    const int load = ecache && !fresh;
     double total = 0.0, inside = 0.0;
     ptrdiff_t c = 0, full = n / TEP_BLOCK, blk;
-    float ebuf[8];
+    float local[TEP_BLOCK];
     for (blk = 0; blk < full; blk++) {
         const float *p = v + blk * TEP_BLOCK;
+        float *eb = ecache ? ecache + blk * TEP_BLOCK : local;  /* this block's exps */
         __m256 acc = _mm256_setzero_ps(), all = _mm256_setzero_ps(), ins = _mm256_setzero_ps();
+        uint64_t in = 0;
         for (int k = 0; k < TEP_BLOCK; k += 8) {
-            __m256 x = _mm256_loadu_ps(p + k);
-            __m256 e = tep_exp2_256(_mm256_mul_ps(_mm256_sub_ps(x, vm), va));
+            __m256 x = _mm256_loadu_ps(p + k), e;
+            if (load) {
+                e = _mm256_loadu_ps(eb + k);
+            } else {
+                e = tep_exp2_256(_mm256_mul_ps(_mm256_sub_ps(x, vm), va));
+                _mm256_storeu_ps(eb + k, e);
+            }
             __m256 ge_hi = _mm256_cmp_ps(x, vhi, _CMP_GE_OQ);
             all = _mm256_add_ps(all, e);
             acc = _mm256_add_ps(acc, _mm256_and_ps(e, ge_hi));
-            /* in the bracket: x >= lo and not x >= hi; rare, so test the lane group at once */
+            /* in the bracket: x >= lo and not x >= hi */
             __m256 inm = _mm256_andnot_ps(ge_hi, _mm256_cmp_ps(x, vlo, _CMP_GE_OQ));
-            int in = _mm256_movemask_ps(inm);
-            if (in) {
-                ins = _mm256_add_ps(ins, _mm256_and_ps(e, inm));
-                _mm256_storeu_ps(ebuf, e);
-                while (in) {
-                    int l = __builtin_ctz(in);
-                    in &= in - 1;
-                    if (c < cap) {
-                        out[c].v = p[k + l]; out[c].e = ebuf[l];
-                        out[c].idx = blk * TEP_BLOCK + k + l;
-                    }
-                    c++;
-                }
-            }
+            ins = _mm256_add_ps(ins, _mm256_and_ps(e, inm));
+            in |= (uint64_t)(unsigned)_mm256_movemask_ps(inm) << k;
+        }
+        /* one branchy loop per block, not per vector: its exits mispredict far less */
+        while (in) {
+            int l = __builtin_ctzll(in);
+            in &= in - 1;
+            if (c < cap) { out[c].v = p[l]; out[c].e = eb[l]; out[c].idx = blk * TEP_BLOCK + l; }
+            c++;
         }
         bsum_hi[blk] = tep_hsum256(acc);
         total += tep_hsum256(all);
@@ -266,7 +278,8 @@ TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m,
         ptrdiff_t room = c < cap ? cap - c : 0;
         tep_cand *dst = out + (c < cap ? c : cap);
         ptrdiff_t extra = tep_bracket_scalar(v + full * TEP_BLOCK, n - full * TEP_BLOCK, m, s, lo, hi,
-                                             bsum_hi + full, &t, &t_in, dst, room);
+                                             bsum_hi + full, &t, &t_in, dst, room,
+                                             ecache ? ecache + full * TEP_BLOCK : NULL, fresh);
         for (ptrdiff_t i = 0; i < extra && i < room; i++) dst[i].idx += full * TEP_BLOCK;
         c += extra;
         total += t;
@@ -284,7 +297,7 @@ TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m,
 typedef float (*tep_block_max_fn)(const float *, ptrdiff_t, float *);
 typedef double (*tep_exp_blocks_fn)(const float *, ptrdiff_t, float, float, float, double *, float *);
 typedef ptrdiff_t (*tep_bracket_fn)(const float *, ptrdiff_t, float, float, float, float, double *,
-                                    double *, double *, tep_cand *, ptrdiff_t);
+                                    double *, double *, tep_cand *, ptrdiff_t, float *, int);
 
 static tep_block_max_fn tep_block_max = tep_block_max_scalar;
 static tep_exp_blocks_fn tep_exp_blocks = tep_exp_blocks_scalar;

@@ -34,7 +34,7 @@ cdef extern from "_simd.h" nogil:
                           double* bsum, float* out)
     Py_ssize_t tep_bracket(const float* v, Py_ssize_t n, float m, float s, float lo, float hi,
                            double* bsum_hi, double* z_all, double* mass_in, Cand* out,
-                           Py_ssize_t cap)
+                           Py_ssize_t cap, float* ecache, int fresh)
     int tep_simd_init(int allow_avx2)
     int tep_simd_level
 
@@ -250,6 +250,11 @@ cdef float mass_select(const Cand* a, intp_t n, double need, Cand* tmp,
     return weighted_select(tmp, nbin, need - above)
 
 
+# top-p bracket half-width, in shares of the mass: 2-3 standard errors of the sample's
+# estimate on a 128k-token row
+cdef double MARGIN = 0.004
+
+
 cdef struct SampleHist:
     float64_t* cum       # cum[b] = sample mass in bins >= b (bins linear in v)
     float vlo
@@ -289,13 +294,19 @@ cdef void sample_hist_build(SampleHist* h, const Cand* head, intp_t nh, const fl
         h.cum[b] += h.cum[b + 1] + spare[b]
 
 
-cdef float sample_hist_value(const SampleHist* h, double target, bint upper) noexcept nogil:
+cdef float sample_hist_value(const SampleHist* h, double target, bint upper,
+                             double* frac) noexcept nogil:
     """Edge of the bin where the sample mass from the top reaches target: its upper edge
-    (upper=True, a value at or above the crossing) or its lower edge."""
+    (upper=True, a value at or above the crossing) or its lower edge. *frac = the sample's
+    share of mass at or above the returned value."""
     cdef intp_t b = HIST_BINS - 1
     while b > 0 and h.cum[b] < target:
         b -= 1
-    return <float>(h.vlo + (b + 1) * h.width) if upper else <float>(h.vlo + b * h.width)
+    if upper:
+        frac[0] = h.cum[b + 1] / h.cum[0] if b + 1 < HIST_BINS else 0.0
+        return <float>(h.vlo + (b + 1) * h.width)
+    frac[0] = h.cum[b] / h.cum[0]
+    return <float>(h.vlo + b * h.width)
 
 
 cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, double u,
@@ -306,13 +317,14 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     logit values where the cumulative mass reaches p -/+ a margin. One vectorised pass sums
     the exact mass per block above that bracket and collects the tokens inside it; a
     weighted quickselect over those settles the exact threshold t. When the sample
-    misjudged (peaked rows) the bracket steps up or down, ending at the row's edge, so t is
-    always exact. The draw walks the block masses above the bracket and scans one block,
+    misjudged the row the bracket moves up or down, recalibrated by the exact mass the
+    pass measured, reusing the pass's exps, and ending at the row's edge, so t is always
+    exact. The draw walks the block masses above the bracket and scans one block,
     or walks the kept bracket tokens."""
-    cdef intp_t q = max(1, V // 8192), ns = V // q, i, nin = 0, it, b, ci, j, lo_j, hi_j
+    cdef intp_t stride = max(1, V // 8192), ns = V // stride, i, nin = 0, it, b, ci, j, lo_j, hi_j
     cdef intp_t nsmp = 0, nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
-    cdef double Zs = 0.0, Z = 0.0, mass_hi = 0.0, mass_in, need
-    cdef double hi_q = p - 0.004, lo_q = p + min(0.004, (1.0 - p) * 0.5), acc, target
+    cdef double Zs = 0.0, Z = 0.0, mass_hi = 0.0, mass_in, need, acc, target
+    cdef double margin_lo = min(MARGIN, (1.0 - p) * 0.5), widen = 1.0, q, f_hi = 0.0, f_lo = 1.0
     cdef float t_hi, t_lo, t, e, x, L = -INFINITY, vmin = m
     cdef Cand* smp = sc.cand + V          # second half of the candidate buffer
     # Head: every token >= the 32nd largest block max, exactly (peaked rows keep their mass
@@ -324,7 +336,7 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     for i in range(nsmp):
         smp[i].e = tep_exp_ms(smp[i].v, m, s)
     for i in range(ns):
-        x = v[i * q]
+        x = v[i * stride]
         sc.sel[i] = x
         if x < vmin and x > -INFINITY:
             vmin = x
@@ -332,39 +344,40 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     # bins over [m - 30 T, m] at most: tokens further down weigh < e^-30 each
     cdef SampleHist sh
     sh.cum = sc.hist
-    sample_hist_build(&sh, smp, nsmp, sc.sel, sc.ebuf, ns, q, L,
+    sample_hist_build(&sh, smp, nsmp, sc.sel, sc.ebuf, ns, stride, L,
                       max(vmin, m - 30.0 / s), m, sc.hist2)
     nsmp += ns
     Zs = sh.cum[0]
-    t_hi = sample_hist_value(&sh, hi_q * Zs, True) if hi_q > 0 and nsmp > 0 else INFINITY
-    t_lo = sample_hist_value(&sh, lo_q * Zs, False) if lo_q < 1 and nsmp > 0 else -INFINITY
-    need = -1.0
+    t_hi = sample_hist_value(&sh, (p - MARGIN) * Zs, True, &f_hi) if p > MARGIN else INFINITY
+    t_lo = sample_hist_value(&sh, (p + margin_lo) * Zs, False, &f_lo)
     for it in range(64):
         if not (t_lo < t_hi):
             t_lo = t_hi
-        # -FLT_MAX, not -inf, as the floor: masked (-inf) tokens never enter a bracket
+        # -FLT_MAX, not -inf, as the floor: masked (-inf) tokens never enter a bracket. The
+        # first pass computes (and keeps) every exp; a retry only compares.
         nin = tep_bracket(v, V, m, s, t_lo if t_lo > -INFINITY else -FLT_MAX, t_hi, sc.bsum,
-                          &Z, &mass_in, sc.cand, V)
-        if need < 0:
-            need = p * Z
+                          &Z, &mass_in, sc.cand, V, sc.ebuf, it == 0)
+        need = p * Z
         mass_hi = 0.0
         for b in range(nb):
             mass_hi += sc.bsum[b]
-        if mass_hi >= need and t_hi < INFINITY:
-            # the threshold lies above the bracket: step up
+        # When the sample misjudged the row, the pass has measured the exact mass at the
+        # bracket's edge: shift the sample's quantiles by its error there and retry with
+        # twice the margin (ending at t_hi = +inf or t_lo = -inf, so this terminates).
+        if mass_hi >= need and t_hi < INFINITY:             # threshold above the bracket
+            widen *= 2.0
+            q = p - MARGIN * widen - (mass_hi / Z - f_hi)
             t_lo = t_hi
-            hi_q *= 0.5
-            t_hi = sample_hist_value(&sh, hi_q * Zs, True) \
-                if hi_q > 0.005 and nsmp > 0 else INFINITY
-            continue
-        if mass_hi + mass_in < need and t_lo > -INFINITY:
-            # the threshold lies below the bracket: step down
+            t_hi = sample_hist_value(&sh, q * Zs, True, &f_hi) \
+                if q > 0.0 and widen < 1024 else INFINITY
+        elif mass_hi + mass_in < need and t_lo > -INFINITY:  # below it
+            widen *= 2.0
+            q = p + margin_lo * widen - ((mass_hi + mass_in) / Z - f_lo)
             t_hi = t_lo
-            lo_q = 1.0 - (1.0 - lo_q) * 0.25
-            t_lo = sample_hist_value(&sh, lo_q * Zs, False) \
-                if lo_q < 0.9999 and nsmp > 0 else -INFINITY
-            continue
-        break
+            t_lo = sample_hist_value(&sh, q * Zs, False, &f_lo) \
+                if q < 1.0 and widen < 1024 else -INFINITY
+        else:
+            break
     # exact threshold; mass_select keeps the bracket list in index order for the draw
     t = mass_select(sc.cand, nin, need - mass_hi, smp, sc.hist2,
                     t_lo, nextafterf(t_hi, -INFINITY)) if nin > 0 else -INFINITY
