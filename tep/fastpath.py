@@ -75,23 +75,34 @@ class _Body:
         return body
 
     async def _rest(self, state: ServerState, first: bytes) -> bytes:
+        # hypercorn always ends a body with a separate empty message, usually already
+        # queued: a plain await per message, and one timer (not wait_for, which makes a
+        # task per call) for the body timeout
         parts, size = [first], len(first)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + BODY_TIMEOUT_S
-        while True:
-            try:
-                msg = await asyncio.wait_for(self.receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise H.http_error(state, RequestTimeout(), "POST", "") from None
-            if msg["type"] == "http.disconnect":
-                raise _ClientGone()
-            chunk = msg.get("body", b"")
-            size += len(chunk)
-            if size > self.limit:
-                raise H.body_too_large(state)
-            parts.append(chunk)
-            if not msg.get("more_body"):
-                return b"".join(parts)
+        task = asyncio.current_task()
+        expired = []
+        timer = asyncio.get_running_loop().call_later(
+            BODY_TIMEOUT_S, lambda: (expired.append(True), task.cancel()))  # type: ignore[union-attr]
+        try:
+            while True:
+                msg = await self.receive()
+                if msg["type"] == "http.disconnect":
+                    raise _ClientGone()
+                chunk = msg.get("body", b"")
+                size += len(chunk)
+                if size > self.limit:
+                    raise H.body_too_large(state)
+                parts.append(chunk)
+                if not msg.get("more_body"):
+                    return b"".join(parts)
+        except asyncio.CancelledError:
+            if not expired:
+                raise
+            if hasattr(task, "uncancel"):
+                task.uncancel()  # type: ignore[union-attr]
+            raise H.http_error(state, RequestTimeout(), "POST", "") from None
+        finally:
+            timer.cancel()
 
 
 class FastPath:
