@@ -434,6 +434,12 @@ async def _coalesce(gen: AsyncIterator[bytes], bridge: StreamBridge) -> AsyncIte
                 yield buf[0] if len(buf) == 1 else b"".join(buf)
                 buf = []
                 first = False
+                if bridge.has_pending():
+                    # More is ready, so this stream would not suspend before its next
+                    # write (neither the queue nor the socket write waits): give the
+                    # other streams and new connections their turn first, or a fast
+                    # backend's stream runs to its end while the others wait.
+                    await asyncio.sleep(0)
         if buf:
             yield b"".join(buf)
     finally:
