@@ -96,6 +96,7 @@ class StreamSink:
         self._max_stop = max((len(s) for s in self._stops), default=0)
         self._stop_ids = frozenset(sampling.stop_token_ids)
         self._want_lp = sampling.logprobs is not None
+        self._max_tokens = sampling.max_tokens
         self.text = ""               # accepted text (before any stop string)
         self._released = 0           # chars of self.text already passed to on_delta
         self._scan_from = 0          # where the next stop-string search may start
@@ -131,22 +132,31 @@ class StreamSink:
         Returns:
             True to continue, False when the backend must stop.
         """
-        if self.cancelled or self._closed:
+        if self._closed or self._final_reason is not None or self._limit_hit or \
+                self._cancel.is_set():
             return False
         self.n_tokens += 1
-        if token_id is not None and token_id in self._stop_ids:
-            self._final_reason = "stop"
-            return False
         if token_id is not None:
+            if token_id in self._stop_ids:
+                self._final_reason = "stop"
+                return False
             self.token_ids.append(token_id)
         if self._want_lp:
             self._record_logprob(piece, token_id, logprob, top_logprobs, token_bytes)
         self.text += piece
-        if self._stops and self._check_stop():
-            self._flush(len(self.text))
-            return False
-        self._flush(len(self.text) - self._holdback())
-        if self.n_tokens >= self.sampling.max_tokens:
+        if self._stops:
+            if self._check_stop():
+                self._flush(len(self.text))
+                return False
+            self._flush(len(self.text) - self._holdback())
+        elif piece or self._pending_lp:
+            # no stop strings: nothing is held back, the delta is this piece (the
+            # per-token path of every fast backend, so no slicing here)
+            self._released = len(self.text)
+            lps, self._pending_lp = self._pending_lp, []
+            if self._on_delta is not None:
+                self._on_delta(piece, lps)
+        if self.n_tokens >= self._max_tokens:
             self._limit_hit = True
             return False
         return not self._cancel.is_set()

@@ -45,6 +45,10 @@ class ServerConfig:
         events_jsonl: path of the JSONL run-events file (None = no events, no file I/O).
             ``{worker}`` and ``{pid}`` in the path are replaced per process.
         metrics: serve ``GET /metrics`` and record Prometheus metrics.
+        fast_path: answer ``POST`` on the inference routes in an ASGI layer in front of
+            Quart (:mod:`tep.fastpath`; same answers, less overhead). Quart's own
+            ``before_request``/``after_request`` hooks and extensions do not see those
+            requests; False routes them through Quart.
     """
 
     max_concurrency: int = 8
@@ -57,10 +61,12 @@ class ServerConfig:
     retry_after: int = 1
     events_jsonl: str | None = None
     metrics: bool = True
+    fast_path: bool = True
 
     # how each field is read from its TEP_<NAME> variable
     _PARSE = {"api_key": str, "api_keys": _keys, "events_jsonl": str,
-              "generation_timeout": float, "metrics": _bool}
+              "generation_timeout": float, "metrics": _bool,
+              "fast_path": _bool}
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerConfig":

@@ -104,6 +104,26 @@ class Metrics:
                                    registry=r, multiprocess_mode="livesum")
         self.timeouts = P.Counter("tep_generation_timeouts", "Requests ended by the "
                                   "generation timeout", ["endpoint"], registry=r)
+        # labelled children by label values: ``labels()`` costs a few microseconds a
+        # call (validation, a lock), and it would be called several times per request
+        self._children: dict[tuple, Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def observe_ttft(self, endpoint: str, seconds: float) -> None:
+        """Record a time to first token."""
+        if self.enabled:
+            self._child(self.ttft, endpoint).observe(seconds)
+
+    def observe_itl(self, endpoint: str, seconds: float) -> None:
+        """Record a gap between two streamed deltas of one choice."""
+        if self.enabled:
+            self._child(self.itl, endpoint).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
@@ -121,14 +141,15 @@ class Metrics:
         """Record one finished request."""
         if not self.enabled:
             return
-        self.requests.labels(endpoint, str(status), outcome).inc()
-        self.duration.labels(endpoint).observe(seconds)
+        child = self._child
+        child(self.requests, endpoint, str(status), outcome).inc()
+        child(self.duration, endpoint).observe(seconds)
         if prompt_tokens:
-            self.prompt_tokens.labels(endpoint).inc(prompt_tokens)
+            child(self.prompt_tokens, endpoint).inc(prompt_tokens)
         if completion_tokens:
-            self.completion_tokens.labels(endpoint).inc(completion_tokens)
+            child(self.completion_tokens, endpoint).inc(completion_tokens)
         if timed_out:
-            self.timeouts.labels(endpoint).inc()
+            child(self.timeouts, endpoint).inc()
 
     def mark_process_dead(self) -> None:
         """Drop this process's live gauges (multiprocess mode; at worker exit)."""

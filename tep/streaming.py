@@ -12,12 +12,15 @@ import contextvars
 import json
 import threading
 import time
-from concurrent.futures import Executor
+from concurrent.futures import Executor, Future
 from typing import Any, AsyncIterator, Callable
 
 from tep.backend import StreamSink, current_cancel
 
-__all__ = ["run_blocking", "StreamBridge", "sse"]
+__all__ = ["run_blocking", "StreamBridge", "sse", "BACKLOG_MAX"]
+
+# Most events a streaming backend may be ahead of its client (see StreamBridge._put).
+BACKLOG_MAX = 256
 
 
 async def run_blocking(executor: Executor, cancel: threading.Event,
@@ -27,11 +30,36 @@ async def run_blocking(executor: Executor, cancel: threading.Event,
     ctx = contextvars.copy_context()
     ctx.run(current_cancel.set, cancel)
     loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def done(cf: Future) -> None:  # in the worker thread (or here, if it failed at once)
+        try:
+            loop.call_soon_threadsafe(_settle, fut, cf)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    # Leaner than loop.run_in_executor (no two-way future chaining, one loop callback
+    # per call): this runs once per request.
+    executor.submit(ctx.run, fn, *args).add_done_callback(done)
     try:
-        return await loop.run_in_executor(executor, ctx.run, fn, *args)
+        return await fut
     except asyncio.CancelledError:
         cancel.set()
         raise
+
+
+def _settle(fut: asyncio.Future, cf: Future) -> None:
+    """Copy a finished concurrent future's outcome onto ``fut`` (on the loop)."""
+    if fut.cancelled():
+        return
+    if cf.cancelled():  # the pool shut down before the job ran
+        fut.cancel()
+        return
+    exc = cf.exception()
+    if exc is not None:
+        fut.set_exception(exc)
+    else:
+        fut.set_result(cf.result())
 
 
 class StreamBridge:
@@ -58,21 +86,44 @@ class StreamBridge:
         self._pending: list[tuple] = []
         self._pending_lock = threading.Lock()
         self._wake_scheduled = False
+        # Backpressure: events produced but not yet taken by the stream. A backend that
+        # gets BACKLOG_MAX ahead waits in its sink until the stream has sent half of
+        # them, so a fast backend neither buffers without bound nor keeps the GIL from
+        # the event loop (and from the other streams) while it runs ahead.
+        self._backlog = 0
+        self._room = threading.Event()
+        self._room.set()
 
     def _put(self, item: tuple) -> None:
         with self._pending_lock:
             self._pending.append(item)
-            if self._wake_scheduled:
-                return
+            self._backlog += 1
+            full = self._backlog >= BACKLOG_MAX
+            if full:
+                self._room.clear()
+            wake = not self._wake_scheduled
             self._wake_scheduled = True
-        try:
-            self._loop.call_soon_threadsafe(self._drain)
-        except RuntimeError:  # loop closed: the server is gone, stop generating
-            self.cancel.set()
-            return
-        # A backend that never releases the GIL (pure-Python or instant) would otherwise
-        # keep the loop waiting a whole switch interval (5 ms) before it sends anything.
-        time.sleep(0)
+        if wake:
+            try:
+                self._loop.call_soon_threadsafe(self._drain)
+            except RuntimeError:  # loop closed: the server is gone, stop generating
+                self.cancel.set()
+                return
+            # A backend that never releases the GIL (pure-Python or instant) would
+            # otherwise keep the loop waiting up to a switch interval before it sends.
+            time.sleep(0)
+        if full:
+            while not self._room.wait(0.05):
+                if self.cancel.is_set():  # the stream is over: the sink says stop
+                    return
+
+    def _taken(self) -> None:
+        """The stream took one event (on the loop): let a waiting backend go on once
+        half of its backlog has been sent."""
+        with self._pending_lock:
+            self._backlog -= 1
+            if self._backlog <= BACKLOG_MAX // 2 and not self._room.is_set():
+                self._room.set()
 
     def _drain(self) -> None:
         with self._pending_lock:
@@ -119,22 +170,26 @@ class StreamBridge:
             deadline: ``loop.time()`` after which the cancel flag is set and a final
                 ``("timeout", -1)`` event ends the iteration (None = no deadline).
         """
-        while self._running:
-            if deadline is None:
-                ev = await self._queue.get()
-            else:
-                try:
-                    ev = await asyncio.wait_for(self._queue.get(),
-                                                max(0.0, deadline - self._loop.time()))
-                except asyncio.TimeoutError:
-                    self.cancel.set()
-                    yield ("timeout", -1)
+        try:
+            while self._running:
+                if deadline is None:
+                    ev = await self._queue.get()
+                else:
+                    try:
+                        ev = await asyncio.wait_for(self._queue.get(),
+                                                    max(0.0, deadline - self._loop.time()))
+                    except asyncio.TimeoutError:
+                        self.cancel.set()
+                        yield ("timeout", -1)
+                        return
+                self._taken()
+                if ev[0] == "finish":
+                    self._running -= 1
+                yield ev
+                if ev[0] == "error":
                     return
-            if ev[0] == "finish":
-                self._running -= 1
-            yield ev
-            if ev[0] == "error":
-                return
+        finally:
+            self._room.set()  # nobody takes events any more: never leave a backend waiting
 
 
 def sse(obj: Any) -> bytes:

@@ -71,10 +71,10 @@ class RequestRecord:
         m = self.metrics
         if self.ttft is None:
             self.ttft = now - self.start
-            if m is not None and m.enabled:
-                m.ttft.labels(self.endpoint).observe(self.ttft)
-        elif last is not None and m is not None and m.enabled:
-            m.itl.labels(self.endpoint).observe(now - last)
+            if m is not None:
+                m.observe_ttft(self.endpoint, self.ttft)
+        elif last is not None and m is not None:
+            m.observe_itl(self.endpoint, now - last)
 
     def final_status_and_outcome(self) -> tuple[int, str]:
         """The HTTP status (499 if no response started) and the outcome word."""
