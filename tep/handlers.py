@@ -29,7 +29,7 @@ from tep.backend import Backend, ChatStreamSink, Completion, StreamSink, TokenLo
 from tep.limits import QueueFull
 from tep.replies import Reply, StreamReply, json_reply
 from tep.state import ServerState
-from tep.streaming import StreamBridge, run_blocking, sse
+from tep.streaming import StreamBridge, run_blocking, sse, sse_text_template
 from tep.telemetry import RequestRecord
 
 __all__ = ["Route", "ROUTES", "completions", "chat", "embeddings", "authenticate",
@@ -48,8 +48,11 @@ _TOKEN_IDS_ONLY = ("this server takes token IDs: the backend has no tokenize hoo
 # this long after the generation timeout (its choice then comes back empty).
 _TIMEOUT_GRACE_S = 2.0
 
-# Most SSE events joined into one body write (see _coalesce).
-_COALESCE_MAX = 64
+# Most SSE events joined into one body write (see _coalesce). Larger batches save a few
+# percent of aggregate throughput but let a fast stream finish in a handful of loop turns
+# while later streams still wait for their first token (measured: 64 -> 21-64 of 64
+# streams interleaved, 16 -> 64 of 64; one stream's tokens/s the same within noise).
+_COALESCE_MAX = 16
 
 
 # --------------------------------------------------------------------------- helpers
@@ -486,6 +489,13 @@ async def _stream_completions(state: ServerState, rec: RequestRecord,
                     "choices": [{"index": k, "text": text, "logprobs": lp,
                                  "finish_reason": finish}], **usage_null})
 
+    # the common chunk (a token's text, no logprobs) from a template
+    plain = None if s.logprobs is not None else sse_text_template(
+        lambda k, text: {"id": rid, "object": "text_completion", "created": created,
+                         "model": req.model,
+                         "choices": [{"index": k, "text": text, "logprobs": None,
+                                      "finish_reason": None}], **usage_null})
+
     async def gen() -> AsyncIterator[bytes]:
         completion_tokens = 0
         finished: set[int] = set()
@@ -502,7 +512,8 @@ async def _stream_completions(state: ServerState, rec: RequestRecord,
                     rec.token(k)
                     if want_steps:
                         steps[k] += state.events.steps(rid, k, steps[k], ev[3] or [])
-                    yield chunk(k, ev[2], ev[3], None, echo_len[k])
+                    yield plain(k, ev[2]) if plain is not None else \
+                        chunk(k, ev[2], ev[3], None, echo_len[k])
                 elif kind == "finish":
                     finished.add(k)
                     completion_tokens += ev[3]
@@ -615,6 +626,14 @@ async def _stream_chat(state: ServerState, rec: RequestRecord, req: P.ChatReques
                     "choices": [{"index": j, "delta": delta, "logprobs": lp,
                                  "finish_reason": finish}], **usage_null})
 
+    # the common chunk (a token's text, no logprobs) from a template
+    plain = None if s.logprobs is not None else sse_text_template(
+        lambda j, text: {"id": rid, "object": "chat.completion.chunk", "created": created,
+                         "model": req.model,
+                         "choices": [{"index": j, "delta": {"content": text},
+                                      "logprobs": None, "finish_reason": None}],
+                         **usage_null})
+
     def role(j: int, name: str = "assistant") -> list[bytes]:
         if role_sent[j]:
             return []
@@ -638,7 +657,8 @@ async def _stream_chat(state: ServerState, rec: RequestRecord, req: P.ChatReques
                         steps[j] += state.events.steps(rid, j, steps[j], ev[3] or [])
                     for b in role(j):
                         yield b
-                    yield chunk(j, {"content": ev[2]}, ev[3], None)
+                    yield plain(j, ev[2]) if plain is not None else \
+                        chunk(j, {"content": ev[2]}, ev[3], None)
                 elif kind == "finish":
                     finished.add(j)
                     for b in role(j):
