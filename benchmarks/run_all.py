@@ -232,7 +232,10 @@ def render(errors: dict[str, str], quick: bool) -> str:
               "runs its default order (penalties, top_k, top_p, min_p, temp, dist: filters "
               "before the temperature) where tep filters the tempered distribution; numpy is "
               "a float64 softmax + argsort/cumsum + `Generator.choice`; torch is vLLM's "
-              "sort/cumsum/scatter + exponential race, `torch.set_num_threads(1)`.", "",
+              "sort/cumsum/scatter + exponential race, `torch.set_num_threads(1)`. Peers run "
+              "in turn, so each tep sample starts right after another peer's call (caches and "
+              "clocks as a decode loop leaves them); the kernels table above times tep calls "
+              "back to back, where top_p at V=128256 is faster.", "",
               "![sampling time vs vocabulary size](results/kernels_vs_vocab.png)", ""]
         for V in sorted({r["V"] for r in ps["rows"]}):
             vr = [r for r in ps["rows"] if r["V"] == V]
@@ -270,10 +273,12 @@ def render(errors: dict[str, str], quick: bool) -> str:
               "max_tokens 16. Streams: this directory's asyncio client (one stream of 2000 "
               "tokens; 64 concurrent streams of 256 tokens). Load generator and server share "
               "the machine's cores. `interleaved` = streams whose first token arrived before "
-              "any stream finished (with instant models a fully queued stream never "
-              "suspends, so servers, the floor included, tend to finish one stream before "
-              "starting the next; informational, not a target). tep: `tep serve --toy-instant` (1 process, default "
-              "`--max-concurrency 8`: 8 requests run at once, the rest wait for a slot); "
+              "any stream finished (a target for tep-c64, where all 64 are admitted: tep "
+              "yields between writes and joins at most 16 ready events per write; with "
+              "instant models a server that never suspends a stream finishes one before "
+              "starting the next, the floor included). tep: `tep serve --toy-instant` (1 "
+              "process, default `--max-concurrency 8`: 8 requests run at once and the rest "
+              "wait in FIFO order for a slot, so at most 8 of 64 can interleave); "
               "tep-c64: the same with `--max-concurrency 64`; LitServe: OpenAISpec, 1 API server + 1 inference worker; "
               "floor: a bare ASGI app on hypercorn that parses the JSON and answers.", "",
               "![server](results/server.png)", "",
