@@ -157,3 +157,40 @@ async def test_other_methods_and_paths_go_to_quart():
         r = await client.post("/v1/chat/completions/", json={})
         assert r.status_code == 404
         assert seen == [CHAT, "/v1/chat/completions/"]
+
+
+async def test_a_body_that_stalls_gets_408_in_the_envelope(monkeypatch):
+    import asyncio
+    import json
+
+    from tep import fastpath
+
+    monkeypatch.setattr(fastpath, "BODY_TIMEOUT_S", 0.2)
+    app = tep.create_app(_toy())
+    async with app.test_app():
+        parts = [{"type": "http.request", "body": b'{"model": "tep-toy", ', "more_body": True}]
+        stalled = asyncio.Event()
+
+        async def receive() -> dict:
+            if parts:
+                return parts.pop(0)
+            await stalled.wait()          # the rest of the body never comes
+            return {"type": "http.disconnect"}
+
+        sent: list[dict] = []
+
+        async def send(msg: dict) -> None:
+            sent.append(msg)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1",
+                 "method": "POST", "scheme": "http", "path": CHAT, "raw_path": CHAT.encode(),
+                 "query_string": b"", "root_path": "", "client": ("127.0.0.1", 1),
+                 "server": ("127.0.0.1", 80),
+                 "headers": [(b"content-type", b"application/json"),
+                             (b"content-length", b"1000")]}
+        await asyncio.wait_for(app(scope, receive, send), 5)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    assert start["status"] == 408
+    err = json.loads(body)["error"]
+    assert err["type"] and err["message"]
