@@ -9,7 +9,10 @@ Algorithm per row, never sorting the vocabulary:
      and the exact k-th value comes from a quickselect over those few candidates;
   4. top_p is a mass-weighted select over the candidates; over a whole row, a stratified
      sample brackets the threshold, one vectorised pass sums the mass above the bracket
-     and collects the few tokens inside it, and the select runs on those;
+     and collects the few tokens inside it, and the select runs on those (a bracket the
+     sample misplaced is moved, recalibrated, and rescanned from the kept exps);
+  exps are 2^((x - max) * log2(e) / T) with a degree-5 polynomial (_simd.h), the same
+  rounding in the scalar and AVX2 paths;
   5. a candidate set or a top-p row is drawn by inverse CDF (block sums, then one block
      token by token); the full vocabulary by rejection from the block-max envelope, which
      exponentiates only the block maxima (an exact exp-sum draw backs it up).
