@@ -45,20 +45,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from _cases import SAMPLING_CASES  # noqa: E402
 from _machine import describe  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 from tep.kernels import pool, sample  # noqa: E402
 
-SAMPLING_CASES = {
-    "greedy": dict(temperature=0.0),
-    "chain": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
-    "top_p": dict(top_p=0.95),
-    "full": dict(),
-    "penalties": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                      repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5),
-}
 SAMPLING_TARGETS = {"greedy": 1.5, "chain": 4.0, "top_p": 20.0, "full": 20.0}
 TARGET_V = 128256
 SPEEDUP_TARGET = 1.7

@@ -46,20 +46,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from _cases import SAMPLING_CASES as CASES  # noqa: E402
 from _machine import describe  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 from _timing import interleaved  # noqa: E402
 
 from tep.kernels import sample  # noqa: E402
 
-CASES = {
-    "greedy": dict(temperature=0.0),
-    "chain": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05),
-    "top_p": dict(temperature=1.0, top_p=0.95),
-    "full": dict(temperature=1.0),
-    "penalties": dict(temperature=0.8, top_k=40, top_p=0.95, min_p=0.05,
-                      repetition_penalty=1.1, frequency_penalty=0.5, presence_penalty=0.5),
-}
 TARGET_V = 128256
 LLAMA_TARGETS = {"chain": 2.0, "top_p": 20.0, "full": 4.0}
 SLOW_PEER_TARGET = 100.0

@@ -480,21 +480,21 @@ async def _stream_completions(state: ServerState, rec: RequestRecord,
     echo_len = [len(echoes[k // s.n][0]) if s.echo else 0 for k in range(n_choices)]
     want_steps = s.logprobs is not None and state.events.enabled
 
+    def payload(k: int, text: str, lp: Any, finish: str | None) -> dict:
+        return {"id": rid, "object": "text_completion", "created": created,
+                "model": req.model,
+                "choices": [{"index": k, "text": text, "logprobs": lp,
+                             "finish_reason": finish}], **usage_null}
+
     def chunk(k: int, text: str, lps: list | None, finish: str | None, base: int) -> bytes:
         lp = None
         if s.logprobs is not None and lps is not None:
             lp = P.completion_logprobs(lps, base)
-        return sse({"id": rid, "object": "text_completion", "created": created,
-                    "model": req.model,
-                    "choices": [{"index": k, "text": text, "logprobs": lp,
-                                 "finish_reason": finish}], **usage_null})
+        return sse(payload(k, text, lp, finish))
 
     # the common chunk (a token's text, no logprobs) from a template
     plain = None if s.logprobs is not None else sse_text_template(
-        lambda k, text: {"id": rid, "object": "text_completion", "created": created,
-                         "model": req.model,
-                         "choices": [{"index": k, "text": text, "logprobs": None,
-                                      "finish_reason": None}], **usage_null})
+        lambda k, text: payload(k, text, None, None))
 
     async def gen() -> AsyncIterator[bytes]:
         completion_tokens = 0
@@ -619,20 +619,19 @@ async def _stream_chat(state: ServerState, rec: RequestRecord, req: P.ChatReques
     role_sent = [False] * s.n
     want_steps = s.logprobs is not None and state.events.enabled
 
+    def payload(j: int, delta: dict, lp: Any, finish: str | None) -> dict:
+        return {"id": rid, "object": "chat.completion.chunk", "created": created,
+                "model": req.model,
+                "choices": [{"index": j, "delta": delta, "logprobs": lp,
+                             "finish_reason": finish}], **usage_null}
+
     def chunk(j: int, delta: dict, lps: list | None, finish: str | None) -> bytes:
         lp = P.chat_logprobs(lps) if (s.logprobs is not None and lps is not None) else None
-        return sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                    "model": req.model,
-                    "choices": [{"index": j, "delta": delta, "logprobs": lp,
-                                 "finish_reason": finish}], **usage_null})
+        return sse(payload(j, delta, lp, finish))
 
     # the common chunk (a token's text, no logprobs) from a template
     plain = None if s.logprobs is not None else sse_text_template(
-        lambda j, text: {"id": rid, "object": "chat.completion.chunk", "created": created,
-                         "model": req.model,
-                         "choices": [{"index": j, "delta": {"content": text},
-                                      "logprobs": None, "finish_reason": None}],
-                         **usage_null})
+        lambda j, text: payload(j, {"content": text}, None, None))
 
     def role(j: int, name: str = "assistant") -> list[bytes]:
         if role_sent[j]:

@@ -312,6 +312,33 @@ cdef float sample_hist_value(const SampleHist* h, double target, bint upper,
     return <float>(h.vlo + b * h.width)
 
 
+cdef intp_t block_draw(const float* v, intp_t V, const double* bsum, float thr, float m,
+                       float s, double target) noexcept nogil:
+    """Inverse CDF over block sums: bsum[b] = sum of exp((v - m) * s) over block b's tokens
+    with v >= thr. Finds the block where the running mass passes target and scans it token
+    by token; when rounding between the block sum and the scalar exps leaves the scan short,
+    takes the block's last kept token. -1 when target lies past every block (rounding)."""
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, j, lo_j, hi_j
+    cdef double acc = 0.0
+    cdef float e
+    for b in range(nb):
+        if acc + bsum[b] > target:
+            lo_j = b * TEP_BLOCK
+            hi_j = min(lo_j + TEP_BLOCK, V)
+            for j in range(lo_j, hi_j):
+                if v[j] >= thr:
+                    e = tep_exp_ms(v[j], m, s)
+                    acc += e
+                    if acc > target and e > 0:
+                        return j
+            for j in range(hi_j - 1, lo_j - 1, -1):
+                if v[j] >= thr and tep_exp_ms(v[j], m, s) > 0:
+                    return j
+            return -1
+        acc += bsum[b]
+    return -1
+
+
 cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, double u,
                        Scratch* sc) noexcept nogil:
     """Sample a whole row under top_p alone, touching most tokens only in vector passes.
@@ -324,7 +351,7 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
     pass measured, reusing the pass's exps, and ending at the row's edge, so t is always
     exact. The draw walks the block masses above the bracket and scans one block,
     or walks the kept bracket tokens."""
-    cdef intp_t stride = max(1, V // 8192), ns = V // stride, i, nin = 0, it, b, ci, j, lo_j, hi_j
+    cdef intp_t stride = max(1, V // 8192), ns = V // stride, i, nin = 0, it, b, ci, j
     cdef intp_t nsmp = 0, nb = (V + TEP_BLOCK - 1) // TEP_BLOCK
     cdef double Zs = 0.0, Z = 0.0, mass_hi = 0.0, mass_in, need, acc, target
     cdef double margin_lo = min(MARGIN, (1.0 - p) * 0.5), widen = 1.0, q, f_hi = 0.0, f_lo = 1.0
@@ -392,22 +419,9 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
             acc += sc.cand[i].e
     target = u * (mass_hi + acc)
     if target < mass_hi:
-        acc = 0.0
-        for b in range(nb):
-            if acc + sc.bsum[b] > target:
-                lo_j = b * TEP_BLOCK
-                hi_j = min(lo_j + TEP_BLOCK, V)
-                for j in range(lo_j, hi_j):
-                    if v[j] >= t_hi:
-                        e = tep_exp_ms(v[j], m, s)
-                        acc += e
-                        if acc > target and e > 0:
-                            return j
-                for j in range(hi_j - 1, lo_j - 1, -1):   # rounding: last kept token here
-                    if v[j] >= t_hi and tep_exp_ms(v[j], m, s) > 0:
-                        return j
-                break
-            acc += sc.bsum[b]
+        j = block_draw(v, V, sc.bsum, t_hi, m, s, target)
+        if j >= 0:
+            return j
         target = mass_hi          # rounding ran past the block sums: the bracket's first
     target -= mass_hi
     acc = 0.0
@@ -531,7 +545,7 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
                     Scratch* sc, int64_t* token_out) noexcept nogil:
     """Sample one token from logits x[0:V] (IN) into token_out (OUT). Returns a Status."""
     cdef const float* v = x
-    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, nc = 0, i, b, lo_j, hi_j
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, nc = 0, i, b
     cdef float m, T = kn.temperature, s, lb = -INFINITY, lbk, tk, thr
     cdef bint use_k, have_cands = False
     cdef int64_t k = kn.top_k
@@ -613,34 +627,12 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
         return TEP_OK
     if envelope_draw(v, V, m, s, kn.seed, kn.step, sc, token_out):
         return TEP_OK
-    thr = -INFINITY
-    Z = tep_exp_blocks(v, V, m, s, thr, sc.bsum, NULL)
-    target = u * Z
-    acc = 0.0
-    b = nb - 1
-    for i in range(nb):
-        if acc + sc.bsum[i] > target:
-            b = i
-            break
-        acc += sc.bsum[i]
-    while True:
-        lo_j = b * TEP_BLOCK
-        hi_j = min(lo_j + TEP_BLOCK, V)
-        for i in range(lo_j, hi_j):
-            if v[i] >= thr:
-                e = tep_exp_ms(v[i], m, s)
-                acc += e
-                if acc > target and e > 0:
-                    token_out[0] = i
-                    return TEP_OK
-        # rounding between block sums and the scalar exp: take the block's last kept token
-        for i in range(hi_j - 1, lo_j - 1, -1):
-            if v[i] >= thr and tep_exp_ms(v[i], m, s) > 0:
-                token_out[0] = i
-                return TEP_OK
-        if b == 0:
-            break
-        b -= 1
+    Z = tep_exp_blocks(v, V, m, s, -INFINITY, sc.bsum, NULL)
+    i = block_draw(v, V, sc.bsum, -INFINITY, m, s, u * Z)
+    if i >= 0:
+        token_out[0] = i
+        return TEP_OK
+    # past every block sum (rounding; bsum holds one token with e > 0 at least)
     token_out[0] = argmax_blocks(v, V, sc.bmax, m)
     return TEP_OK
 
