@@ -13,8 +13,8 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from tep.backend import Backend, ChatStreamSink, Completion, StreamSink, TokenLogprob
-from tep.protocol import ChatRequest, Sampling
+from tep.backend import Backend, ChatStreamSink, Completion, Sampling, StreamSink, TokenLogprob
+from tep.wire.chat import ChatRequest
 
 __version__ = "0.1.0"
 
@@ -25,14 +25,14 @@ __all__ = [
 
 if TYPE_CHECKING:  # pragma: no cover
     from tep import errors
-    from tep.app import create_app
+    from tep.server.app import create_app
 
 
 def __getattr__(name: str) -> Any:
     # Lazy names (PEP 562). Only these two: `app` is deliberately not provided here, so
     # Quart's CLI falls through to the `create_app` factory.
     if name == "create_app":
-        from tep.app import create_app
+        from tep.server.app import create_app
 
         return create_app
     if name == "errors":

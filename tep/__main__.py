@@ -1,5 +1,5 @@
 """``python -m tep`` is the ``tep`` command."""
-from tep.cli import main
+from tep.server.cli import main
 
 if __name__ == "__main__":
     raise SystemExit(main())

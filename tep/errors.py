@@ -17,6 +17,7 @@ __all__ = [
     "NotSupportedError",
     "AuthenticationError",
     "RateLimitError",
+    "ServiceUnavailableError",
     "error_body",
 ]
 
@@ -112,6 +113,16 @@ class RateLimitError(APIError):
     def __init__(self, message: str, *, retry_after: int = 1, **kw: object) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.retry_after = retry_after
+
+
+class ServiceUnavailableError(APIError):
+    """503: the server is shutting down and no longer takes this request (a request
+    still waiting for a backend slot when the graceful shutdown ran out of time, or one
+    that arrived after the shutdown began)."""
+
+    status = 503
+    type = "server_error"
+    code = "shutting_down"
 
 
 def error_body(message: str, *, type: str, param: str | None = None,

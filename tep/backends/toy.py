@@ -37,7 +37,8 @@ import numpy as np
 
 from tep.backend import Backend, ChatStreamSink, StreamSink
 from tep.errors import BadRequestError
-from tep.protocol import ChatRequest, Sampling
+from tep.backend import Sampling
+from tep.wire.chat import ChatRequest
 
 __all__ = ["ToyBackend", "EOS", "chat_template"]
 

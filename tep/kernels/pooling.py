@@ -4,8 +4,8 @@
     emb = pool(hidden_nd, offsets=offsets_b1, mode="mean", normalize=True)   # [B, D]
 
 :func:`pool` validates and converts its arguments here, in Python, then runs the compiled
-kernel (:mod:`tep._kernels.pooling`) with the GIL released. Semantics: DESIGN.md,
-"Pooling semantics".
+kernel (:mod:`tep._kernels.pooling`) with the GIL released. Semantics: see
+:func:`pool`'s docstring.
 """
 from __future__ import annotations
 

@@ -1,0 +1,134 @@
+"""The Backend interface a model author subclasses.
+
+A backend is synchronous Python: the server calls it from a worker thread (never on the
+event loop), so it may block, run numpy, or call GIL-releasing kernels. Streaming methods
+push tokens into a sink (:mod:`tep.backend.sinks`); the sink's return value (and its
+``cancelled`` flag) tells the backend when to stop: the client went away, ``max_tokens``
+was reached, or a stop string / stop token ended the text.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+from tep.backend.results import Completion
+from tep.backend.sinks import ChatStreamSink, StreamSink, current_cancel
+
+if TYPE_CHECKING:  # pragma: no cover
+    from tep.backend.sampling import Sampling
+    from tep.wire.chat import ChatRequest
+
+__all__ = ["Backend"]
+
+
+def _overrides(obj: object, name: str) -> bool:
+    return getattr(type(obj), name) is not getattr(Backend, name)
+
+
+class Backend:
+    """Subclass this to serve a model. Every method has a safe default, so a bare
+    ``Backend()`` serves: no models, 501 for chat and embeddings.
+
+    Write either ``generate_stream_from_tokens`` or ``generate_from_tokens`` (the other is
+    derived), and likewise ``chat_completion_stream`` or ``chat_completion``. Methods are
+    called from worker threads, possibly concurrently for different requests.
+    """
+
+    def list_models(self) -> list[str]:
+        """Model IDs this backend serves (``GET /v1/models``). Default: none."""
+        return []
+
+    def context_size(self, model: str) -> int | None:
+        """The most tokens (prompt + completion) one sequence of ``model`` may hold, or
+        None if unbounded/unknown. Bounds ``max_tokens`` unless the server sets
+        ``max_tokens_limit``. Default: None."""
+        return None
+
+    def device_kind(self) -> str:
+        """What the model runs on ("cpu", "cuda", ...), for logs and events."""
+        return "cpu"
+
+    # ---- completions
+    def generate_from_tokens(self, model: str, token_ids: list[int],
+                             sampling: "Sampling") -> Completion:
+        """Generate one choice for a token-ID prompt. Default: run
+        :meth:`generate_stream_from_tokens` into a collecting sink."""
+        if not _overrides(self, "generate_stream_from_tokens"):
+            return Completion(finish_reason="stop")
+        sink = StreamSink(sampling, cancel=current_cancel.get(),
+                          token_text=self._token_text_fn(model), prompt_tokens=len(token_ids))
+        self.generate_stream_from_tokens(model, token_ids, sampling, sink)
+        return sink.result()
+
+    def generate_stream_from_tokens(self, model: str, token_ids: list[int],
+                                    sampling: "Sampling", sink: StreamSink) -> None:
+        """Stream one choice: call ``sink.emit_token(piece, token_id=...)`` per token and
+        return when it says False or generation ends. Default: send the result of
+        :meth:`generate_from_tokens` as one piece (or nothing if neither is written)."""
+        if _overrides(self, "generate_from_tokens"):
+            sink.emit_completion(self.generate_from_tokens(model, token_ids, sampling))
+
+    # ---- chat
+    def supports_chat(self) -> bool:
+        """Whether ``/v1/chat/completions`` is served (501 otherwise)."""
+        return False
+
+    def chat_completion(self, req: "ChatRequest") -> Completion:
+        """Answer a chat request (``req.messages``, ``req.sampling``); the chat template is
+        the backend's. Default: run :meth:`chat_completion_stream` into a collecting sink."""
+        if not _overrides(self, "chat_completion_stream"):
+            return Completion(finish_reason="stop", prompt_tokens=0)
+        sink = ChatStreamSink(req.sampling, cancel=current_cancel.get(),
+                              token_text=self._token_text_fn(req.model))
+        self.chat_completion_stream(req, sink)
+        return sink.result()
+
+    def chat_completion_stream(self, req: "ChatRequest", sink: ChatStreamSink) -> None:
+        """Stream a chat answer into ``sink``. Default: send :meth:`chat_completion`'s
+        result as one piece (or nothing if neither is written)."""
+        if _overrides(self, "chat_completion"):
+            sink.emit_completion(self.chat_completion(req))
+
+    # ---- embeddings
+    def supports_embeddings(self) -> bool:
+        """Whether ``/v1/embeddings`` is served (501 otherwise)."""
+        return False
+
+    def generate_embeddings(self, model: str, token_ids: list[int]) -> Any:
+        """One pooled vector (float32 [D]) for one token-ID input. Default: empty."""
+        import numpy as np
+
+        return np.zeros(0, dtype=np.float32)
+
+    def generate_embeddings_batch(self, model: str, token_ids: list[list[int]]) -> Any:
+        """One pooled vector per input: a sequence of B float32 [D] vectors (or an array
+        [B, D]). The server calls this once per request, so a backend can run the inputs
+        as one ragged batch. Default: :meth:`generate_embeddings` per input."""
+        return [self.generate_embeddings(model, x) for x in token_ids]
+
+    def embedding_dimensions(self, model: str) -> int | None:
+        """The length D of this model's embeddings, or None if unknown (then a
+        ``dimensions`` request is checked against each returned vector)."""
+        return None
+
+    # ---- text hooks (optional)
+    def tokenize(self, model: str, text: str) -> list[int]:
+        """Text -> token IDs. Without it, text prompts are a 400 ("this server takes
+        token IDs")."""
+        raise NotImplementedError
+
+    def detokenize(self, model: str, token_ids: list[int]) -> str:
+        """Token IDs -> text (for ``echo`` and logprob alternatives given as IDs)."""
+        raise NotImplementedError
+
+    def supports_tokenize(self) -> bool:
+        """True when :meth:`tokenize` is implemented."""
+        return _overrides(self, "tokenize")
+
+    def supports_detokenize(self) -> bool:
+        """True when :meth:`detokenize` is implemented."""
+        return _overrides(self, "detokenize")
+
+    def _token_text_fn(self, model: str) -> Callable[[int], str] | None:
+        if not self.supports_detokenize():
+            return None
+        return lambda tid: self.detokenize(model, [tid])

@@ -1,0 +1,1 @@
+"""Observability: Prometheus metrics, JSONL run events and per-request telemetry."""

@@ -1,0 +1,145 @@
+"""Prometheus metrics, served at ``GET /metrics`` (text exposition format).
+
+=====================================  =========  ============================================
+name                                   type       labels / meaning
+=====================================  =========  ============================================
+tep_requests_total                     counter    endpoint, status, outcome (see tep.obs.events)
+tep_request_duration_seconds           histogram  endpoint; arrival to last byte (streams too)
+tep_time_to_first_token_seconds        histogram  endpoint; arrival to first streamed text
+tep_inter_token_latency_seconds        histogram  endpoint; gap between streamed deltas of a
+                                                  choice (one delta is usually one token)
+tep_prompt_tokens_total                counter    endpoint
+tep_completion_tokens_total            counter    endpoint
+tep_requests_in_flight                 gauge      requests being handled (all routes but
+                                                  /metrics), queued ones included
+tep_queue_depth                        gauge      requests waiting for a backend slot
+tep_generation_timeouts_total          counter    endpoint
+=====================================  =========  ============================================
+
+``endpoint`` is the route template (``/v1/completions``, ``/v1/models/{model_id}``, ...)
+or ``other`` for unknown paths, so fuzzed URLs cannot blow up the label set. ``status``
+499 means the client left before a response started.
+
+Several worker processes (``tep serve --workers N``): the CLI sets
+``PROMETHEUS_MULTIPROC_DIR`` before the workers start, every worker writes its values to
+files there (prometheus-client's multiprocess mode) and ``/metrics`` on any worker
+aggregates all of them: counters and histograms are summed over workers (dead ones
+included, so totals never go backwards), the two gauges are summed over live workers.
+
+Without prometheus-client installed the server still runs and ``/metrics`` is a 501.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+try:
+    import prometheus_client as _prom
+except ImportError:  # pragma: no cover - it is a dependency; stay servable without it
+    _prom = None
+
+from tep.wire.routes import endpoint_label
+
+__all__ = ["Metrics", "multiprocess_dir", "endpoint_label"]
+
+_LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            120.0, 300.0)
+_TTFT = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+_ITL = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+
+def multiprocess_dir() -> str | None:
+    """The multiprocess directory in force, if any."""
+    return os.environ.get("PROMETHEUS_MULTIPROC_DIR") or os.environ.get(
+        "prometheus_multiproc_dir") or None
+
+
+class Metrics:
+    """The metrics of one app. Each app gets its own registry, so several apps in one
+    process (tests) never collide; in multiprocess mode values go to the shared files.
+
+    Args:
+        enabled: False gives a no-op object (and ``/metrics`` answers 501).
+    """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled and _prom is not None
+        if not self.enabled:
+            return
+        P = _prom
+        self.multiprocess = multiprocess_dir() is not None
+        self.registry = P.CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.requests = P.Counter("tep_requests", "Requests by endpoint, HTTP status and "
+                                  "outcome", ["endpoint", "status", "outcome"], registry=r)
+        self.duration = P.Histogram("tep_request_duration_seconds", "Request latency, "
+                                    "arrival to last byte", ["endpoint"], buckets=_LATENCY,
+                                    registry=r)
+        self.ttft = P.Histogram("tep_time_to_first_token_seconds", "Time to first streamed "
+                                "token", ["endpoint"], buckets=_TTFT, registry=r)
+        self.itl = P.Histogram("tep_inter_token_latency_seconds", "Gap between streamed "
+                               "tokens of one choice", ["endpoint"], buckets=_ITL, registry=r)
+        self.prompt_tokens = P.Counter("tep_prompt_tokens", "Prompt tokens processed",
+                                       ["endpoint"], registry=r)
+        self.completion_tokens = P.Counter("tep_completion_tokens", "Tokens generated",
+                                           ["endpoint"], registry=r)
+        self.in_flight = P.Gauge("tep_requests_in_flight", "Requests being handled",
+                                 registry=r, multiprocess_mode="livesum")
+        self.queue_depth = P.Gauge("tep_queue_depth", "Requests waiting for a backend slot",
+                                   registry=r, multiprocess_mode="livesum")
+        self.timeouts = P.Counter("tep_generation_timeouts", "Requests ended by the "
+                                  "generation timeout", ["endpoint"], registry=r)
+        # labelled children by label values: ``labels()`` costs a few microseconds a
+        # call (validation, a lock), and it would be called several times per request
+        self._children: dict[tuple, Any] = {}
+
+    def _child(self, metric: Any, *labels: str) -> Any:
+        key = (id(metric), *labels)
+        c = self._children.get(key)
+        if c is None:
+            c = self._children[key] = metric.labels(*labels)
+        return c
+
+    def observe_ttft(self, endpoint: str, seconds: float) -> None:
+        """Record a time to first token."""
+        if self.enabled:
+            self._child(self.ttft, endpoint).observe(seconds)
+
+    def observe_itl(self, endpoint: str, seconds: float) -> None:
+        """Record a gap between two streamed deltas of one choice."""
+        if self.enabled:
+            self._child(self.itl, endpoint).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The exposition text and its content type."""
+        P = _prom
+        if self.multiprocess:
+            from prometheus_client import multiprocess
+
+            reg = P.CollectorRegistry()
+            multiprocess.MultiProcessCollector(reg)
+            return P.generate_latest(reg), P.CONTENT_TYPE_LATEST
+        return P.generate_latest(self.registry), P.CONTENT_TYPE_LATEST
+
+    def request_done(self, endpoint: str, status: int, outcome: str, seconds: float,
+                     prompt_tokens: int, completion_tokens: int, timed_out: bool) -> None:
+        """Record one finished request."""
+        if not self.enabled:
+            return
+        child = self._child
+        child(self.requests, endpoint, str(status), outcome).inc()
+        child(self.duration, endpoint).observe(seconds)
+        if prompt_tokens:
+            child(self.prompt_tokens, endpoint).inc(prompt_tokens)
+        if completion_tokens:
+            child(self.completion_tokens, endpoint).inc(completion_tokens)
+        if timed_out:
+            child(self.timeouts, endpoint).inc()
+
+    def mark_process_dead(self) -> None:
+        """Drop this process's live gauges (multiprocess mode; at worker exit)."""
+        if self.enabled and self.multiprocess:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())

@@ -1,0 +1,162 @@
+"""``POST /v1/chat/completions``: parse, admit, run one backend call per choice, answer
+JSON or stream ``chat.completion.chunk`` deltas."""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Awaitable, Callable, Iterable
+
+from tep import errors as E
+from tep.backend import ChatStreamSink, Completion
+from tep.backend.interface import _overrides
+from tep.obs.telemetry import RequestRecord
+from tep.serving import calls as C
+from tep.serving.bridge import StreamBridge
+from tep.serving.replies import Reply, StreamReply, json_reply
+from tep.serving.sse import sse, sse_text_template
+from tep.serving.state import ServerState
+from tep.serving.stream import ChunkRenderer, first_event, stream_reply
+from tep.wire.chat import ChatRequest, parse_chat_request
+from tep.wire.shapes import chat_logprobs, new_id, now, usage
+from tep.wire.values import parse_json_body
+
+__all__ = ["chat"]
+
+
+async def chat(state: ServerState, rec: RequestRecord,
+               read_body: Callable[[], Awaitable[bytes]]) -> Reply | StreamReply:
+    """``POST /v1/chat/completions``."""
+    if not state.backend.supports_chat():
+        raise E.NotSupportedError("This backend does not support chat completions",
+                                  param=None, code="chat_not_supported")
+    rid = rec.request_id = new_id("chatcmpl")
+    body = parse_json_body(await read_body())
+    req = parse_chat_request(body, rid, default_max_tokens=state.config.chat_max_tokens)
+    rec.model, rec.sampling = req.model, req.sampling
+    C.check_model(state, req.model)
+    if body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None:
+        C.check_max_tokens(state, req.model, req.sampling.max_tokens,
+                           "max_completion_tokens" if body.get("max_completion_tokens")
+                           is not None else "max_tokens")
+    else:  # the server's default answer length, within the model's limit
+        req.sampling.max_tokens = min(req.sampling.max_tokens,
+                                      C.max_tokens_limit(state, req.model))
+    cancel = await C.admit(state, rec)
+    try:
+        if req.stream:
+            return await _stream(state, rec, req, rid, cancel)
+        return await _complete(state, rec, req, rid, cancel)
+    except BaseException:
+        C.release(state, cancel)
+        raise
+
+
+async def _complete(state: ServerState, rec: RequestRecord, req: ChatRequest, rid: str,
+                    cancel: threading.Event) -> Reply:
+    backend, s = state.backend, req.sampling
+    own = _overrides(backend, "chat_completion")
+    try:
+        jobs = []
+        for j in range(req.wire.n):
+            if s.max_tokens == 0:
+                jobs.append(asyncio.sleep(0, Completion(finish_reason="length", prompt_tokens=0)))
+            else:
+                jobs.append(C.call(state, rid, cancel, "chat completion",
+                                   backend.chat_completion, req.for_choice(j)))
+        results, cut = await C.gather_choices(state, rec, cancel, jobs)
+    finally:
+        C.release(state, cancel)
+    choices, completion_tokens, prompt_tokens = [], 0, 0
+    for j, c in enumerate(results):
+        if own:
+            c = C.replay(s, c, ChatStreamSink, backend._token_text_fn(req.model))
+        if cut[j]:
+            c.finish_reason = "length"
+        if s.logprobs is not None and state.events.enabled:
+            state.events.steps(rid, j, 0, c.logprobs or [])
+        completion_tokens += c.completion_tokens if c.completion_tokens is not None \
+            else len(c.token_ids)
+        prompt_tokens = max(prompt_tokens, c.prompt_tokens or 0)
+        choices.append({
+            "index": j,
+            "message": {"role": "assistant", "content": c.text},
+            "logprobs": chat_logprobs(c.logprobs or []) if s.logprobs is not None else None,
+            "finish_reason": c.finish_reason,
+        })
+    rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
+    return json_reply({"id": rid, "object": "chat.completion", "created": now(),
+                       "model": req.model, "choices": choices,
+                       "usage": usage(prompt_tokens, completion_tokens)})
+
+
+class _Chunks(ChunkRenderer):
+    """``chat.completion.chunk`` deltas: the role once per choice, before its content."""
+
+    prompt_tokens = None  # from the backend's finish events
+
+    def __init__(self, req: ChatRequest, rid: str) -> None:
+        self.req, self.rid, self.created = req, rid, now()
+        self.n_choices = req.wire.n
+        self.include_usage = req.wire.include_usage
+        self._usage_null = {"usage": None} if self.include_usage else {}
+        self._want_lp = req.sampling.logprobs is not None
+        self._role_sent = [False] * self.n_choices
+        # the common chunk (a token's text, no logprobs) from a byte template
+        self._plain = None if self._want_lp else sse_text_template(
+            lambda j, text: self._payload(j, {"content": text}, None, None))
+
+    def _payload(self, j: int, delta: dict, lp: Any, finish: str | None) -> dict:
+        return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                "model": self.req.model,
+                "choices": [{"index": j, "delta": delta, "logprobs": lp,
+                             "finish_reason": finish}], **self._usage_null}
+
+    def _chunk(self, j: int, delta: dict, lps: list | None, finish: str | None) -> bytes:
+        lp = chat_logprobs(lps) if self._want_lp and lps is not None else None
+        return sse(self._payload(j, delta, lp, finish))
+
+    def role(self, j: int, role: str = "assistant") -> list[bytes]:
+        if self._role_sent[j]:
+            return []
+        self._role_sent[j] = True
+        return [self._chunk(j, {"role": role, "content": ""}, None, None)]
+
+    def delta(self, j: int, text: str, lps: list | None) -> Iterable[bytes]:
+        out = self.role(j)
+        out.append(self._plain(j, text) if self._plain is not None else
+                   self._chunk(j, {"content": text}, lps, None))
+        return out
+
+    def finish(self, j: int, reason: str) -> Iterable[bytes]:
+        out = self.role(j)
+        out.append(self._chunk(j, {}, None, reason))
+        return out
+
+    def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+        return sse({"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
+                    "model": self.req.model, "choices": [],
+                    "usage": usage(prompt_tokens, completion_tokens)})
+
+
+async def _stream(state: ServerState, rec: RequestRecord, req: ChatRequest, rid: str,
+                  cancel: threading.Event) -> StreamReply:
+    backend, s = state.backend, req.sampling
+    token_text = backend._token_text_fn(req.model)
+    bridge = StreamBridge(state.pool(), cancel, rid)
+    for j in range(req.wire.n):
+        rj = req.for_choice(j)
+        if s.max_tokens == 0:
+            bridge.start(j, lambda on_delta, on_role, rj=rj: ChatStreamSink(rj.sampling,
+                                                                            cancel=cancel),
+                         lambda sink: None)
+            continue
+        bridge.start(
+            j,
+            lambda on_delta, on_role, rj=rj: ChatStreamSink(
+                rj.sampling, cancel=cancel, on_delta=on_delta, on_role=on_role,
+                token_text=token_text),
+            lambda sink, rj=rj: backend.chat_completion_stream(rj, sink))
+    events, first = await first_event(state, bridge, C.deadline(state), "chat completion")
+    render = _Chunks(req, rid)
+    return stream_reply(state, rec, bridge, events, first, render, "chat completion",
+                        C.step_recorder(state, rid, render.n_choices, s.logprobs))

@@ -1,0 +1,160 @@
+"""Server settings (from keyword arguments or ``TEP_*`` environment variables) and
+loading a backend from a ``module:Class`` string."""
+from __future__ import annotations
+
+import importlib
+import os
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+__all__ = ["ServerConfig", "load_backend", "DEFAULT_BACKEND"]
+
+DEFAULT_BACKEND = "tep.backends.toy:ToyBackend"
+
+
+def _bool(v: str) -> bool:
+    if v.strip().lower() in ("1", "true", "yes", "on"):
+        return True
+    if v.strip().lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected a boolean (1/0, true/false), got {v!r}")
+
+
+def _keys(v: str) -> tuple[str, ...]:
+    return tuple(k.strip() for k in v.split(",") if k.strip())
+
+
+@dataclass
+class ServerConfig:
+    """Settings of one app.
+
+    Attributes:
+        max_concurrency: threads in the backend pool = requests whose backend work runs at
+            once (a request with ``n`` choices uses up to ``n`` of the threads).
+        max_queue: requests that may wait for a free slot when all ``max_concurrency`` are
+            busy; past that a request gets 429 with ``Retry-After``. 0 = no waiting.
+        max_body_bytes: largest accepted request body (413 above). Token-ID prompts are
+            ~6 bytes per token in JSON, so the default fits millions of tokens.
+        chat_max_tokens: ``max_tokens`` of a chat request that does not set one.
+        max_tokens_limit: most tokens one request may ask for (400 above); 0 = the
+            backend's context size for the model when it reports one
+            (``Backend.context_size``), else ``DEFAULT_MAX_TOKENS_LIMIT``.
+        api_keys: accepted keys (``TEP_API_KEYS`` is a comma list). When any key is set,
+            every ``/v1`` request needs ``Authorization: Bearer <key>`` (401 otherwise).
+        generation_timeout: seconds a completion/chat request may generate before it is
+            ended with ``finish_reason: "length"`` (0 = no limit).
+        retry_after: seconds sent in ``Retry-After`` with a 429.
+        events_jsonl: path of the JSONL run-events file (None = no events, no file I/O).
+            ``{worker}`` and ``{pid}`` in the path are replaced per process.
+        metrics: serve ``GET /metrics`` and record Prometheus metrics.
+        fast_path: answer ``POST`` on the inference routes in an ASGI layer in front of
+            Quart (:mod:`tep.server.fastpath`; same answers, less overhead). Quart's own
+            ``before_request``/``after_request`` hooks and extensions do not see those
+            requests; False routes them through Quart.
+    """
+
+    max_concurrency: int = field(default=8, metadata={
+        "help": "backend threads per process = requests running at once"})
+    max_queue: int = field(default=256, metadata={
+        "help": "requests that may wait for a backend thread, per process; past that 429"})
+    max_body_bytes: int = field(default=32 * 1024 * 1024, metadata={
+        "help": "largest request body in bytes (413 above)"})
+    chat_max_tokens: int = field(default=256, metadata={
+        "help": "max_tokens of chat requests that set none"})
+    max_tokens_limit: int = field(default=0, metadata={
+        "help": "most tokens one request may ask for (0 = the model's context size, "
+                "else 1048576)"})
+    api_keys: tuple[str, ...] = field(default=(), metadata={"cli": False})
+    generation_timeout: float = field(default=0.0, metadata={
+        "help": "seconds a completion may generate before it ends with finish_reason "
+                "'length' (0 = no limit)"})
+    retry_after: int = field(default=1, metadata={"help": "seconds in Retry-After of a 429"})
+    events_jsonl: str | None = field(default=None, metadata={
+        "help": "write run events (JSONL) to this file"})
+    metrics: bool = field(default=True, metadata={"cli": False})
+    fast_path: bool = field(default=True, metadata={"cli": False})
+
+    DEFAULT_MAX_TOKENS_LIMIT = 1 << 20
+
+    # how each field is read from its TEP_<NAME> variable
+    _PARSE = {"api_keys": _keys, "events_jsonl": str,
+              "generation_timeout": float, "metrics": _bool,
+              "fast_path": _bool}
+
+    @classmethod
+    def from_env(cls, **overrides: Any) -> "ServerConfig":
+        """Defaults, then ``TEP_<FIELD>`` variables, then ``overrides`` (None = unset)."""
+        cfg = cls()
+        for f in fields(cls):
+            env = os.environ.get("TEP_" + f.name.upper())
+            if env not in (None, ""):
+                try:
+                    setattr(cfg, f.name, cls._PARSE.get(f.name, int)(env))
+                except ValueError as e:
+                    raise ValueError(f"TEP_{f.name.upper()}: {e}") from None
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown tep setting(s): {', '.join(sorted(unknown))}")
+        for k, v in overrides.items():
+            if v is not None:
+                setattr(cfg, k, tuple(v) if k == "api_keys" else v)
+        if cfg.max_concurrency < 1:
+            raise ValueError("max_concurrency must be >= 1")
+        if cfg.max_queue < 0:
+            raise ValueError("max_queue must be >= 0")
+        if cfg.max_body_bytes < 1024:
+            raise ValueError("max_body_bytes must be >= 1024")
+        if cfg.chat_max_tokens < 1:
+            raise ValueError("chat_max_tokens must be >= 1")
+        if cfg.max_tokens_limit < 0:
+            raise ValueError("max_tokens_limit must be >= 0 (0 = from the backend)")
+        if cfg.generation_timeout < 0:
+            raise ValueError("generation_timeout must be >= 0 (0 = no limit)")
+        if cfg.retry_after < 0:
+            raise ValueError("retry_after must be >= 0")
+        return cfg
+
+    def all_api_keys(self) -> tuple[str, ...]:
+        """Every accepted key, empty = no auth."""
+        return tuple(dict.fromkeys(k for k in self.api_keys if k))
+
+    def public(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict with the keys left out (for run_start)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)
+               if f.name != "api_keys"}
+        out["api_keys"] = len(self.all_api_keys())
+        return out
+
+
+# Short names for the backends tep ships (``tep serve --backend toy``).
+BACKEND_ALIASES = {"toy": DEFAULT_BACKEND, "bert": "tep.backends.bert:MiniLMBackend",
+                   "llamacpp": "tep.backends.llamacpp:LlamaCppModel"}
+
+
+def resolve_backend_spec(spec: str | None = None) -> Any:
+    """The object a backend spec names, imported but not called: ``"module:Attr"``, a
+    short name from ``BACKEND_ALIASES``, or None for ``$TEP_BACKEND`` / the toy backend."""
+    spec = spec or os.environ.get("TEP_BACKEND") or DEFAULT_BACKEND
+    spec = BACKEND_ALIASES.get(spec, spec)
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise ValueError(f"backend must be 'module:Attr' or one of "
+                         f"{', '.join(BACKEND_ALIASES)}, got {spec!r}")
+    module = importlib.import_module(module_name)
+    try:
+        return getattr(module, attr)
+    except AttributeError:
+        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+
+
+def load_backend(spec: str | None = None) -> Any:
+    """Build a backend from a spec (see :func:`resolve_backend_spec`); the attribute is
+    called with no arguments when it is a class or factory."""
+    from tep.backend import Backend
+
+    obj = resolve_backend_spec(spec)
+    backend = obj() if callable(obj) and not isinstance(obj, Backend) else obj
+    if not isinstance(backend, Backend):
+        raise TypeError(f"{spec or os.environ.get('TEP_BACKEND')} did not give a tep.Backend "
+                        f"(got {type(backend).__name__})")
+    return backend

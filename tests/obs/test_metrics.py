@@ -1,0 +1,98 @@
+"""Prometheus metrics at /metrics (tep.obs.metrics): names, labels and values after real
+requests through the Quart test client. Several workers: tests/test_workers.py."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from support.backends import ScriptBackend
+from support.http import client_for, post_json, post_stream
+
+from support.prometheus import parse
+from tep.wire.routes import endpoint_label
+
+pytestmark = pytest.mark.anyio
+
+CMPL = "/v1/completions"
+CHAT = "/v1/chat/completions"
+MSGS = [{"role": "user", "content": "hello"}]
+
+
+async def _metrics(c) -> dict:
+    r = await c.get("/metrics")
+    assert r.status_code == 200
+    assert r.headers["Content-Type"].startswith("text/plain")
+    return parse((await r.get_data()).decode())
+
+
+def _v(m: dict, name: str, **labels) -> float:
+    return m.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+async def test_counters_histograms_and_labels():
+    async with client_for(ScriptBackend()) as c:
+        for _ in range(3):
+            st, _ = await post_json(c, CMPL, {"model": "script", "prompt": [9, 9],
+                                              "max_tokens": 4})
+            assert st == 200
+        st, ev, _ = await post_stream(c, CMPL, {"model": "script", "prompt": [9],
+                                                "max_tokens": 5})
+        assert st == 200
+        st, ev, _ = await post_stream(c, CHAT, {"model": "script", "messages": MSGS,
+                                                "max_tokens": 3})
+        assert st == 200
+        assert (await post_json(c, CMPL, {"model": "nope", "prompt": [1]}))[0] == 404
+        assert (await post_json(c, CMPL, {"model": "script", "prompt": [1]}))[0] == 500
+        assert (await c.get("/v1/models/script")).status_code == 200
+        assert (await c.get("/v1/models/../../etc")).status_code == 404
+        assert (await c.get("/no/such/route")).status_code == 404
+        m = await _metrics(c)
+    req = "tep_requests_total"
+    assert _v(m, req, endpoint=CMPL, status="200", outcome="ok") == 4
+    assert _v(m, req, endpoint=CHAT, status="200", outcome="ok") == 1
+    assert _v(m, req, endpoint=CMPL, status="404", outcome="error") == 1
+    assert _v(m, req, endpoint=CMPL, status="500", outcome="error") == 1
+    assert _v(m, req, endpoint="/v1/models/{model_id}", status="200", outcome="ok") == 1
+    assert _v(m, req, endpoint="other", status="404", outcome="error") >= 1
+    assert _v(m, "tep_request_duration_seconds_count", endpoint=CMPL) == 6
+    assert _v(m, "tep_prompt_tokens_total", endpoint=CMPL) == 3 * 2 + 1 + 1
+    assert _v(m, "tep_completion_tokens_total", endpoint=CMPL) == 3 * 4 + 5
+    assert _v(m, "tep_completion_tokens_total", endpoint=CHAT) == 3
+    # streams only: one first token each, then one gap per further token
+    assert _v(m, "tep_time_to_first_token_seconds_count", endpoint=CMPL) == 1
+    assert _v(m, "tep_time_to_first_token_seconds_count", endpoint=CHAT) == 1
+    assert _v(m, "tep_inter_token_latency_seconds_count", endpoint=CMPL) == 4
+    assert _v(m, "tep_inter_token_latency_seconds_count", endpoint=CHAT) == 2
+    assert _v(m, "tep_requests_in_flight") == 0 and _v(m, "tep_queue_depth") == 0
+    assert not any("/etc" in str(k) or "/no/such" in str(k) for k in m)
+
+
+async def test_in_flight_and_queue_depth_while_busy():
+    async with client_for(ScriptBackend(), max_concurrency=1, max_queue=4) as c:
+        state = c.app.extensions["tep"]
+        slow = {"model": "script", "prompt": [3], "max_tokens": 15}  # 20 ms per token
+        tasks = [asyncio.ensure_future(post_stream(c, CMPL, slow)) for _ in range(3)]
+        for _ in range(200):
+            if state.admission.queued == 2:
+                break
+            await asyncio.sleep(0.01)
+        m = await _metrics(c)
+        assert _v(m, "tep_requests_in_flight") == 3
+        assert _v(m, "tep_queue_depth") == 2
+        assert all(r[0] == 200 for r in await asyncio.gather(*tasks))
+        m = await _metrics(c)
+        assert _v(m, "tep_requests_in_flight") == 0 and _v(m, "tep_queue_depth") == 0
+
+
+async def test_metrics_off_is_501():
+    async with client_for(ScriptBackend(), metrics=False) as c:
+        r = await c.get("/metrics")
+        assert r.status_code == 501
+        assert (await r.get_json())["error"]["code"] == "metrics_disabled"
+        assert (await post_json(c, CMPL, {"model": "script", "prompt": [9]}))[0] == 200
+
+
+def test_endpoint_label():
+    assert endpoint_label("/v1/completions") == "/v1/completions"
+    assert endpoint_label("/v1/models/a/b") == "/v1/models/{model_id}"
+    assert endpoint_label("/random") == "other"
