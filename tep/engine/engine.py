@@ -64,6 +64,20 @@ class EngineStats:
     step_s: float = 0.0
 
 
+@dataclass
+class _DecodePlan:
+    """A decode-only plan kept for the next steps while ``Scheduler.version`` is the same
+    (the same sequences, all decoding): its slots, batch ``seq_ids``/``logits`` arrays and
+    gathered static ``sample`` arguments."""
+
+    version: int
+    plan: Plan
+    slots: np.ndarray
+    seq_ids: np.ndarray
+    want: np.ndarray
+    static: dict
+
+
 @dataclass(frozen=True)
 class StepRecord:
     """One step, kept when ``Engine(record_steps=True)`` (for tests): how many sequences
@@ -83,23 +97,26 @@ class Engine:
         max_num_seqs: most sequences in the model at once (slots; model ``seq_id`` range).
         max_batch_tokens: most tokens fed per step (prompt chunks + decode tokens).
         record_steps: keep a :class:`StepRecord` per step in ``self.steps`` (tests).
+        sample_threads: threads of the one ``sample`` call per step (None = the kernel's
+            automatic choice; 1 avoids OpenMP on an oversubscribed machine).
     """
 
     def __init__(self, model: Any, *, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
-                 record_steps: bool = False) -> None:
+                 record_steps: bool = False, sample_threads: int | None = None) -> None:
         self.model = model
         cap = getattr(model, "max_num_seqs", None)
         if cap is not None and max_num_seqs > int(cap):
             max_num_seqs = int(cap)
         self.sched = Scheduler(max_num_seqs, max(max_batch_tokens, max_num_seqs))
         self.vocab_size = int(model.vocab_size)
-        self.rows = RowState(max_num_seqs, self.vocab_size)
+        self.rows = RowState(max_num_seqs, self.vocab_size, n_threads=sample_threads)
         self.stats = EngineStats()
         self.steps: list[StepRecord] | None = [] if record_steps else None
         self._eog = frozenset(int(t) for t in (getattr(model, "eog_token_ids", None) or ()))
         self._detok = getattr(model, "detokenize", None)
         self._reuse = getattr(model, "reuse_prefix", None)
         self._piece_cache: dict[int, bytes] = {}
+        self._decode: _DecodePlan | None = None
         self._inbox: list[Seq] = []
         self._cv = threading.Condition()
         self._stop = False
@@ -195,39 +212,61 @@ class Engine:
         """One step: drop ended sequences, schedule, forward, sample, deliver."""
         t0 = time.perf_counter()
         self._drop_cancelled()
-        plan = self.sched.schedule(self._reuse_prefix if self._reuse is not None else None)
-        if not plan.seqs:
-            return
-        batch = self._build_batch(plan)
-        n_rows = len(plan.samplers)
-        slots = np.fromiter((s.slot for s in plan.samplers), np.int64, n_rows)
+        rows = self.rows
+        c = self._decode
+        if c is not None and c.version == self.sched.version:
+            # the same sequences as last step, all decoding: no re-planning
+            plan, slots = c.plan, c.slots
+            batch = StepBatch(token_ids=rows.last[slots].astype(np.int32),
+                              positions=rows.pos[slots].astype(np.int32),
+                              seq_ids=c.seq_ids, logits=c.want)
+            fed_slots, fed_counts = slots, 1
+        else:
+            plan = self.sched.schedule(self._reuse_prefix if self._reuse is not None else None)
+            if not plan.seqs:
+                return
+            for s in plan.admitted:
+                rows.admit(s.slot, s.sampling, s.seed, s.prompt, s.n_fed)
+            batch, fed_slots, fed_counts = self._build_batch(plan)
+            slots = np.fromiter((s.slot for s in plan.samplers), np.int64, len(plan.samplers))
+            self._decode = None
+            if not plan.prefills and not any(s.constraint is not None for s in plan.seqs):
+                self._decode = _DecodePlan(self.sched.version, plan, slots,
+                                           batch.seq_ids, batch.logits,
+                                           rows.static_kwargs(slots))
+        n_rows = slots.shape[0]
         t1 = time.perf_counter()
         try:
-            logits = self.model.forward(batch)
-            logits = self._check_logits(logits, n_rows)
+            logits = self._check_logits(self.model.forward(batch), n_rows)
         except Exception as e:  # the model failed this step: only its sequences fail
             log.warning("model forward failed; failing %d sequences: %r", len(plan.seqs), e)
-            for s in plan.seqs:
+            for s in list(plan.seqs):
                 self._finish(s, e)
-            self.stats.failed += 0  # counted in _finish
             return
         t2 = time.perf_counter()
         st = self.stats
         st.steps += 1
         st.tokens_fed += batch.n_tokens
         st.forward_s += t2 - t1
-        for s, n in zip(plan.seqs, plan.counts):
-            s.n_fed = min(s.n_fed + n, s.prompt.shape[0]) if s.prefilling else s.n_fed
+        rows.pos[fed_slots] += fed_counts
+        if plan.prefills:
+            for s, n in zip(plan.seqs, plan.counts):
+                if s.n_fed < s.plen:
+                    s.n_fed += n
         if self.steps is not None:
             self.steps.append(StepRecord(len(plan.seqs), batch.n_tokens,
                                          tuple(slots.tolist())))
         if n_rows:
-            self._apply_constraints(plan.samplers)
-            res = self.rows.sample_rows(logits, slots)
+            static = None
+            if self._decode is not None and self._decode.plan is plan:
+                static = self._decode.static
+            else:
+                self._apply_constraints(plan.samplers)
+            res = rows.sample_rows(logits, slots, static)
             t3 = time.perf_counter()
             st.sample_s += t3 - t2
             st.tokens_sampled += n_rows
-            self.rows.record(slots, res.token_ids)
+            rows.record(slots, res.token_ids)
             self._update_from_output(plan.samplers, res)
         st.step_s += time.perf_counter() - t0
 
@@ -239,37 +278,36 @@ class Engine:
         except Exception:
             log.exception("reuse_prefix failed; evaluating the whole prompt")
             n = 0
-        n = max(0, min(n, s.prompt.shape[0] - 1))
+        n = max(0, min(n, s.plen - 1))
         self.stats.prefix_hit_tokens += n
-        self.stats.prefix_miss_tokens += s.prompt.shape[0] - n
+        self.stats.prefix_miss_tokens += s.plen - n
         return n
 
-    def _admit_rows(self, plan: Plan) -> None:
-        for s in plan.admitted:
-            self.rows.admit(s.slot, s.sampling, s.seed, s.prompt)
-
-    def _build_batch(self, plan: Plan) -> StepBatch:
-        self._admit_rows(plan)
+    def _build_batch(self, plan: Plan) -> tuple[StepBatch, np.ndarray, np.ndarray]:
+        """The step's StepBatch, and the slots fed with their token counts."""
         N = plan.n_tokens
         tok = np.empty(N, np.int32)
         pos = np.empty(N, np.int32)
         sid = np.empty(N, np.int32)
         want = np.zeros(N, bool)
+        rows = self.rows
         i = 0
         for s, n in zip(plan.seqs, plan.counts):
-            if s.prefilling:
-                a = s.n_fed
+            a = s.n_fed
+            if a < s.plen:
                 tok[i:i + n] = s.prompt[a:a + n]
                 pos[i:i + n] = np.arange(a, a + n, dtype=np.int32)
-                if a + n == s.prompt.shape[0]:
+                if a + n == s.plen:
                     want[i + n - 1] = True
             else:
-                tok[i] = s.last
-                pos[i] = s.prompt.shape[0] + s.n_out - 1
+                tok[i] = rows.last[s.slot]
+                pos[i] = rows.pos[s.slot]
                 want[i] = True
             sid[i:i + n] = s.slot
             i += n
-        return StepBatch(token_ids=tok, positions=pos, seq_ids=sid, logits=want)
+        fed = np.fromiter((s.slot for s in plan.seqs), np.int64, len(plan.seqs))
+        return (StepBatch(token_ids=tok, positions=pos, seq_ids=sid, logits=want), fed,
+                np.asarray(plan.counts, np.int64))
 
     def _check_logits(self, logits: Any, n_rows: int) -> np.ndarray:
         if not isinstance(logits, np.ndarray):
@@ -300,45 +338,61 @@ class Engine:
     def _update_from_output(self, samplers: list, res: Any) -> None:
         toks = res.token_ids.tolist()
         lp = res.logprobs is not None
+        all_ok = lp or bool(res.ok.all())
+        eog, piece_of, cache = self._eog, self._piece, self._piece_cache
         for i, s in enumerate(samplers):
-            if not res.ok[i]:
+            if not all_ok and not res.ok[i]:
                 self._finish(s, res.errors[i])
                 continue
             tok = toks[i]
             s.n_out += 1
-            s.last = tok
-            kw: dict = {}
-            k = s.sampling.logprobs
-            if lp and k is not None:
-                kw = {"logprob": float(res.logprobs[i]),
-                      "top_logprobs": list(zip(res.top_ids[i, :k].tolist(),
-                                               res.top_lps[i, :k].tolist())),
-                      "token_bytes": self._piece(tok)}
-            c = s.constraint
-            if c is not None and not c.accept(tok):
-                self._finish(s, ValueError(f"token {tok} broke the output constraint"))
-                continue
             sink = s.sink
-            if tok in self._eog:
-                sink.emit_token(s.decoder.decode(b"", final=True), tok, **kw)
-                sink.emit_finish("stop")
-                self._finish(s, None)
+            if lp or s.constraint is not None or tok in eog or s.max_len is not None:
+                self._deliver_slow(s, tok, i, res)
                 continue
-            go = sink.emit_token(s.decoder.decode(self._piece(tok)), tok, **kw)
-            if not go:
+            piece = cache.get(tok)
+            if piece is None:
+                piece = piece_of(tok)
+            if not sink.emit_token(s.decoder.decode(piece), tok):
                 self._finish(s, None, cancelled=sink._cancel.is_set()
                              if hasattr(sink, "_cancel") else False)
-            elif s.max_len is not None and s.prompt.shape[0] + s.n_out >= s.max_len:
-                sink.emit_finish("length")
-                self._finish(s, None)
+
+    def _deliver_slow(self, s: Seq, tok: int, i: int, res: Any) -> None:
+        """A token with logprobs, a constraint, an end-of-generation ID or a context bound."""
+        if not res.ok[i]:
+            self._finish(s, res.errors[i])
+            return
+        kw: dict = {}
+        k = s.sampling.logprobs
+        if res.logprobs is not None and k is not None:
+            kw = {"logprob": float(res.logprobs[i]),
+                  "top_logprobs": list(zip(res.top_ids[i, :k].tolist(),
+                                           res.top_lps[i, :k].tolist())),
+                  "token_bytes": self._piece(tok)}
+        c = s.constraint
+        if c is not None and not c.accept(tok):
+            self._finish(s, ValueError(f"token {tok} broke the output constraint"))
+            return
+        sink = s.sink
+        if tok in self._eog:
+            sink.emit_token(s.decoder.decode(b"", final=True), tok, **kw)
+            sink.emit_finish("stop")
+            self._finish(s, None)
+            return
+        if not sink.emit_token(s.decoder.decode(self._piece(tok)), tok, **kw):
+            self._finish(s, None, cancelled=sink._cancel.is_set()
+                         if hasattr(sink, "_cancel") else False)
+        elif s.max_len is not None and s.plen + s.n_out >= s.max_len:
+            sink.emit_finish("length")
+            self._finish(s, None)
 
     def _drop_cancelled(self) -> None:
-        for s in list(self.sched.waiting):
-            if s.sink.cancelled:
-                self._finish(s, None, cancelled=True)
-        for s in list(self.sched.running):
-            if s.sink.cancelled:
-                self._finish(s, None, cancelled=True)
+        if self.sched.waiting:
+            for s in list(self.sched.waiting):
+                if s.sink.cancelled:
+                    self._finish(s, None, cancelled=True)
+        for s in [s for s in self.sched.running if s.sink.cancelled]:
+            self._finish(s, None, cancelled=True)
 
     def _finish(self, s: Seq, exc: BaseException | None, *, cancelled: bool = False) -> None:
         if s.done:

@@ -12,6 +12,7 @@ span-based history API touches this module alone.
 from __future__ import annotations
 
 import os
+import time
 from typing import Any, NamedTuple, Sequence
 
 import numpy as np
@@ -49,8 +50,11 @@ class RowState:
         hist_capacity: initial columns of the history buffer (grows by doubling).
     """
 
-    def __init__(self, max_slots: int, vocab_size: int, hist_capacity: int = 256) -> None:
+    def __init__(self, max_slots: int, vocab_size: int, hist_capacity: int = 256,
+                 n_threads: int | None = None) -> None:
         S = max_slots
+        self.n_threads = n_threads
+        self.kernel_s = 0.0   # seconds inside tep.kernels.sample (for the overhead bench)
         self.vocab_size = vocab_size
         self.temperature = np.ones(S, np.float64)
         self.top_k = np.zeros(S, np.int64)
@@ -63,6 +67,8 @@ class RowState:
         self.step = np.zeros(S, np.uint64)          # tokens generated so far = next step
         self.n_logprobs = np.full(S, -1, np.int64)  # -1: logprobs not requested
         self.penalized = np.zeros(S, bool)          # keeps a history
+        self.last = np.zeros(S, np.int64)           # last sampled token (fed next step)
+        self.pos = np.zeros(S, np.int64)            # tokens in the model's cache
         self.prompt_len = np.zeros(S, np.int64)
         self.out_len = np.zeros(S, np.int64)
         self.hist = np.zeros((S, max(1, hist_capacity)), np.int64)
@@ -70,9 +76,12 @@ class RowState:
         self.allowed: list[np.ndarray | None] = [None] * S
 
     # ---- admission / release
-    def admit(self, slot: int, sampling: Any, seed: int, prompt: np.ndarray) -> None:
-        """Write a new sequence's knobs into ``slot``. ``prompt`` int64 [P]."""
+    def admit(self, slot: int, sampling: Any, seed: int, prompt: np.ndarray,
+              cached: int = 0) -> None:
+        """Write a new sequence's knobs into ``slot``. ``prompt`` int64 [P]; ``cached``:
+        prompt tokens already in the model's cache."""
         s = sampling
+        self.pos[slot] = cached
         self.temperature[slot] = s.temperature
         self.top_k[slot] = s.top_k
         self.top_p[slot] = s.top_p
@@ -116,6 +125,7 @@ class RowState:
         """Append the sampled ``tokens`` (int64 [B]) to their slots' histories and advance
         their steps. ``slots`` int64 [B]."""
         self.step[slots] += 1
+        self.last[slots] = tokens
         pen = self.penalized[slots]
         if pen.any():
             ps = slots[pen]
@@ -125,18 +135,26 @@ class RowState:
             self.hist[ps, col] = tokens[pen]
             self.out_len[ps] += 1
 
-    def sample_rows(self, logits: np.ndarray, slots: np.ndarray) -> RowSample:
+    def sample_rows(self, logits: np.ndarray, slots: np.ndarray,
+                    static: dict | None = None) -> RowSample:
         """One :func:`tep.kernels.sample` call for the rows of ``logits`` (float32 [B, V]),
         row i belonging to ``slots[i]``. A row the kernel refuses (say, no finite logit)
         fails alone: the batch is re-sampled row by row to find it; the (seed, step)
         keying makes the other rows' tokens the same either way."""
         B = slots.shape[0]
-        kw = self._kwargs(slots)
         n_lp = int(self.n_logprobs[slots].max()) if B else -1
+        if B == 1 and n_lp < 0:
+            tok = self._sample_one(logits, int(slots[0]))
+            if tok is not None:
+                return RowSample(np.array([tok], np.int64), np.ones(1, bool), [None],
+                                 None, None, None)
+        kw = self._kwargs(slots, static)
         if n_lp >= 0:
             kw["logprobs"] = n_lp
         try:
+            t0 = time.perf_counter()
             r = sample(logits, **kw)
+            self.kernel_s += time.perf_counter() - t0
             return self._result(r, B, n_lp, np.ones(B, bool), [None] * B)
         except (ValueError, MemoryError):
             pass
@@ -163,22 +181,54 @@ class RowState:
                 toks[i] = r[0]
         return RowSample(toks, ok, errors, lps, tids, tlps)
 
+    def _sample_one(self, logits: np.ndarray, s: int) -> int | None:
+        """One plain row (no history, bias, allowed set or logprobs) with scalar knobs:
+        the kernel's one-row entry. None when the row is not plain or the kernel refuses
+        it (the caller then takes the general path, which reports the error)."""
+        if self.penalized[s] or self.logit_bias[s] is not None or self.allowed[s] is not None:
+            return None
+        args = dict(temperature=float(self.temperature[s]), top_k=int(self.top_k[s]),
+                    top_p=float(self.top_p[s]), min_p=float(self.min_p[s]),
+                    seed=int(self.seed[s]), step=int(self.step[s]))
+        try:
+            t0 = time.perf_counter()
+            tok = int(sample(logits[0], **args))
+            self.kernel_s += time.perf_counter() - t0
+            return tok
+        except (ValueError, MemoryError):
+            return None
+
     def _result(self, r: Any, B: int, n_lp: int, ok: np.ndarray, errors: list) -> RowSample:
         if n_lp >= 0:
             return RowSample(np.asarray(r.token_ids), ok, errors, np.asarray(r.logprobs),
                              np.asarray(r.top_token_ids), np.asarray(r.top_logprobs))
         return RowSample(np.asarray(r), ok, errors, None, None, None)
 
-    def _kwargs(self, slots: np.ndarray) -> dict:
+    def static_kwargs(self, slots: np.ndarray) -> dict:
+        """The ``sample`` arguments of ``slots`` that stay the same while the same
+        sequences run (knobs, seeds, biases, allowed sets): gathered once, reused by
+        every decode step until a sequence joins or leaves."""
         kw: dict = dict(
             temperature=self.temperature[slots], top_k=self.top_k[slots],
             top_p=self.top_p[slots], min_p=self.min_p[slots],
             repetition_penalty=self.repetition_penalty[slots],
             presence_penalty=self.presence_penalty[slots],
             frequency_penalty=self.frequency_penalty[slots],
-            seed=self.seed[slots], step=self.step[slots])
-        pen = self.penalized[slots]
-        if pen.any():
+            seed=self.seed[slots], n_threads=self.n_threads)
+        biases = [self.logit_bias[s] for s in slots.tolist()]
+        if any(b is not None for b in biases):
+            kw["logit_bias"] = biases
+        allowed = [self.allowed[s] for s in slots.tolist()]
+        if any(a is not None for a in allowed):
+            kw["allowed_token_ids"] = allowed
+        kw["_penalized"] = bool(self.penalized[slots].any())
+        return kw
+
+    def _kwargs(self, slots: np.ndarray, static: dict | None = None) -> dict:
+        kw = dict(static if static is not None else self.static_kwargs(slots))
+        kw["step"] = self.step[slots]
+        if kw.pop("_penalized"):
+            pen = self.penalized[slots]
             prompts: list = [None] * len(slots)
             outs: list = [None] * len(slots)
             for i in np.flatnonzero(pen):
@@ -187,12 +237,6 @@ class RowState:
                 prompts[i] = self.hist[s, :p]
                 outs[i] = self.hist[s, p:p + o]
             kw["prompt_token_ids"], kw["output_token_ids"] = prompts, outs
-        biases = [self.logit_bias[int(s)] for s in slots]
-        if any(b is not None for b in biases):
-            kw["logit_bias"] = biases
-        allowed = [self.allowed[int(s)] for s in slots]
-        if any(a is not None for a in allowed):
-            kw["allowed_token_ids"] = allowed
         return kw
 
 

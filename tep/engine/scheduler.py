@@ -38,7 +38,6 @@ class Seq:
         slot: its slot and model ``seq_id`` while running, else -1.
         n_fed: prompt tokens already in the model's cache (fed or reused).
         n_out: tokens generated.
-        last: the last generated token (fed next step).
         constraint: an optional structured-output constraint (see ``tep.engine.engine``).
         decoder: the incremental UTF-8 decoder of its text.
     """
@@ -51,21 +50,19 @@ class Seq:
     slot: int = -1
     n_fed: int = 0
     n_out: int = 0
-    last: int = -1
     constraint: Any = None
     decoder: Any = None
     done: bool = False
     arrival: int = 0
     max_len: int | None = None   # context_size: most positions it may use
+    plen: int = 0                # len(prompt)
+
+    def __post_init__(self) -> None:
+        self.plen = int(self.prompt.shape[0])
 
     @property
     def prefilling(self) -> bool:
-        return self.n_fed < self.prompt.shape[0]
-
-    @property
-    def position(self) -> int:
-        """Position of the next token fed."""
-        return self.n_fed + max(0, self.n_out - 1) if not self.prefilling else self.n_fed
+        return self.n_fed < self.plen
 
 
 @dataclass
@@ -83,6 +80,7 @@ class Plan:
     counts: list = field(default_factory=list)
     samplers: list = field(default_factory=list)
     admitted: list = field(default_factory=list)
+    prefills: int = 0
 
     @property
     def n_tokens(self) -> int:
@@ -110,10 +108,14 @@ class Scheduler:
         self.running: list[Seq] = []
         self._free = list(range(max_num_seqs - 1, -1, -1))  # pop() gives the lowest
         self._arrivals = 0
+        # bumped whenever the running set may change: a decode-only plan stays valid
+        # while it is unchanged (the engine reuses it instead of re-planning)
+        self.version = 0
 
     def add(self, seq: Seq) -> None:
         seq.arrival = self._arrivals
         self._arrivals += 1
+        self.version += 1
         self.waiting.append(seq)
 
     @property
@@ -122,6 +124,7 @@ class Scheduler:
 
     def free(self, seq: Seq) -> None:
         """Take a finished sequence out (its slot is free for the next step)."""
+        self.version += 1
         if seq.slot >= 0:
             self.running.remove(seq)
             self._free.append(seq.slot)
@@ -137,20 +140,21 @@ class Scheduler:
         after its slot is set) returns how many prompt tokens are already cached."""
         plan = Plan()
         budget = self.max_batch_tokens
-        for s in self.running:           # 1. decodes
-            if not s.prefilling:
-                plan.seqs.append(s)
-                plan.counts.append(1)
-                plan.samplers.append(s)
-                budget -= 1
-        for s in self.running:           # 2. unfinished prefills, oldest first
-            if budget <= 0:
-                break
-            if s.prefilling:
-                self._chunk(plan, s, budget)
-                budget -= plan.counts[-1]
+        decodes = [s for s in self.running if s.n_fed >= s.plen]     # 1. decodes
+        plan.seqs = decodes
+        plan.counts = [1] * len(decodes)
+        plan.samplers = list(decodes)
+        budget -= len(decodes)
+        if len(decodes) < len(self.running):
+            for s in self.running:           # 2. unfinished prefills, oldest first
+                if budget <= 0:
+                    break
+                if s.n_fed < s.plen:
+                    self._chunk(plan, s, budget)
+                    budget -= plan.counts[-1]
         while self.waiting and self._free and budget > 0:   # 3. admissions, FIFO
             s = self.waiting.popleft()
+            self.version += 1
             s.slot = self._free.pop()
             self.running.append(s)
             plan.admitted.append(s)
@@ -162,8 +166,9 @@ class Scheduler:
 
     @staticmethod
     def _chunk(plan: Plan, s: Seq, budget: int) -> None:
-        n = min(s.prompt.shape[0] - s.n_fed, budget)
+        n = min(s.plen - s.n_fed, budget)
+        plan.prefills += 1
         plan.seqs.append(s)
         plan.counts.append(n)
-        if s.n_fed + n == s.prompt.shape[0]:
+        if s.n_fed + n == s.plen:
             plan.samplers.append(s)
