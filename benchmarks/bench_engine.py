@@ -27,6 +27,7 @@ import asyncio
 import json
 import os
 import random
+import re
 import socket
 import subprocess
 import sys
@@ -225,9 +226,10 @@ class Server:
         self.log.close()
 
 
-async def _post_stream(port: int, path: str, body: bytes, marker: bytes) -> tuple[float, int]:
+async def _post_stream(port: int, path: str, body: bytes, token: "re.Pattern[bytes]"
+                       ) -> tuple[float, int]:
     """POST on a fresh connection and read the chunked body. Returns (seconds to the first
-    chunk holding ``marker``, occurrences of ``marker`` = tokens)."""
+    chunk holding a ``token`` match, matches in the whole body = tokens)."""
     t0 = time.perf_counter()
     r, w = await asyncio.open_connection("127.0.0.1", port)
     w.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
@@ -238,33 +240,28 @@ async def _post_stream(port: int, path: str, body: bytes, marker: bytes) -> tupl
         pass
     if status != 200:
         raise RuntimeError(f"status {status}")
-    ttft, n, tail = None, 0, b""
+    ttft, parts = None, []
     while True:
         size = int((await r.readline()).split(b";")[0], 16)
         data = await r.readexactly(size + 2)
         if size == 0:
             break
-        data = tail + data[:-2]
-        k = data.count(marker)
-        if k and ttft is None:
+        if ttft is None and token.search(data):
             ttft = time.perf_counter() - t0
-        n += k
-        tail = data[-(len(marker) - 1):] if len(marker) > 1 else b""
-        n -= tail.count(marker)   # counted again with the next chunk
-    n += tail.count(marker)
+        parts.append(data[:-2])
     w.close()
-    return (ttft if ttft is not None else float("nan")), n
+    return (ttft if ttft is not None else float("nan")), len(token.findall(b"".join(parts)))
 
 
-async def _streams(port: int, path: str, body: bytes, marker: bytes, clients: int,
-                   rounds: int) -> dict:
+async def _streams(port: int, path: str, body: bytes, token: "re.Pattern[bytes]",
+                   clients: int, rounds: int) -> dict:
     """``clients`` concurrent streams, ``rounds`` requests each (back to back)."""
     ttfts: list[float] = []
     tokens = [0]
 
     async def client() -> None:
         for _ in range(rounds):
-            t, n = await _post_stream(port, path, body, marker)
+            t, n = await _post_stream(port, path, body, token)
             ttfts.append(t)
             tokens[0] += n
 
@@ -294,9 +291,9 @@ def bench_litserve(cs: list[int], n_tokens: int, rounds: int, repeats: int) -> l
             res: dict[str, list] = {"tep": [], "litserve": []}
             for _ in range(repeats):   # interleaved
                 res["tep"].append(asyncio.run(_streams(
-                    tep.port, "/v1/completions", tep_body, b'"text":"', C, rounds)))
+                    tep.port, "/v1/completions", tep_body, re.compile(rb'"text":"[^"]'), C, rounds)))
                 res["litserve"].append(asyncio.run(_streams(
-                    lit.port, "/predict", ls_body, b'"token"', C, rounds)))
+                    lit.port, "/predict", ls_body, re.compile(rb'"token": ?"[^"]'), C, rounds)))
             for name, runs in res.items():
                 med = {k: float(np.median([r[k] for r in runs]))
                        for k in ("tokens_per_s", "ttft_p50_ms", "ttft_p99_ms")}
@@ -351,8 +348,11 @@ def bench_embeddings(clients: int, duration_s: float, repeats: int, wait_ms: flo
             "--max-concurrency", str(clients)]
     plain = base + ["--backend", "tep.backends.bert:BertBackend"]
     batched = base + ["--backend", "_engine_peers:batched_minilm"]
+    # one BLAS/OpenMP thread per process for both: on the shared 2-core machine a
+    # spinning second thread made a single sentence take ~1 s instead of ~50 ms
     env = {"PYTHONPATH": os.pathsep.join([str(HERE), str(ROOT)]),
-           "TEP_EMBED_WAIT_MS": str(wait_ms)}
+           "TEP_EMBED_WAIT_MS": str(wait_ms), "OMP_NUM_THREADS": "1",
+           "OPENBLAS_NUM_THREADS": "1"}
     res: dict[str, list] = {"per request": [], "batched across requests": []}
     with Server(plain, env) as a, Server(batched, env) as b:
         for _ in range(repeats):
