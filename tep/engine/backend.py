@@ -68,10 +68,14 @@ class EngineBackend(Backend):
         self._chat_prompt = chat_prompt
         self._embed = None
         if callable(getattr(model, "embed", None)):
-            self._embed = EmbedBatcher(lambda _name, ids: model.embed(ids),
-                                       max_wait_ms=embed_wait_ms, max_batch=embed_max_batch)
+            self._embed = EmbedBatcher(self._embed_locked, max_wait_ms=embed_wait_ms,
+                                       max_batch=embed_max_batch)
         self._started = False
         self._lock = threading.Lock()
+
+    def _embed_locked(self, model: str, inputs: list) -> Any:
+        with self.engine.model_lock:   # never concurrently with forward
+            return self.model.embed(inputs)
 
     # ---- lifecycle
     def _ensure_started(self) -> None:

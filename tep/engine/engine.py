@@ -117,6 +117,8 @@ class Engine:
         self._reuse = getattr(model, "reuse_prefix", None)
         self._piece_cache: dict[int, bytes] = {}
         self._decode: _DecodePlan | None = None
+        # held around forward; other users of the model (embeddings) take it too
+        self.model_lock = threading.Lock()
         self._inbox: list[Seq] = []
         self._cv = threading.Condition()
         self._stop = False
@@ -237,7 +239,9 @@ class Engine:
         n_rows = slots.shape[0]
         t1 = time.perf_counter()
         try:
-            logits = self._check_logits(self.model.forward(batch), n_rows)
+            with self.model_lock:
+                out = self.model.forward(batch)
+            logits = self._check_logits(out, n_rows)
         except Exception as e:  # the model failed this step: only its sequences fail
             log.warning("model forward failed; failing %d sequences: %r", len(plan.seqs), e)
             for s in list(plan.seqs):

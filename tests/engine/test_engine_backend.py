@@ -224,3 +224,54 @@ def test_load_backend_wraps_a_model(monkeypatch):
     be = load_backend("models:HashModel")
     assert isinstance(be, EngineBackend) and be.engine.sched.max_num_seqs == 12
     assert isinstance(load_backend(None), EngineBackend)   # the default toy
+
+
+class SlowModel(HashModel):
+    """HashModel whose forward takes 20 ms (so a generation can time out)."""
+
+    def forward(self, batch):
+        import time
+
+        time.sleep(0.02)
+        return super().forward(batch)
+
+
+async def test_generation_timeout_takes_the_sequence_out_of_the_batch():
+    be = EngineBackend(SlowModel(4), max_num_seqs=4)
+    async with client_for(be, generation_timeout=0.3) as c:
+        body = {"model": "hash", "prompt": "abc", "max_tokens": 500, "seed": 1,
+                "logit_bias": {str(EOG): -100}}
+        st, js = await post_json(c, "/v1/completions", body)
+        assert st == 200 and js["choices"][0]["finish_reason"] == "length"
+        assert 0 < js["usage"]["completion_tokens"] < 500
+        st, ev, _ = await post_stream(c, "/v1/completions", body)
+        assert st == 200 and ev[-1] == "[DONE]"
+        assert [e["choices"][0]["finish_reason"] for e in ev[:-1]
+                if e["choices"] and e["choices"][0]["finish_reason"]] == ["length"]
+        for _ in range(100):          # the engine drops them at its next step
+            if not be.engine.sched.running:
+                break
+            await asyncio.sleep(0.02)
+        assert not be.engine.sched.running and be.stats.cancelled == 2
+    be.close()
+
+
+async def test_shutdown_cancels_live_sequences():
+    be = EngineBackend(SlowModel(4), max_num_seqs=4)
+    async with client_for(be) as c:
+        task = asyncio.ensure_future(post_json(c, "/v1/completions", {
+            "model": "hash", "prompt": "abc", "max_tokens": 10_000,
+            "logit_bias": {str(EOG): -100}}))
+        for _ in range(100):
+            if be.engine.sched.running:
+                break
+            await asyncio.sleep(0.02)
+        assert be.engine.sched.running
+    # leaving the app ran its shutdown: the request's cancel flag is set
+    for _ in range(100):
+        if not be.engine.sched.running:
+            break
+        await asyncio.sleep(0.02)
+    assert not be.engine.sched.running and be.stats.cancelled == 1
+    task.cancel()
+    be.close()
