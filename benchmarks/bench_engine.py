@@ -169,10 +169,15 @@ def bench_scaling(cs: list[int], a: float, b: float, n_tokens: int) -> list[dict
         eng.stop()
         tps = C * n_tokens / wall
         ideal = C / (a + b * C)
+        fwd = eng.stats.forward_s / wall   # < 1: time outside forward (engine, clients)
         rows.append({"streams": C, "tokens_per_s": tps, "ideal_tokens_per_s": ideal,
-                     "of_ideal": tps / ideal, "steps": eng.stats.steps})
+                     "of_ideal": tps / ideal, "steps": eng.stats.steps,
+                     "forward_share": fwd,
+                     "forward_ms_per_step": 1e3 * eng.stats.forward_s / eng.stats.steps})
         print(f"  streams={C:3d}  {tps:9.0f} tok/s  ideal {ideal:9.0f}  "
-              f"({100*tps/ideal:5.1f}% of ideal, {eng.stats.steps} steps)", flush=True)
+              f"({100*tps/ideal:5.1f}% of ideal, {eng.stats.steps} steps; forward "
+              f"{rows[-1]['forward_ms_per_step']:.2f} ms/step (asked "
+              f"{1e3*(a + b*C):.2f}), {100*fwd:.0f}% of the wall time)", flush=True)
     return rows
 
 
@@ -463,10 +468,12 @@ def markdown(out: dict, checks: list[dict]) -> str:
     if out.get("scaling"):
         a, b = out["scaling_model"]["a_ms"], out["scaling_model"]["b_ms"]
         L += ["", f"Scaling with forward = {a} ms + {b} ms·rows (sleeps; V=1024):", "",
-              "| streams | tokens/s | ideal | of ideal |", "|---|---|---|---|"]
+              "| streams | tokens/s | ideal C/(a+b·C) | of ideal | forward ms/step measured "
+              "| forward's share of the wall time |", "|---|---|---|---|---|---|"]
         for r in out["scaling"]:
             L.append(f"| {r['streams']} | {r['tokens_per_s']:.0f} | "
-                     f"{r['ideal_tokens_per_s']:.0f} | {100 * r['of_ideal']:.0f}% |")
+                     f"{r['ideal_tokens_per_s']:.0f} | {100 * r['of_ideal']:.0f}% | "
+                     f"{r['forward_ms_per_step']:.2f} | {100 * r['forward_share']:.0f}% |")
     if out.get("litserve"):
         L += ["", "Over HTTP, instant model, streaming clients (fresh connection per "
               "request), tep `--toy-instant` on the engine vs LitServe's "
@@ -523,6 +530,7 @@ def main(argv: list[str] | None = None) -> dict:
         except ImportError as e:
             print(f"  skipped: {e}")
     checks = targets(out)
+    out["targets"] = checks
     print_targets(checks)
     write_result(args.json, out)
     png = args.json.parent / "engine.png"

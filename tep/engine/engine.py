@@ -116,6 +116,7 @@ class Engine:
         self._detok = getattr(model, "detokenize", None)
         self._reuse = getattr(model, "reuse_prefix", None)
         self._piece_cache: dict[int, bytes] = {}
+        self._text_cache: dict[int, str] = {}   # tokens that are whole UTF-8 alone
         self._decode: _DecodePlan | None = None
         # held around forward; other users of the model (embeddings) take it too
         self.model_lock = threading.Lock()
@@ -159,6 +160,7 @@ class Engine:
         seq = Seq(prompt=ids, sampling=sampling, sink=sink, on_done=on_done, seed=seed,
                   constraint=constraint,
                   decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        seq.slow = constraint is not None or sampling.logprobs is not None
         with self._cv:
             if self._stop:
                 raise RuntimeError("the engine is stopped")
@@ -341,28 +343,42 @@ class Engine:
 
     def _update_from_output(self, samplers: list, res: Any) -> None:
         toks = res.token_ids.tolist()
-        lp = res.logprobs is not None
-        all_ok = lp or bool(res.ok.all())
-        eog, piece_of, cache = self._eog, self._piece, self._piece_cache
+        all_ok = bool(res.ok.all())
+        eog, texts = self._eog, self._text_cache
         for i, s in enumerate(samplers):
-            if not all_ok and not res.ok[i]:
-                self._finish(s, res.errors[i])
-                continue
             tok = toks[i]
-            s.n_out += 1
-            sink = s.sink
-            if lp or s.constraint is not None or tok in eog or s.max_len is not None:
+            if s.slow or tok in eog or not all_ok:
+                s.n_out += 1
                 self._deliver_slow(s, tok, i, res)
                 continue
-            piece = cache.get(tok)
-            if piece is None:
-                piece = piece_of(tok)
-            if not sink.emit_token(s.decoder.decode(piece), tok):
+            s.n_out += 1
+            text = texts.get(tok) if not s.pending else None
+            if text is None:
+                text = self._text_of(s, tok)
+            sink = s.sink
+            if not sink.emit_token(text, tok):
                 self._finish(s, None, cancelled=sink._cancel.is_set()
                              if hasattr(sink, "_cancel") else False)
 
+    def _text_of(self, s: Seq, tok: int) -> str:
+        """The text ``tok`` adds to ``s`` (its incremental UTF-8 decoder), and remember
+        tokens that are whole UTF-8 on their own so the next time needs no decoder."""
+        b = self._piece(tok)
+        if not s.pending and tok not in self._text_cache:
+            try:
+                t = b.decode("utf-8")
+                if len(self._text_cache) < 1 << 20:
+                    self._text_cache[tok] = t
+                return t
+            except UnicodeDecodeError:
+                pass
+        text = s.decoder.decode(b)
+        s.pending = bool(s.decoder.getstate()[0])
+        return text
+
     def _deliver_slow(self, s: Seq, tok: int, i: int, res: Any) -> None:
-        """A token with logprobs, a constraint, an end-of-generation ID or a context bound."""
+        """A token with logprobs, a constraint or an end-of-generation ID, or a row that
+        failed."""
         if not res.ok[i]:
             self._finish(s, res.errors[i])
             return
@@ -383,12 +399,10 @@ class Engine:
             sink.emit_finish("stop")
             self._finish(s, None)
             return
-        if not sink.emit_token(s.decoder.decode(self._piece(tok)), tok, **kw):
+        text = self._text_cache.get(tok) if not s.pending else None
+        if not sink.emit_token(text if text is not None else self._text_of(s, tok), tok, **kw):
             self._finish(s, None, cancelled=sink._cancel.is_set()
                          if hasattr(sink, "_cancel") else False)
-        elif s.max_len is not None and s.plen + s.n_out >= s.max_len:
-            sink.emit_finish("length")
-            self._finish(s, None)
 
     def _drop_cancelled(self) -> None:
         if self.sched.waiting:

@@ -54,8 +54,9 @@ class Seq:
     decoder: Any = None
     done: bool = False
     arrival: int = 0
-    max_len: int | None = None   # context_size: most positions it may use
     plen: int = 0                # len(prompt)
+    slow: bool = False           # logprobs, a constraint or a context bound: full delivery
+    pending: bool = False        # the decoder holds part of a UTF-8 character
 
     def __post_init__(self) -> None:
         self.plen = int(self.prompt.shape[0])
