@@ -3,11 +3,13 @@
 A running sequence owns one slot ``s`` in ``[0, max_num_seqs)`` (also its model
 ``seq_id``). Its knobs sit in numpy arrays indexed by slot, written once when the sequence
 is admitted; a step gathers the rows it samples with one fancy index per knob. Token
-histories (for the penalties) sit in one slot-major int64 buffer ``hist[s, :]`` holding the
-prompt then the output; a sampled token is one store, never a rebuilt list.
+histories (for the penalties) sit in one slot-major int32 buffer ``hist[s, :]`` holding the
+prompt then the output; a sampled token is one store, never a rebuilt list, and the
+kernel reads the histories in place as :class:`tep.kernels.TokenSpans` of the flat buffer
+(O(B) per step, however long the histories).
 
-``sample_rows`` is the only place that calls :func:`tep.kernels.sample`, so moving to a
-span-based history API touches this module alone.
+``sample_rows`` is the only place that calls :func:`tep.kernels.sample`; it asks for a
+status per row, so a row the kernel refuses fails alone.
 """
 from __future__ import annotations
 
@@ -17,7 +19,8 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from tep.kernels import sample
+from tep.kernels import TokenSpans, sample
+from tep.kernels.sampling import STATUS_MESSAGES, RowStatus
 
 __all__ = ["RowState", "RowSample"]
 
@@ -71,7 +74,7 @@ class RowState:
         self.pos = np.zeros(S, np.int64)            # tokens in the model's cache
         self.prompt_len = np.zeros(S, np.int64)
         self.out_len = np.zeros(S, np.int64)
-        self.hist = np.zeros((S, max(1, hist_capacity)), np.int64)
+        self.hist = np.zeros((S, max(1, hist_capacity)), np.int32)
         self.logit_bias: list[dict | None] = [None] * S
         self.allowed: list[np.ndarray | None] = [None] * S
 
@@ -116,7 +119,7 @@ class RowState:
             return
         while cap < n:
             cap *= 2
-        grown = np.zeros((self.hist.shape[0], cap), np.int64)
+        grown = np.zeros((self.hist.shape[0], cap), np.int32)
         grown[:, :self.hist.shape[1]] = self.hist
         self.hist = grown
 
@@ -153,11 +156,26 @@ class RowState:
             kw["logprobs"] = n_lp
         try:
             t0 = time.perf_counter()
-            r = sample(logits, **kw)
+            r = sample(logits, row_status=True, **kw)
             self.kernel_s += time.perf_counter() - t0
-            return self._result(r, B, n_lp, np.ones(B, bool), [None] * B)
-        except (ValueError, MemoryError):
-            pass
+        except ValueError:
+            # an argument the kernel refuses (say, a knob that is valid in float64 but not
+            # in float32): find its row by sampling the rows one by one
+            return self._one_by_one(logits, slots, n_lp)
+        status = np.asarray(r.status)
+        ok = status == 0
+        errors: list = [None] * B
+        if not ok.all():
+            for i in np.flatnonzero(~ok).tolist():
+                errors[i] = ValueError(f"logits: the row {_status_text(int(status[i]))}")
+        lp = r.logprobs
+        if lp is not None:
+            return RowSample(np.asarray(r.token_ids), ok, errors, np.asarray(lp.logprobs),
+                             np.asarray(lp.top_token_ids), np.asarray(lp.top_logprobs))
+        return RowSample(np.asarray(r.token_ids), ok, errors, None, None, None)
+
+    def _one_by_one(self, logits: np.ndarray, slots: np.ndarray, n_lp: int) -> RowSample:
+        B = slots.shape[0]
         toks = np.zeros(B, np.int64)
         ok = np.ones(B, bool)
         errors: list = [None] * B
@@ -198,12 +216,6 @@ class RowState:
         except (ValueError, MemoryError):
             return None
 
-    def _result(self, r: Any, B: int, n_lp: int, ok: np.ndarray, errors: list) -> RowSample:
-        if n_lp >= 0:
-            return RowSample(np.asarray(r.token_ids), ok, errors, np.asarray(r.logprobs),
-                             np.asarray(r.top_token_ids), np.asarray(r.top_logprobs))
-        return RowSample(np.asarray(r), ok, errors, None, None, None)
-
     def static_kwargs(self, slots: np.ndarray) -> dict:
         """The ``sample`` arguments of ``slots`` that stay the same while the same
         sequences run (knobs, seeds, biases, allowed sets): gathered once, reused by
@@ -228,16 +240,24 @@ class RowState:
         kw = dict(static if static is not None else self.static_kwargs(slots))
         kw["step"] = self.step[slots]
         if kw.pop("_penalized"):
+            # the histories in place: row i's prompt is hist[s, :P], its output
+            # hist[s, P:P+O] (empty spans for rows without penalties)
+            cap = self.hist.shape[1]
             pen = self.penalized[slots]
-            prompts: list = [None] * len(slots)
-            outs: list = [None] * len(slots)
-            for i in np.flatnonzero(pen):
-                s = int(slots[i])
-                p, o = int(self.prompt_len[s]), int(self.out_len[s])
-                prompts[i] = self.hist[s, :p]
-                outs[i] = self.hist[s, p:p + o]
-            kw["prompt_token_ids"], kw["output_token_ids"] = prompts, outs
+            base = slots * cap
+            p_end = np.where(pen, base + self.prompt_len[slots], 0)
+            o_end = np.where(pen, p_end + self.out_len[slots], 0)
+            flat = self.hist.reshape(-1)
+            kw["prompt_token_ids"] = TokenSpans(flat, np.where(pen, base, 0), p_end)
+            kw["output_token_ids"] = TokenSpans(flat, p_end, o_end)
         return kw
+
+
+def _status_text(code: int) -> str:
+    try:
+        return STATUS_MESSAGES[RowStatus(code)]
+    except (ValueError, KeyError):
+        return f"could not be sampled (status {code})"
 
 
 def fresh_seed() -> int:
