@@ -277,3 +277,33 @@ def test_prompt_positions_and_vocabulary():
     assert e2.run_until_idle() == 5 + 2 and steps == [None]
     assert sink.result().token_ids == _alone_tokens(list(range(9)), sink.sampling).result().token_ids
     assert V == 300
+
+
+def test_histories_reach_the_kernel_as_spans_not_lists(monkeypatch):
+    """Penalty histories are views of the engine's buffer (TokenSpans), never lists
+    rebuilt per step; their contents are the prompt and the tokens so far."""
+    import tep.engine.rows as rows_mod
+    from tep.kernels import TokenSpans
+
+    seen = []
+    real = rows_mod.sample
+
+    def spy(logits, **kw):
+        if "output_token_ids" in kw:
+            p, o = kw["prompt_token_ids"], kw["output_token_ids"]
+            assert isinstance(p, TokenSpans) and isinstance(o, TokenSpans)
+            seen.append([(p.ids[a:b].tolist(), o.ids[c:d].tolist())
+                         for a, b, c, d in zip(p.starts, p.ends, o.starts, o.ends)])
+        return real(logits, **kw)
+
+    monkeypatch.setattr(rows_mod, "sample", spy)
+    eng = Engine(HashModel(4), max_num_seqs=4, max_batch_tokens=64)
+    s = Sampling(max_tokens=5, seed=1, frequency_penalty=1.0, logit_bias={EOG: -100.0})
+    plain = Sampling(max_tokens=5, seed=2, logit_bias={EOG: -100.0})
+    a, b = StreamSink(s), StreamSink(plain)
+    run(eng, {0: [([5, 6, 7], s, a, lambda e: None), ([8], plain, b, lambda e: None)]})
+    out = a.result().token_ids
+    assert len(seen) == 5
+    for k, step in enumerate(seen):
+        assert step[0] == ([5, 6, 7], out[:k])
+        assert step[1] == ([], [])          # the row without penalties: empty spans
