@@ -29,8 +29,10 @@ BENCHES = {
     "peers_sampling": "bench_peers_sampling.py",
     "peers_pooling": "bench_peers_pooling.py",
     "server": "bench_server.py",
+    "engine": "bench_engine.py",     # renders its own section (results/engine.md)
 }
-TIMEOUT_S = {"kernels": 480, "peers_sampling": 360, "peers_pooling": 240, "server": 480}
+TIMEOUT_S = {"kernels": 480, "peers_sampling": 360, "peers_pooling": 240, "server": 480,
+             "engine": 600}
 
 
 def run(names: list[str], quick: bool) -> dict[str, str]:
@@ -143,7 +145,8 @@ def _targets_table(checks: list[dict], source: str) -> list[str]:
 
 
 def render(errors: dict[str, str], quick: bool) -> str:
-    kn, ps, pp, sv = (load(n) for n in BENCHES)
+    kn, ps, pp, sv = (load(n) for n in ("kernels", "peers_sampling", "peers_pooling",
+                                        "server"))
     anyres = next((d for d in (kn, ps, pp, sv) if d), None)
     L = ["# tep benchmark results", "",
          "Rendered by `python benchmarks/run_all.py` from `benchmarks/results/*.json`"
@@ -312,6 +315,9 @@ def render(errors: dict[str, str], quick: bool) -> str:
                       f"64 streams {r['stream64'].get('client_cpu_frac', float('nan')):.0%}"
                       for n, r in sv["results"].items() if "stream1" in r)]
         L.append("")
+    engine_md = RESULTS / "engine.md"
+    if engine_md.exists():
+        L += [engine_md.read_text(), ""]
     L += ["## Reproduce", "", "```", ". /work/venv/bin/activate   # or any env with tep built",
           "pip install -r benchmarks/requirements-peers.txt   # optional peers",
           "python setup.py build_ext --inplace", "python benchmarks/run_all.py [--quick]", "```",

@@ -22,22 +22,27 @@ def sample_rows(logits: npt.NDArray[np.float32], temperature: float, top_k: int,
     """Rows [B, V] sharing scalar knobs, no edits or logprobs; seed is [1 or B]."""
 def sample_batch(logits: npt.NDArray[np.float32], knobs: npt.NDArray[np.float64],
                  seed: npt.NDArray[np.uint64], step: npt.NDArray[np.uint64],
-                 prompt_ids: npt.NDArray[np.int64], prompt_offsets: npt.NDArray[np.int64],
-                 output_ids: npt.NDArray[np.int64], output_offsets: npt.NDArray[np.int64],
-                 bias_ids: npt.NDArray[np.int64], bias_values: npt.NDArray[np.float32],
-                 bias_offsets: npt.NDArray[np.int64],
-                 allowed_ids: npt.NDArray[np.int64], allowed_offsets: npt.NDArray[np.int64],
-                 has_allowed: npt.NDArray[np.uint8],
+                 prompt_ids: npt.NDArray[np.int32], prompt_starts: npt.NDArray[np.int64],
+                 prompt_ends: npt.NDArray[np.int64],
+                 output_ids: npt.NDArray[np.int32], output_starts: npt.NDArray[np.int64],
+                 output_ends: npt.NDArray[np.int64],
+                 bias_ids: npt.NDArray[np.int32], bias_values: npt.NDArray[np.float32],
+                 bias_starts: npt.NDArray[np.int64], bias_ends: npt.NDArray[np.int64],
+                 allowed_ids: npt.NDArray[np.int32], allowed_starts: npt.NDArray[np.int64],
+                 allowed_ends: npt.NDArray[np.int64], has_allowed: npt.NDArray[np.uint8],
                  n_top: int, want_logprobs: bool, need_work: bool, max_history: int,
                  n_threads: int,
                  out_tokens: npt.NDArray[np.int64], out_status: npt.NDArray[np.int32],
                  out_logprobs: npt.NDArray[np.float32], out_ranks: npt.NDArray[np.int64],
                  out_top_ids: npt.NDArray[np.int64],
                  out_top_logprobs: npt.NDArray[np.float32]) -> None:
-    """Sample rows of logits [B, V] into the out_* arrays; out_status[r] != 0 flags row r.
+    """Sample rows of logits [B, V] into the out_* arrays; out_status[r] != 0 flags row r
+    (its token is -1).
 
     knobs [7, 1 or B]: temperature, top_k, top_p, min_p, repetition, presence, frequency;
-    seed and step [1 or B]; one column/element applies to every row."""
+    seed and step [1 or B]; one column/element applies to every row. Each ragged input is
+    int32 ids [N >= 1] with int64 starts/ends [B] (row r = ids[starts[r]:ends[r]]); a slice
+    outside the id array is empty and ids outside [0, V) are skipped."""
 def log_softmax_batch(logits: npt.NDArray[np.float32], out: npt.NDArray[np.float32],
                       out_status: npt.NDArray[np.int32], n_threads: int) -> None:
     """out = log_softmax(logits) row-wise; out_status[r] != 0 flags row r."""

@@ -12,7 +12,7 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["StepBatch", "Model"]
+__all__ = ["StepBatch", "Model", "TextModel", "PrefixCachingModel", "EmbeddingModel"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,15 @@ class Model(Protocol):
     (looked up with ``getattr``): ``tokenize``/``detokenize`` for text, ``chat_template``
     (+ ``bos_token``/``eos_token``) for chat, ``eog_token_ids`` (tokens that end a
     sequence), ``context_size`` (most positions per sequence), ``max_num_seqs`` (most
-    sequences the model can hold), ``reuse_prefix`` (prefix caching) and ``embed``.
+    sequences the model can hold), ``reuse_prefix`` (prefix caching) and ``embed``
+    (+ ``embedding_dim``) for embeddings (see :class:`EmbeddingModel`).
+
+    How the engine uses them: ``detokenize([t])`` of one token is taken to be
+    context-free and is cached per token ID; a chat request's messages (text content
+    parts joined) are rendered with ``chat_template`` (Hugging Face semantics, generation
+    prompt added, ``tools`` passed through) and then tokenized; ``prompt + max_tokens >
+    context_size`` is refused with a 400 that states both numbers; sampling an
+    ``eog_token_ids`` token ends the sequence with finish reason "stop".
 
     ``forward`` may be called from a thread other than the one that built the model, but
     never concurrently with itself; it should release the GIL while it computes.
@@ -99,4 +107,17 @@ class PrefixCachingModel(Model, Protocol):
         copying another sequence's cache) and return its length n, with
         ``0 <= n <= len(prompt) - 1`` (the last prompt token is always fed, for its
         logits). The engine then feeds ``prompt[n:]`` at positions ``n...``."""
+        ...
+
+
+class EmbeddingModel(Model, Protocol):
+    """Optional embeddings: concurrent ``/v1/embeddings`` requests are batched into one
+    call (waiting at most a few milliseconds for company)."""
+
+    embedding_dim: int
+
+    def embed(self, inputs: Sequence[Sequence[int]]) -> Sequence[np.ndarray] | np.ndarray:
+        """One pooled float32 [embedding_dim] vector per token-ID list (B lists in, B
+        vectors or a [B, embedding_dim] array out). Called from the engine's embeddings
+        thread, never concurrently with itself or with ``forward`` (they share a lock)."""
         ...

@@ -6,6 +6,8 @@ Each function validates its arguments (raising ``TypeError``/``ValueError`` that
 argument), then runs a compiled Cython kernel with the GIL released.
 """
 from tep.kernels.pooling import pool
-from tep.kernels.sampling import SampleResult, log_softmax, sample
+from tep.kernels.sampling import (RowStatus, SampledRows, SampleResult, TokenSpans,
+                                  log_softmax, sample)
 
-__all__ = ["sample", "SampleResult", "log_softmax", "pool"]
+__all__ = ["sample", "SampleResult", "SampledRows", "TokenSpans", "RowStatus",
+           "log_softmax", "pool"]

@@ -1,10 +1,11 @@
 """The ``tep`` command (also ``python -m tep``).
 
-    tep serve [--backend module:Class] [--host 127.0.0.1] [--port 8000] [--workers 1]
+    tep serve [--backend module:Attr] [--host 127.0.0.1] [--port 8000] [--workers 1]
               [--max-concurrency 8] [--max-queue 256] [--max-body-bytes N]
               [--chat-max-tokens N] [--generation-timeout SECONDS]
               [--api-key KEY ...] [--events-jsonl PATH] [--no-metrics]
               [--graceful-timeout 60] [--log-level info]
+              [--max-num-seqs 256] [--max-batch-tokens 2048]
               [--toy-vocab-size V] [--toy-instant]
 
 Serves on hypercorn. Settings travel to worker processes as ``TEP_*`` environment

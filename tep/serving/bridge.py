@@ -132,7 +132,10 @@ class StreamBridge:
         self._room = threading.Event()
         self._room.set()
 
-    def _put(self, item: StreamEvent) -> None:
+    def _put(self, item: StreamEvent, wait: bool = True) -> None:
+        """Hand an event to the loop (from any thread). ``wait``: a worker-pool backend
+        yields the GIL after a wake-up and waits while its backlog is full; an engine
+        thread (``wait=False``) serves every stream, so it never waits for one client."""
         with self._pending_lock:
             self._pending.append(item)
             self._backlog += 1
@@ -147,10 +150,12 @@ class StreamBridge:
             except RuntimeError:  # loop closed: the server is gone, stop generating
                 self.cancel.set()
                 return
+            if not wait:
+                return
             # A backend that never releases the GIL (pure-Python or instant) would
             # otherwise keep the loop waiting up to a switch interval before it sends.
             time.sleep(0)
-        if full:
+        if full and wait:
             while not self._room.wait(0.05):
                 if self.cancel.is_set():  # the stream is over: the sink says stop
                     return
@@ -206,6 +211,32 @@ class StreamBridge:
         ctx.run(current_cancel.set, self.cancel)
         self._running += 1
         self._executor.submit(ctx.run, job)
+
+    def start_submitted(self, index: int, make_sink: Callable[..., StreamSink],
+                        submit: Callable[[StreamSink, Callable], None]) -> None:
+        """Like :meth:`start`, for a backend with a non-blocking entry (e.g.
+        :class:`tep.engine.EngineBackend`): ``submit(sink, on_done)`` queues the work and
+        returns; the backend's own thread drives the sink and calls ``on_done(None | exc)``.
+        No worker thread is held, and the sink never waits for the client (an engine
+        thread serves every stream, so one slow client must not stall it)."""
+        def put(item: StreamEvent) -> None:
+            self._put(item, wait=False)
+
+        sink = make_sink(on_delta=lambda text, lps: put(DeltaEvent(index, text, lps)),
+                         on_role=lambda role: put(RoleEvent(index, role)))
+        self.sinks[index] = sink
+
+        def on_done(exc: BaseException | None) -> None:
+            if exc is not None:
+                put(ErrorEvent(index, exc))
+            else:
+                put(FinishEvent(index, sink.close(), sink.n_tokens, sink.prompt_tokens))
+
+        self._running += 1
+        try:
+            submit(sink, on_done)
+        except BaseException as e:  # refused at once (bad request): an error event
+            put(ErrorEvent(index, e))
 
     async def events(self, deadline: float | None = None) -> AsyncIterator[StreamEvent]:
         """Events until every choice has finished, or up to and including an error.

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from typing import Any
+from typing import Any, Callable
 
 from tep import errors as E
 from tep.backend import Backend, Completion, StreamSink, TokenLogprob
@@ -22,7 +22,7 @@ from tep.serving.bridge import run_blocking
 from tep.serving.state import ServerState
 
 __all__ = ["check_model", "backend_failure", "call", "admit", "release", "deadline",
-           "gather_choices", "tokenize_all", "check_max_tokens", "step_recorder", "replay", "echo_parts", "TOKEN_IDS_ONLY",
+           "gather_choices", "tokenize_all", "check_max_tokens", "step_recorder", "replay", "echo_parts", "TOKEN_IDS_ONLY", "submitted", "submit_choice",
            "max_tokens_limit"]
 
 log = logging.getLogger("tep.server")
@@ -91,6 +91,48 @@ async def call(state: ServerState, rid: str | None, cancel: threading.Event, wha
         raise
     except BaseException as e:
         raise backend_failure(e, what, rid) from None
+
+
+async def submitted(rid: str | None, cancel: threading.Event, what: str,
+                    start: Callable[[Callable], None]) -> Any:
+    """Await a backend's non-blocking entry (:class:`tep.engine.EngineBackend`):
+    ``start(on_done)`` queues the work and the backend's thread calls ``on_done(exc)``
+    (or ``on_done(value, exc)``) when it is done. No worker thread waits; a cancelled
+    await sets ``cancel``."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if not fut.done():
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+
+    def on_done(*args: Any) -> None:  # on the backend's thread
+        value, exc = (None, args[0]) if len(args) == 1 else args
+        try:
+            loop.call_soon_threadsafe(settle, value, exc)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    try:
+        start(on_done)
+        return await fut
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise backend_failure(e, what, rid) from None
+
+
+async def submit_choice(rid: str, cancel: threading.Event, what: str, sink: StreamSink,
+                        start: Callable[[StreamSink, Callable], None]) -> Completion:
+    """One choice through a non-blocking backend entry, collected into a Completion."""
+    await submitted(rid, cancel, what, lambda done: start(sink, done))
+    return sink.result()
 
 
 async def admit(state: ServerState, rec: RequestRecord) -> threading.Event:

@@ -54,12 +54,20 @@ async def chat(state: ServerState, rec: RequestRecord,
 async def _complete(state: ServerState, rec: RequestRecord, req: ChatRequest, rid: str,
                     cancel: threading.Event) -> Reply:
     backend, s = state.backend, req.sampling
-    own = _overrides(backend, "chat_completion")
+    submit = getattr(backend, "submit_chat", None)   # a non-blocking entry (tep.engine)
+    own = submit is None and _overrides(backend, "chat_completion")
+    token_text = backend._token_text_fn(req.model)
     try:
         jobs = []
         for j in range(req.wire.n):
             if s.max_tokens == 0:
                 jobs.append(asyncio.sleep(0, Completion(finish_reason="length", prompt_tokens=0)))
+            elif submit is not None:
+                rj = req.for_choice(j)
+                jobs.append(C.submit_choice(
+                    rid, cancel, "chat completion",
+                    ChatStreamSink(rj.sampling, cancel=cancel, token_text=token_text),
+                    lambda sink, done, rj=rj: submit(rj, sink, done)))
             else:
                 jobs.append(C.call(state, rid, cancel, "chat completion",
                                    backend.chat_completion, req.for_choice(j)))
@@ -69,7 +77,7 @@ async def _complete(state: ServerState, rec: RequestRecord, req: ChatRequest, ri
     choices, completion_tokens, prompt_tokens = [], 0, 0
     for j, c in enumerate(results):
         if own:
-            c = C.replay(s, c, ChatStreamSink, backend._token_text_fn(req.model))
+            c = C.replay(s, c, ChatStreamSink, token_text)
         if cut[j]:
             c.finish_reason = "length"
         if s.logprobs is not None and state.events.enabled:
@@ -143,6 +151,7 @@ async def _stream(state: ServerState, rec: RequestRecord, req: ChatRequest, rid:
     backend, s = state.backend, req.sampling
     token_text = backend._token_text_fn(req.model)
     bridge = StreamBridge(state.pool(), cancel, rid)
+    submit = getattr(backend, "submit_chat", None)   # a non-blocking entry (tep.engine)
     for j in range(req.wire.n):
         rj = req.for_choice(j)
         if s.max_tokens == 0:
@@ -150,12 +159,13 @@ async def _stream(state: ServerState, rec: RequestRecord, req: ChatRequest, rid:
                                                                             cancel=cancel),
                          lambda sink: None)
             continue
-        bridge.start(
-            j,
-            lambda on_delta, on_role, rj=rj: ChatStreamSink(
-                rj.sampling, cancel=cancel, on_delta=on_delta, on_role=on_role,
-                token_text=token_text),
-            lambda sink, rj=rj: backend.chat_completion_stream(rj, sink))
+        make = (lambda on_delta, on_role, rj=rj: ChatStreamSink(
+            rj.sampling, cancel=cancel, on_delta=on_delta, on_role=on_role,
+            token_text=token_text))
+        if submit is not None:
+            bridge.start_submitted(j, make, lambda sink, done, rj=rj: submit(rj, sink, done))
+        else:
+            bridge.start(j, make, lambda sink, rj=rj: backend.chat_completion_stream(rj, sink))
     events, first = await first_event(state, bridge, C.deadline(state), "chat completion")
     render = _Chunks(req, rid)
     return stream_reply(state, rec, bridge, events, first, render, "chat completion",

@@ -66,7 +66,8 @@ async def _complete(state: ServerState, rec: RequestRecord, req: CompletionReque
                     rid: str, prompt_ids: list[list[int]], echoes: list,
                     cancel: threading.Event) -> Reply:
     backend, s, n = state.backend, req.sampling, req.wire.n
-    own = _overrides(backend, "generate_from_tokens")
+    submit = getattr(backend, "submit", None)   # a non-blocking entry (tep.engine)
+    own = submit is None and _overrides(backend, "generate_from_tokens")
     token_text = backend._token_text_fn(req.model)
     try:
         jobs = []
@@ -74,6 +75,14 @@ async def _complete(state: ServerState, rec: RequestRecord, req: CompletionReque
             for j in range(n):
                 if s.max_tokens == 0:
                     jobs.append(asyncio.sleep(0, Completion(finish_reason="length")))
+                elif submit is not None:
+                    sk = s.for_choice(j)
+                    jobs.append(C.submit_choice(
+                        rid, cancel, "generation",
+                        StreamSink(sk, cancel=cancel, token_text=token_text,
+                                   prompt_tokens=len(ids)),
+                        lambda sink, done, ids=ids, sk=sk: submit(req.model, ids, sk, sink,
+                                                                   done)))
                 else:
                     jobs.append(C.call(state, rid, cancel, "generation",
                                        backend.generate_from_tokens, req.model, ids,
@@ -165,6 +174,7 @@ async def _stream(state: ServerState, rec: RequestRecord, req: CompletionRequest
     backend, s, n = state.backend, req.sampling, req.wire.n
     token_text = backend._token_text_fn(req.model)
     bridge = StreamBridge(state.pool(), cancel, rid)
+    submit = getattr(backend, "submit", None)   # a non-blocking entry (tep.engine)
     render = _Chunks(req, rid, prompt_ids, echoes)
     for k in range(render.n_choices):
         ids, sk = prompt_ids[k // n], s.for_choice(k % n)
@@ -172,13 +182,15 @@ async def _stream(state: ServerState, rec: RequestRecord, req: CompletionRequest
             bridge.start(k, lambda on_delta, on_role, sk=sk: StreamSink(sk, cancel=cancel),
                          lambda sink: None)
             continue
-        bridge.start(
-            k,
-            lambda on_delta, on_role, sk=sk, ids=ids: StreamSink(
-                sk, cancel=cancel, on_delta=on_delta, token_text=token_text,
-                prompt_tokens=len(ids)),
-            lambda sink, sk=sk, ids=ids: backend.generate_stream_from_tokens(
-                req.model, ids, sk, sink))
+        make = (lambda on_delta, on_role, sk=sk, ids=ids: StreamSink(
+            sk, cancel=cancel, on_delta=on_delta, token_text=token_text,
+            prompt_tokens=len(ids)))
+        if submit is not None:
+            bridge.start_submitted(k, make, lambda sink, done, sk=sk, ids=ids: submit(
+                req.model, ids, sk, sink, done))
+        else:
+            bridge.start(k, make, lambda sink, sk=sk, ids=ids:
+                         backend.generate_stream_from_tokens(req.model, ids, sk, sink))
     events, first = await first_event(state, bridge, C.deadline(state), "generation")
     return stream_reply(state, rec, bridge, events, first, render, "generation",
                         C.step_recorder(state, rid, render.n_choices, s.logprobs))

@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["ServerConfig", "load_backend", "DEFAULT_BACKEND"]
 
-DEFAULT_BACKEND = "tep.backends.toy:ToyBackend"
+DEFAULT_BACKEND = "tep.backends.toy:ToyEngineBackend"
 
 
 def _bool(v: str) -> bool:
@@ -47,6 +47,9 @@ class ServerConfig:
         events_jsonl: path of the JSONL run-events file (None = no events, no file I/O).
             ``{worker}`` and ``{pid}`` in the path are replaced per process.
         metrics: serve ``GET /metrics`` and record Prometheus metrics.
+        max_num_seqs, max_batch_tokens: engine backends (a :class:`tep.engine.Model`
+            served by :class:`tep.engine.EngineBackend`): most sequences in one model
+            step, and most tokens fed in one step (prompt chunks included).
         fast_path: answer ``POST`` on the inference routes in an ASGI layer in front of
             Quart (:mod:`tep.server.fastpath`; same answers, less overhead). Quart's own
             ``before_request``/``after_request`` hooks and extensions do not see those
@@ -71,6 +74,10 @@ class ServerConfig:
     retry_after: int = field(default=1, metadata={"help": "seconds in Retry-After of a 429"})
     events_jsonl: str | None = field(default=None, metadata={
         "help": "write run events (JSONL) to this file"})
+    max_num_seqs: int = field(default=256, metadata={
+        "help": "engine backends: most sequences per model step"})
+    max_batch_tokens: int = field(default=2048, metadata={
+        "help": "engine backends: most tokens fed per model step, prompt chunks included"})
     metrics: bool = field(default=True, metadata={"cli": False})
     fast_path: bool = field(default=True, metadata={"cli": False})
 
@@ -110,6 +117,8 @@ class ServerConfig:
             raise ValueError("max_tokens_limit must be >= 0 (0 = from the backend)")
         if cfg.generation_timeout < 0:
             raise ValueError("generation_timeout must be >= 0 (0 = no limit)")
+        if cfg.max_num_seqs < 1 or cfg.max_batch_tokens < 1:
+            raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
         if cfg.retry_after < 0:
             raise ValueError("retry_after must be >= 0")
         return cfg
@@ -153,8 +162,25 @@ def load_backend(spec: str | None = None) -> Any:
     from tep.backend import Backend
 
     obj = resolve_backend_spec(spec)
-    backend = obj() if callable(obj) and not isinstance(obj, Backend) else obj
+    backend = obj() if callable(obj) and not isinstance(obj, Backend) and \
+        not _is_engine_model(obj) else obj
+    if not isinstance(backend, Backend) and _is_engine_model(backend):
+        backend = _engine_backend(backend)
     if not isinstance(backend, Backend):
         raise TypeError(f"{spec or os.environ.get('TEP_BACKEND')} did not give a tep.Backend "
                         f"(got {type(backend).__name__})")
     return backend
+
+
+def _is_engine_model(obj: Any) -> bool:
+    """A tep.engine.Model instance (not a class): it has a batched forward."""
+    return not isinstance(obj, type) and all(
+        hasattr(obj, n) for n in ("forward", "release", "vocab_size", "list_models"))
+
+
+def _engine_backend(model: Any) -> Any:
+    from tep.engine import EngineBackend
+
+    cfg = ServerConfig.from_env()
+    return EngineBackend(model, max_num_seqs=cfg.max_num_seqs,
+                         max_batch_tokens=max(cfg.max_batch_tokens, cfg.max_num_seqs))

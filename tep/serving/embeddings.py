@@ -39,8 +39,14 @@ async def embeddings(state: ServerState, rec: RequestRecord,
         ids = await C.call(state, rid, cancel, "tokenize", C.tokenize_all, backend, req.model,
                            req.inputs)
         rec.prompt_tokens = sum(len(x) for x in ids)
-        vecs = await C.call(state, rid, cancel, "embeddings", _embed_all, backend, req.model,
-                            ids)
+        if getattr(backend, "submit_embeddings", None) is not None:
+            # batched with other requests' inputs (tep.engine's embedding batcher)
+            vecs = _check_vectors(await C.submitted(
+                rid, cancel, "embeddings",
+                lambda done: backend.submit_embeddings(req.model, ids, done)), len(ids))
+        else:
+            vecs = await C.call(state, rid, cancel, "embeddings", _embed_all, backend,
+                                req.model, ids)
     finally:
         C.release(state, cancel)
     data = []
@@ -60,10 +66,14 @@ async def embeddings(state: ServerState, rec: RequestRecord,
 
 
 def _embed_all(backend: Backend, model: str, ids: list[list[int]]) -> list[Any]:
-    vecs = backend.generate_embeddings_batch(model, ids)
-    if len(vecs) != len(ids):
+    return _check_vectors(backend.generate_embeddings_batch(model, ids), len(ids))
+
+
+def _check_vectors(vecs: Any, n: int) -> list[Any]:
+    """The backend's vectors as float32 [D] arrays, one per input."""
+    if len(vecs) != n:
         raise ValueError(f"generate_embeddings_batch returned {len(vecs)} vectors "
-                         f"for {len(ids)} inputs")
+                         f"for {n} inputs")
     out = []
     for v in vecs:
         v = np.asarray(v, dtype=np.float32)

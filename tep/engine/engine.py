@@ -1,0 +1,437 @@
+"""The engine loop: one thread that schedules, runs one ``forward`` and one ``sample`` per
+step, and delivers each token to its sequence's sink.
+
+Seams (vLLM v1's): :meth:`Engine.add_request` (any thread) -> :meth:`Engine.step` =
+``Scheduler.schedule`` -> ``Model.forward`` -> ``RowState.sample_rows`` ->
+``_update_from_output`` -> ``_finish``. Per-step work is O(rows), never O(history).
+
+Structured outputs (not implemented here) plug in through ``Seq.constraint``: an object
+with ``fill_bitmask(row: np.ndarray) -> None`` (called for each constrained sampling row
+while ``forward`` runs, to mark the allowed tokens) and ``accept(token_id: int) -> bool``
+(called with each sampled token; False ends the sequence with an error). The loop calls
+``fill_bitmask`` on the rows it is about to sample; until the kernel takes a bitmask the
+mask is turned into ``allowed_token_ids``.
+
+Threads: ``add_request`` and ``cancel`` may be called from any thread. Sinks and
+``on_done`` callbacks run on the engine thread; they must not block (the server's
+callbacks hand events to the event loop with ``call_soon_threadsafe``).
+"""
+from __future__ import annotations
+
+import codecs
+import logging
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from tep.engine.model import StepBatch
+from tep.engine.rows import RowState, as_ids, fresh_seed
+from tep.engine.scheduler import Plan, Scheduler, Seq
+
+__all__ = ["Engine", "EngineStats", "StepRecord"]
+
+log = logging.getLogger("tep.engine")
+
+
+@dataclass
+class EngineStats:
+    """Counters since start (read them from any thread; exported as metrics by the server).
+
+    Attributes:
+        steps: engine steps run (one ``forward`` each).
+        tokens_fed: tokens passed to ``forward``.
+        tokens_sampled: tokens sampled.
+        prefix_hit_tokens: prompt tokens the model already had cached (``reuse_prefix``).
+        prefix_miss_tokens: prompt tokens that had to be evaluated.
+        finished: sequences ended normally; cancelled: ended by their client, timeout or
+            shutdown; failed: ended by a model or sampling error.
+        forward_s, sample_s, step_s: seconds spent in forward, in sample, in whole steps.
+    """
+
+    steps: int = 0
+    tokens_fed: int = 0
+    tokens_sampled: int = 0
+    prefix_hit_tokens: int = 0
+    prefix_miss_tokens: int = 0
+    finished: int = 0
+    cancelled: int = 0
+    failed: int = 0
+    forward_s: float = 0.0
+    sample_s: float = 0.0
+    step_s: float = 0.0
+
+
+@dataclass
+class _DecodePlan:
+    """A decode-only plan kept for the next steps while ``Scheduler.version`` is the same
+    (the same sequences, all decoding): its slots, batch ``seq_ids``/``logits`` arrays and
+    gathered static ``sample`` arguments."""
+
+    version: int
+    plan: Plan
+    slots: np.ndarray
+    seq_ids: np.ndarray
+    want: np.ndarray
+    static: dict
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step, kept when ``Engine(record_steps=True)`` (for tests): how many sequences
+    were fed, how many tokens, and which slots sampled."""
+
+    n_seqs: int
+    n_tokens: int
+    sampled_slots: tuple
+
+
+class Engine:
+    """Continuous batching over a :class:`tep.engine.Model`.
+
+    Args:
+        model: the model (``forward``, ``release``, ``vocab_size``; ``detokenize``,
+            ``eog_token_ids``, ``reuse_prefix`` when present).
+        max_num_seqs: most sequences in the model at once (slots; model ``seq_id`` range).
+        max_batch_tokens: most tokens fed per step (prompt chunks + decode tokens).
+        record_steps: keep a :class:`StepRecord` per step in ``self.steps`` (tests).
+        sample_threads: threads of the one ``sample`` call per step (None = the kernel's
+            automatic choice; 1 avoids OpenMP on an oversubscribed machine).
+    """
+
+    def __init__(self, model: Any, *, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
+                 record_steps: bool = False, sample_threads: int | None = None) -> None:
+        self.model = model
+        cap = getattr(model, "max_num_seqs", None)
+        if cap is not None and max_num_seqs > int(cap):
+            max_num_seqs = int(cap)
+        self.sched = Scheduler(max_num_seqs, max(max_batch_tokens, max_num_seqs))
+        self.vocab_size = int(model.vocab_size)
+        self.rows = RowState(max_num_seqs, self.vocab_size, n_threads=sample_threads)
+        self.stats = EngineStats()
+        self.steps: list[StepRecord] | None = [] if record_steps else None
+        self._eog = frozenset(int(t) for t in (getattr(model, "eog_token_ids", None) or ()))
+        self._detok = getattr(model, "detokenize", None)
+        self._reuse = getattr(model, "reuse_prefix", None)
+        self._piece_cache: dict[int, bytes] = {}
+        self._text_cache: dict[int, str] = {}   # tokens that are whole UTF-8 alone
+        self._decode: _DecodePlan | None = None
+        # held around forward; other users of the model (embeddings) take it too
+        self.model_lock = threading.Lock()
+        self._inbox: list[Seq] = []
+        self._cv = threading.Condition()
+        self._stop = False
+        self._thread: threading.Thread | None = None
+
+    # ---- lifecycle
+    def start(self) -> "Engine":
+        """Start the loop thread (idempotent)."""
+        with self._cv:
+            if self._thread is None:
+                self._stop = False
+                self._thread = threading.Thread(target=self._run, name="tep-engine",
+                                                daemon=True)
+                self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the loop: every live sequence is cancelled (its sink closes)."""
+        with self._cv:
+            self._stop = True
+            self._cv.notify()
+        t = self._thread
+        if t is not None and t is not threading.current_thread():
+            t.join(timeout=10)
+        self._thread = None
+
+    # ---- entry (any thread)
+    def add_request(self, prompt: Any, sampling: Any, sink: Any,
+                    on_done: Callable[[BaseException | None], None], *,
+                    constraint: Any = None) -> Seq:
+        """Queue one sequence. ``prompt``: token IDs (>= 1, each in [0, V)). ``sink``: a
+        :class:`tep.backend.StreamSink` (it applies stops, ``max_tokens`` and the cancel
+        flag). ``on_done(None | exc)`` is called once when the sequence ends."""
+        ids = as_ids(prompt)
+        if ids.shape[0] == 0:
+            raise ValueError("the prompt must hold at least one token")
+        seed = fresh_seed() if sampling.seed is None else int(sampling.seed)
+        seq = Seq(prompt=ids, sampling=sampling, sink=sink, on_done=on_done, seed=seed,
+                  constraint=constraint,
+                  decoder=codecs.getincrementaldecoder("utf-8")(errors="replace"))
+        seq.slow = constraint is not None or sampling.logprobs is not None
+        with self._cv:
+            if self._stop:
+                raise RuntimeError("the engine is stopped")
+            self._inbox.append(seq)
+            self._cv.notify()
+        return seq
+
+    def wake(self) -> None:
+        """Make an idle loop re-check its sequences (e.g. after a cancel flag was set)."""
+        with self._cv:
+            self._cv.notify()
+
+    # ---- the loop
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stop and not self._inbox and self.sched.idle:
+                    self._cv.wait()
+                if self._stop:
+                    inbox, self._inbox = self._inbox, []
+                    break
+                inbox, self._inbox = self._inbox, []
+            for s in inbox:
+                self.sched.add(s)
+            try:
+                self.step()
+            except Exception:  # a bug in the engine itself: fail what is live, go on
+                log.exception("engine step failed")
+                for s in list(self.sched.running) + list(self.sched.waiting):
+                    self._finish(s, RuntimeError("engine step failed"))
+        for s in inbox:
+            self.sched.add(s)
+        for s in list(self.sched.running) + list(self.sched.waiting):
+            s.sink._cancel.set() if hasattr(s.sink, "_cancel") else None
+            self._finish(s, None, cancelled=True)
+
+    def run_until_idle(self, max_steps: int = 1_000_000) -> int:
+        """Drive the engine on the calling thread until no sequence is left (tests and
+        benchmarks without the loop thread). Returns the steps run."""
+        n = 0
+        while n < max_steps:
+            with self._cv:
+                inbox, self._inbox = self._inbox, []
+            for s in inbox:
+                self.sched.add(s)
+            if self.sched.idle:
+                break
+            self.step()
+            n += 1
+        return n
+
+    def step(self) -> None:
+        """One step: drop ended sequences, schedule, forward, sample, deliver."""
+        t0 = time.perf_counter()
+        self._drop_cancelled()
+        rows = self.rows
+        c = self._decode
+        if c is not None and c.version == self.sched.version:
+            # the same sequences as last step, all decoding: no re-planning
+            plan, slots = c.plan, c.slots
+            batch = StepBatch(token_ids=rows.last[slots].astype(np.int32),
+                              positions=rows.pos[slots].astype(np.int32),
+                              seq_ids=c.seq_ids, logits=c.want)
+            fed_slots, fed_counts = slots, 1
+        else:
+            plan = self.sched.schedule(self._reuse_prefix if self._reuse is not None else None)
+            if not plan.seqs:
+                return
+            for s in plan.admitted:
+                rows.admit(s.slot, s.sampling, s.seed, s.prompt, s.n_fed)
+            batch, fed_slots, fed_counts = self._build_batch(plan)
+            slots = np.fromiter((s.slot for s in plan.samplers), np.int64, len(plan.samplers))
+            self._decode = None
+            if not plan.prefills and not any(s.constraint is not None for s in plan.seqs):
+                self._decode = _DecodePlan(self.sched.version, plan, slots,
+                                           batch.seq_ids, batch.logits,
+                                           rows.static_kwargs(slots))
+        n_rows = slots.shape[0]
+        t1 = time.perf_counter()
+        try:
+            with self.model_lock:
+                out = self.model.forward(batch)
+            logits = self._check_logits(out, n_rows)
+        except Exception as e:  # the model failed this step: only its sequences fail
+            log.warning("model forward failed; failing %d sequences: %r", len(plan.seqs), e)
+            for s in list(plan.seqs):
+                self._finish(s, e)
+            return
+        t2 = time.perf_counter()
+        st = self.stats
+        st.steps += 1
+        st.tokens_fed += batch.n_tokens
+        st.forward_s += t2 - t1
+        rows.pos[fed_slots] += fed_counts
+        if plan.prefills:
+            for s, n in zip(plan.seqs, plan.counts):
+                if s.n_fed < s.plen:
+                    s.n_fed += n
+        if self.steps is not None:
+            self.steps.append(StepRecord(len(plan.seqs), batch.n_tokens,
+                                         tuple(slots.tolist())))
+        if n_rows:
+            static = None
+            if self._decode is not None and self._decode.plan is plan:
+                static = self._decode.static
+            else:
+                self._apply_constraints(plan.samplers)
+            res = rows.sample_rows(logits, slots, static)
+            t3 = time.perf_counter()
+            st.sample_s += t3 - t2
+            st.tokens_sampled += n_rows
+            rows.record(slots, res.token_ids)
+            self._update_from_output(plan.samplers, res)
+        st.step_s += time.perf_counter() - t0
+
+    # ---- pieces of a step
+    def _reuse_prefix(self, s: Seq) -> int:
+        n = 0
+        try:
+            n = int(self._reuse(s.slot, s.prompt.tolist()))  # type: ignore[misc]
+        except Exception:
+            log.exception("reuse_prefix failed; evaluating the whole prompt")
+            n = 0
+        n = max(0, min(n, s.plen - 1))
+        self.stats.prefix_hit_tokens += n
+        self.stats.prefix_miss_tokens += s.plen - n
+        return n
+
+    def _build_batch(self, plan: Plan) -> tuple[StepBatch, np.ndarray, np.ndarray]:
+        """The step's StepBatch, and the slots fed with their token counts."""
+        N = plan.n_tokens
+        tok = np.empty(N, np.int32)
+        pos = np.empty(N, np.int32)
+        sid = np.empty(N, np.int32)
+        want = np.zeros(N, bool)
+        rows = self.rows
+        i = 0
+        for s, n in zip(plan.seqs, plan.counts):
+            a = s.n_fed
+            if a < s.plen:
+                tok[i:i + n] = s.prompt[a:a + n]
+                pos[i:i + n] = np.arange(a, a + n, dtype=np.int32)
+                if a + n == s.plen:
+                    want[i + n - 1] = True
+            else:
+                tok[i] = rows.last[s.slot]
+                pos[i] = rows.pos[s.slot]
+                want[i] = True
+            sid[i:i + n] = s.slot
+            i += n
+        fed = np.fromiter((s.slot for s in plan.seqs), np.int64, len(plan.seqs))
+        return (StepBatch(token_ids=tok, positions=pos, seq_ids=sid, logits=want), fed,
+                np.asarray(plan.counts, np.int64))
+
+    def _check_logits(self, logits: Any, n_rows: int) -> np.ndarray:
+        if not isinstance(logits, np.ndarray):
+            raise TypeError(f"forward must return a numpy array, got {type(logits).__name__}")
+        if logits.shape != (n_rows, self.vocab_size):
+            raise ValueError(f"forward returned shape {logits.shape}, expected "
+                             f"({n_rows}, {self.vocab_size})")
+        if logits.dtype != np.float32:
+            logits = logits.astype(np.float32)
+        return np.ascontiguousarray(logits)
+
+    def _apply_constraints(self, samplers: list) -> None:
+        for s in samplers:
+            c = s.constraint
+            if c is not None:
+                mask = np.zeros(self.vocab_size, bool)
+                c.fill_bitmask(mask)
+                self.rows.allowed[s.slot] = np.flatnonzero(mask).astype(np.int64)
+
+    def _piece(self, tok: int) -> bytes:
+        b = self._piece_cache.get(tok)
+        if b is None:
+            b = bytes(self._detok([tok])) if self._detok is not None else b""
+            if len(self._piece_cache) < 1 << 20:
+                self._piece_cache[tok] = b
+        return b
+
+    def _update_from_output(self, samplers: list, res: Any) -> None:
+        toks = res.token_ids.tolist()
+        all_ok = bool(res.ok.all())
+        eog, texts = self._eog, self._text_cache
+        for i, s in enumerate(samplers):
+            tok = toks[i]
+            if s.slow or tok in eog or not all_ok:
+                s.n_out += 1
+                self._deliver_slow(s, tok, i, res)
+                continue
+            s.n_out += 1
+            text = texts.get(tok) if not s.pending else None
+            if text is None:
+                text = self._text_of(s, tok)
+            sink = s.sink
+            if not sink.emit_token(text, tok):
+                self._finish(s, None, cancelled=sink._cancel.is_set()
+                             if hasattr(sink, "_cancel") else False)
+
+    def _text_of(self, s: Seq, tok: int) -> str:
+        """The text ``tok`` adds to ``s`` (its incremental UTF-8 decoder), and remember
+        tokens that are whole UTF-8 on their own so the next time needs no decoder."""
+        b = self._piece(tok)
+        if not s.pending and tok not in self._text_cache:
+            try:
+                t = b.decode("utf-8")
+                if len(self._text_cache) < 1 << 20:
+                    self._text_cache[tok] = t
+                return t
+            except UnicodeDecodeError:
+                pass
+        text = s.decoder.decode(b)
+        s.pending = bool(s.decoder.getstate()[0])
+        return text
+
+    def _deliver_slow(self, s: Seq, tok: int, i: int, res: Any) -> None:
+        """A token with logprobs, a constraint or an end-of-generation ID, or a row that
+        failed."""
+        if not res.ok[i]:
+            self._finish(s, res.errors[i])
+            return
+        kw: dict = {}
+        k = s.sampling.logprobs
+        if res.logprobs is not None and k is not None:
+            kw = {"logprob": float(res.logprobs[i]),
+                  "top_logprobs": list(zip(res.top_ids[i, :k].tolist(),
+                                           res.top_lps[i, :k].tolist())),
+                  "token_bytes": self._piece(tok)}
+        c = s.constraint
+        if c is not None and not c.accept(tok):
+            self._finish(s, ValueError(f"token {tok} broke the output constraint"))
+            return
+        sink = s.sink
+        if tok in self._eog:
+            sink.emit_token(s.decoder.decode(b"", final=True), tok, **kw)
+            sink.emit_finish("stop")
+            self._finish(s, None)
+            return
+        text = self._text_cache.get(tok) if not s.pending else None
+        if not sink.emit_token(text if text is not None else self._text_of(s, tok), tok, **kw):
+            self._finish(s, None, cancelled=sink._cancel.is_set()
+                         if hasattr(sink, "_cancel") else False)
+
+    def _drop_cancelled(self) -> None:
+        if self.sched.waiting:
+            for s in list(self.sched.waiting):
+                if s.sink.cancelled:
+                    self._finish(s, None, cancelled=True)
+        for s in [s for s in self.sched.running if s.sink.cancelled]:
+            self._finish(s, None, cancelled=True)
+
+    def _finish(self, s: Seq, exc: BaseException | None, *, cancelled: bool = False) -> None:
+        if s.done:
+            return
+        s.done = True
+        slot = s.slot
+        self.sched.free(s)
+        if slot >= 0:
+            self.rows.release(slot)
+            try:
+                self.model.release(slot)
+            except Exception:
+                log.exception("model.release(%d) failed", slot)
+        st = self.stats
+        if exc is not None:
+            st.failed += 1
+        elif cancelled:
+            st.cancelled += 1
+        else:
+            st.finished += 1
+        try:
+            s.on_done(exc)
+        except Exception:
+            log.exception("a sequence's on_done callback failed")
