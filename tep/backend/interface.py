@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Callable
 
-from tep.backend.results import Completion
+from tep.backend.results import Completion, TokenLogprob
 from tep.backend.sinks import ChatStreamSink, StreamSink, current_cancel
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -119,6 +119,18 @@ class Backend:
     def detokenize(self, model: str, token_ids: list[int]) -> str:
         """Token IDs -> text (for ``echo`` and logprob alternatives given as IDs)."""
         raise NotImplementedError
+
+    def prompt_logprobs(self, model: str, token_ids: list[int],
+                        top_n: int) -> list[TokenLogprob]:
+        """Logprobs of a prompt's own tokens, for ``echo`` with ``logprobs``: one entry per
+        token, the first with ``logprob=None`` (nothing precedes it), each later one the
+        model's log-probability of that token given the ones before, with its ``top_n``
+        most likely alternatives. Without it, such a request is a 400."""
+        raise NotImplementedError
+
+    def supports_prompt_logprobs(self) -> bool:
+        """True when :meth:`prompt_logprobs` is implemented."""
+        return _overrides(self, "prompt_logprobs")
 
     def supports_tokenize(self) -> bool:
         """True when :meth:`tokenize` is implemented."""

@@ -26,6 +26,14 @@ current_cancel: contextvars.ContextVar[threading.Event | None] = contextvars.Con
     "tep_current_cancel", default=None)
 
 
+def _no_logprobs() -> Exception:
+    from tep.errors import BadRequestError
+
+    return BadRequestError("logprobs were requested, but this backend does not report "
+                           "them for its tokens", param="logprobs",
+                           code="logprobs_not_supported")
+
+
 class StreamSink:
     """Where a backend sends generated tokens.
 
@@ -126,6 +134,9 @@ class StreamSink:
     def emit_completion(self, completion: Completion) -> None:
         """Send a whole :class:`Completion` at once (used to stream a non-streaming backend)."""
         lps = completion.logprobs if self._want_lp else None
+        if self._want_lp and (completion.token_ids or completion.text) and (
+                not lps or any(e.logprob is None for e in lps)):
+            raise _no_logprobs()
         if lps and len(lps) == len(completion.token_ids) and \
                 "".join(e.token for e in lps) == completion.text:
             for e, tid in zip(lps, completion.token_ids):
@@ -175,6 +186,8 @@ class StreamSink:
     def _record_logprob(self, piece: str, token_id: int | None, logprob: float | None,
                         top: Sequence[tuple[int | str, float]] | None,
                         token_bytes: bytes | None) -> None:
+        if logprob is None:
+            raise _no_logprobs()
         k = self.sampling.logprobs or 0
         alts = None
         if top is not None:

@@ -42,7 +42,7 @@ from typing import Any
 
 import numpy as np
 
-from tep.backend import Backend, ChatStreamSink, StreamSink
+from tep.backend import Backend, ChatStreamSink, StreamSink, TokenLogprob
 from tep.errors import BadRequestError
 from tep.backend import Sampling
 from tep.wire.chat import ChatRequest
@@ -174,6 +174,27 @@ class ToyBackend(Backend):
         if bad:
             raise BadRequestError(f"token ID {bad[0]} is outside the vocabulary "
                                   f"[0, {self.vocab_size})", param=param)
+
+    def prompt_logprobs(self, model: str, token_ids: list[int],
+                        top_n: int) -> list[TokenLogprob]:
+        """The model's logprob of each prompt token given the ones before (the first is
+        null), with the ``top_n`` most likely alternatives."""
+        from tep.kernels import log_softmax
+
+        ids = [int(t) for t in token_ids]
+        self._check_ids(ids, "prompt")
+        out = []
+        for i, t in enumerate(ids):
+            text = self.detokenize(model, [t])
+            if i == 0:
+                out.append(TokenLogprob(token=text, logprob=None, token_id=t, top=None))
+                continue
+            lp = log_softmax(self._logits(ids[:i]))
+            top = np.argsort(-lp, kind="stable")[:top_n]
+            out.append(TokenLogprob(token=text, logprob=float(lp[t]), token_id=t,
+                                    top=[(self.detokenize(model, [int(j)]), float(lp[j]))
+                                         for j in top]))
+        return out
 
     # ---- the model
     def _hidden(self, ctx: list[int], t: int) -> np.ndarray:

@@ -20,14 +20,34 @@ from tep.wire.routes import INFERENCE_PATHS, endpoint_label
 __all__ = ["RequestRecord", "TelemetryMiddleware", "SCOPE_KEY"]
 
 
+# What an event records of client-supplied collections: a request may carry megabytes
+# of stop strings or token IDs, and the events file must not grow by as much.
+EVENT_STR_MAX = 256       # characters of one string
+EVENT_ITEMS_MAX = 64      # items of one list or dict
+
+
+def _capped(v: Any) -> Any:
+    if isinstance(v, str):
+        return v if len(v) <= EVENT_STR_MAX else v[:EVENT_STR_MAX] + "..."
+    if isinstance(v, list):
+        out = [_capped(x) for x in v[:EVENT_ITEMS_MAX]]
+        return out + [f"... {len(v) - EVENT_ITEMS_MAX} more"] if len(v) > EVENT_ITEMS_MAX \
+            else out
+    if isinstance(v, dict):
+        items = list(v.items())
+        out = {str(k): _capped(x) for k, x in items[:EVENT_ITEMS_MAX]}
+        if len(items) > EVENT_ITEMS_MAX:
+            out["..."] = f"{len(items) - EVENT_ITEMS_MAX} more"
+        return out
+    return v
+
+
 def sampling_dict(s: Any) -> dict[str, Any] | None:
-    """A request's Sampling as a JSON-ready dict (only built when an event is written)."""
+    """A request's Sampling as a JSON-ready dict (only built when an event is written);
+    long strings and collections are cut (``EVENT_STR_MAX``, ``EVENT_ITEMS_MAX``)."""
     if s is None:
         return None
-    d = dataclasses.asdict(s)
-    if d.get("logit_bias"):
-        d["logit_bias"] = {str(k): v for k, v in d["logit_bias"].items()}
-    return d
+    return {k: _capped(v) for k, v in dataclasses.asdict(s).items()}
 
 SCOPE_KEY = "tep.request"
 

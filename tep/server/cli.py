@@ -34,14 +34,21 @@ __all__ = ["main"]
 log = logging.getLogger("tep.server.cli")
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad option is one line (``tep serve: error: ...``), not the whole
+    usage text; ``--help`` still shows everything."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
     from dataclasses import MISSING, fields
 
     from tep import __version__
     from tep.serving.config import ServerConfig
 
-    p = argparse.ArgumentParser(prog="tep", description="Serve a Python model through the "
-                                "OpenAI HTTP API.")
+    p = _Parser(prog="tep", description="Serve a Python model through the OpenAI HTTP API.")
     p.add_argument("--version", action="version", version=f"tep {__version__}")
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("serve", help="serve a backend on hypercorn",
@@ -50,8 +57,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="module:Attr of a tep.Backend or a tep.engine.Model, or a short name "
                    "(toy, bert, llamacpp); the current directory is importable "
                    "(default: $TEP_BACKEND, else the toy backend)")
-    s.add_argument("--host", default="127.0.0.1")
-    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    s.add_argument("--port", type=int, default=8000, help="port to listen on")
     s.add_argument("--workers", type=int, default=1, help="server processes (each loads "
                    "its own backend; the supervisor loads none)")
     # one option per ServerConfig setting: its type, default and help come from there
@@ -70,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                    "/metrics answers 501")
     s.add_argument("--graceful-timeout", type=float, default=60.0,
                    help="seconds open streams get to finish at shutdown")
-    s.add_argument("--log-level", default="info")
+    s.add_argument("--log-level", default="info", help="debug, info, warning or error")
     s.add_argument("--access-log", action="store_true", help="log every request")
     s.add_argument("--toy-vocab-size", type=int, help="toy backend vocabulary size")
     s.add_argument("--toy-instant", action="store_true",

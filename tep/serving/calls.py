@@ -241,15 +241,19 @@ def replay(sampling: Sampling, c: Completion, sink_cls: type = StreamSink,
 
 
 def echo_parts(backend: Backend, model: str, prompt: str | list[int], ids: list[int],
-               want_lp: bool) -> tuple[str, list[TokenLogprob]]:
-    """The echoed prompt text and (when logprobs are on) its logprob entries."""
+               top_n: int | None) -> tuple[str, list[TokenLogprob]]:
+    """The echoed prompt text and (when logprobs are on, ``top_n`` not None) its logprob
+    entries from the backend's :meth:`~tep.Backend.prompt_logprobs` (only the first
+    token's logprob is null)."""
     text = prompt if isinstance(prompt, str) else backend.detokenize(model, ids)
     entries: list[TokenLogprob] = []
-    if want_lp:
+    if top_n is not None:
+        entries = list(backend.prompt_logprobs(model, ids, top_n))
+        if len(entries) != len(ids) or any(e.logprob is None for e in entries[1:]):
+            raise ValueError(f"prompt_logprobs gave {len(entries)} entries for {len(ids)} "
+                             "tokens, or a null logprob after the first")
         off = 0
-        for t in ids:
-            tok = backend.detokenize(model, [t])
-            entries.append(TokenLogprob(token=tok, logprob=None, token_id=t, top=None,
-                                        text_offset=off))
-            off += len(tok)
+        for e in entries:
+            e.text_offset = off
+            off += len(e.token)
     return text, entries

@@ -41,6 +41,9 @@ async def completions(state: ServerState, rec: RequestRecord,
             not all(isinstance(p, str) for p in req.prompts):
         raise E.NotSupportedError("'echo' with token-ID prompts needs a backend with a "
                                   "detokenize hook", param="echo")
+    if req.echo and s.logprobs is not None and not backend.supports_prompt_logprobs():
+        raise E.BadRequestError("'echo' with 'logprobs' needs the prompt's logprobs, which "
+                                "this backend does not compute", param="echo")
     cancel = await C.admit(state, rec)
     try:
         # token-ID prompts need no tokenizer: no trip through the pool for them
@@ -52,8 +55,7 @@ async def completions(state: ServerState, rec: RequestRecord,
         if req.echo:
             for p, ids in zip(req.prompts, prompt_ids):
                 echoes.append(await C.call(state, rid, cancel, "detokenize", C.echo_parts,
-                                           backend, req.model, p, ids,
-                                           s.logprobs is not None))
+                                           backend, req.model, p, ids, s.logprobs))
         if req.stream:
             return await _stream(state, rec, req, rid, prompt_ids, echoes, cancel)
         return await _complete(state, rec, req, rid, prompt_ids, echoes, cancel)

@@ -13,12 +13,8 @@ import pytest
 from tep._kernels import sampling as _k
 from tep.kernels import SampleResult, sample
 
-try:  # tests/ may or may not become a package
-    from . import kernel_fuzz
-    from .kernel_checks import assert_raises_naming
-except ImportError:  # pragma: no cover
-    import kernel_fuzz
-    from kernel_checks import assert_raises_naming
+from support import kernel_fuzz
+from support.kernel_checks import assert_raises_naming
 
 F32_TINY = float(np.finfo(np.float32).tiny)
 F32_MAX = float(np.finfo(np.float32).max)

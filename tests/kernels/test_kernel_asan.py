@@ -2,7 +2,7 @@
 
 A copy of the package is built with ``-fsanitize=address`` in a temporary directory (the
 sampling extension only; the pooling extension is copied as built), and
-tests/kernel_fuzz.py runs against it with libasan preloaded into the interpreter. Any read
+tests/support/kernel_fuzz.py runs against it with libasan preloaded into the interpreter. Any read
 or write outside a buffer - the failure mode of an empty or stale candidate set - aborts
 the child with an ASan report instead of returning a plausible token. Bounded: the build
 takes ~20-40 s on two cores, the fuzz stops after its case count or 25 s.
@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 FUZZ_CASES, FUZZ_BUDGET_S = 1200, 25
 
 
@@ -57,7 +57,7 @@ def test_sampling_kernel_fuzz_under_address_sanitizer(tmp_path):
         cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=120)
     assert where.returncode == 0, where.stderr[-3000:]
     assert str(src) in where.stdout, f"imported the wrong build: {where.stdout}"
-    r = subprocess.run([sys.executable, str(ROOT / "tests" / "kernel_fuzz.py"),
+    r = subprocess.run([sys.executable, str(ROOT / "tests" / "support" / "kernel_fuzz.py"),
                         str(FUZZ_CASES), str(FUZZ_BUDGET_S)],
                        cwd=tmp_path, env=run_env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, f"rc={r.returncode}\n{r.stdout[-2000:]}\n{r.stderr[-6000:]}"

@@ -11,12 +11,8 @@ import pytest
 
 from tep.kernels import RowStatus, SampledRows, SampleResult, TokenSpans, sample
 
-try:  # tests/ may or may not become a package
-    from . import reference as ref
-    from .kernel_checks import assert_raises_naming, merged_chisquare
-except ImportError:  # pragma: no cover
-    import reference as ref
-    from kernel_checks import assert_raises_naming, merged_chisquare
+from support import reference as ref
+from support.kernel_checks import assert_raises_naming, merged_chisquare
 
 PENALTIES = dict(repetition_penalty=1.7, presence_penalty=0.6, frequency_penalty=0.4)
 
