@@ -1,6 +1,7 @@
 # Token-sampling kernels: one row of logits at a time, `noexcept nogil`, returning a status.
 # The validating Python wrapper is tep/kernels/sampling.py.
-from tep._kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint64_t, intp_t
+from tep._kernels._typedefs cimport (float32_t, float64_t, int32_t, int64_t, uint32_t,
+                                     uint64_t, intp_t)
 
 cdef enum Status:
     TEP_OK = 0
@@ -33,6 +34,7 @@ cdef struct RowEdits:
     const int32_t* allowed_ids
     intp_t n_allowed
     bint has_allowed
+    const uint32_t* mask     # grammar bitmask words [ceil(V/32)] (bit j allows token j), or NULL
 
 cdef extern from "_simd.h" nogil:
     ctypedef struct Cand "tep_cand":

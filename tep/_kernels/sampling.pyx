@@ -38,6 +38,11 @@ cdef extern from "_simd.h" nogil:
     Py_ssize_t tep_bracket(const float* v, Py_ssize_t n, float m, float s, float lo, float hi,
                            double* bsum_hi, double* z_all, double* mass_in, Cand* out,
                            Py_ssize_t cap, float* ecache, int fresh)
+    float tep_copy_mask_max(const float* v, const uint32_t* mask, Py_ssize_t n, float* out,
+                            float* bmax)
+    void tep_mask_inplace(float* v, const uint32_t* mask, Py_ssize_t n)
+    int tep_mask_all_ones(const uint32_t* mask, Py_ssize_t n)
+    int tep_bit(const uint32_t* mask, Py_ssize_t j)
     int tep_simd_init(int allow_avx2)
     int tep_simd_level
 
@@ -148,11 +153,12 @@ cdef float kth_largest(float* a, intp_t n, intp_t k) noexcept nogil:
 
 
 cdef intp_t collect(const float* v, intp_t V, const float* bmax, float lb, bint exact_all,
-                    Cand* out) noexcept nogil:
+                    Cand* out, const uint32_t* mask=NULL) noexcept nogil:
     """Finite tokens with v >= lb (index order), scanning only blocks whose max reaches lb.
 
     exact_all keeps every token, NaN/-inf included (used when fewer finite tokens exist
-    than the caller needs)."""
+    than the caller needs). mask (may be NULL): a bitmask not applied to v yet; tokens it
+    disallows count as -inf."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, j, e, n = 0
     cdef float x
     for b in range(nb):
@@ -161,6 +167,8 @@ cdef intp_t collect(const float* v, intp_t V, const float* bmax, float lb, bint 
         e = min((b + 1) * TEP_BLOCK, V)
         for j in range(b * TEP_BLOCK, e):
             x = v[j]
+            if mask != NULL and not tep_bit(mask, j):
+                x = -INFINITY
             if exact_all or (x >= lb and x > -INFINITY):
                 out[n].v = x if x == x else -INFINITY
                 out[n].idx = j
@@ -168,16 +176,18 @@ cdef intp_t collect(const float* v, intp_t V, const float* bmax, float lb, bint 
     return n
 
 
-cdef inline int64_t argmax_blocks(const float* v, intp_t V, const float* bmax, float m) noexcept nogil:
-    """First index holding the row max m: the first block whose max is m, then scan it."""
+cdef inline int64_t argmax_blocks(const float* v, intp_t V, const float* bmax, float m,
+                                  const uint32_t* mask=NULL) noexcept nogil:
+    """First index holding the row max m: the first block whose max is m, then scan it.
+    mask (may be NULL): a bitmask not applied to v yet (bmax is of the masked row)."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, j
     for b in range(nb):
         if bmax[b] == m:
             for j in range(b * TEP_BLOCK, min((b + 1) * TEP_BLOCK, V)):
-                if v[j] == m:
+                if v[j] == m and (mask == NULL or tep_bit(mask, j)):
                     return j
     for j in range(V):               # bmax out of step with v (cannot happen): scan the row
-        if v[j] == m:
+        if v[j] == m and (mask == NULL or tep_bit(mask, j)):
             return j
     return 0
 
@@ -445,7 +455,8 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
 
 
 cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t seed,
-                        uint64_t step, Scratch* sc, int64_t* token_out) noexcept nogil:
+                        uint64_t step, Scratch* sc, int64_t* token_out,
+                        const uint32_t* mask=NULL) noexcept nogil:
     """Exact full-vocabulary draw by rejection from the block-max envelope.
 
     Proposal: a block with probability proportional to n_b * exp((bmax_b - m) / T), then a
@@ -454,7 +465,8 @@ cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t see
     the softmax exactly, and the vocabulary is never exponentiated in full. Trial t uses
     Philox stream t + 1 of (seed, step), so the draw stays a function of (seed, step) and the
     row. Returns False after MAX_TRIALS rejections (the caller then runs the exact
-    exp-sum draw, deterministically as well)."""
+    exp-sum draw, deterministically as well). mask (may be NULL): a bitmask not applied to
+    v yet; a disallowed proposal is rejected, exactly as its -inf would be."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, lo, hi, mid, j, n_b
     cdef double W = 0.0, target
     cdef uint32_t w[4]
@@ -483,7 +495,7 @@ cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t see
         b = lo
         n_b = min(TEP_BLOCK, V - b * TEP_BLOCK)
         j = b * TEP_BLOCK + <intp_t>((<uint64_t>w[2] * <uint64_t>n_b) >> 32)
-        x = v[j]
+        x = v[j] if mask == NULL or tep_bit(mask, j) else -INFINITY
         # acceptance exp((x - bmax) * s) against a 32-bit uniform in (0, 1]
         if x > -INFINITY and ((<double>w[3] + 1.0) * (1.0 / 4294967296.0)
                               <= tep_exp_ms(x, sc.bmax[b], s)):
@@ -494,10 +506,14 @@ cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t see
 
 # ---- logit edits ------------------------------------------------------------------------------
 
-cdef inline bint row_has_edits(const Knobs* kn, const RowEdits* ed) noexcept nogil:
-    return (ed.has_allowed or ed.n_bias > 0
+cdef inline bint row_has_sparse_edits(const Knobs* kn, const RowEdits* ed) noexcept nogil:
+    return (ed.n_bias > 0
             or (kn.repetition_penalty != 1.0 and ed.n_prompt + ed.n_output > 0)
             or ((kn.frequency_penalty != 0.0 or kn.presence_penalty != 0.0) and ed.n_output > 0))
+
+
+cdef inline bint row_has_edits(const Knobs* kn, const RowEdits* ed) noexcept nogil:
+    return ed.has_allowed or ed.mask != NULL or row_has_sparse_edits(kn, ed)
 
 
 cdef inline bint finite(float w) noexcept nogil:
@@ -527,24 +543,41 @@ cdef intp_t gather_ids(const int32_t* ids, intp_t n, intp_t V, int32_t* out) noe
     return c
 
 
-cdef void apply_edits(const float* x, intp_t V, const Knobs* kn, const RowEdits* ed,
+cdef float build_work(const float* x, intp_t V, const Knobs* kn, const RowEdits* ed,
                       Scratch* sc) noexcept nogil:
-    """sc.work = x with mask -> bias -> repetition -> frequency/presence (the documented
-    order). Ids outside [0, V) are skipped; -inf (masked) and NaN logits are never edited;
-    edited values saturate at +-FLT_MAX."""
+    """sc.work = x with allowed set and bitmask -> bias -> repetition -> frequency/presence
+    (the documented order), sc.bmax = its block maxima; returns its max. A bitmask is
+    applied in the copy an edited row needs anyway, fused with the block-max pass, so a
+    row with only a bitmask makes one pass over its logits. Ids outside [0, V) are skipped;
+    non-finite logits (masked -inf, NaN, +inf) are never edited; edited values saturate at
+    +-FLT_MAX."""
     cdef float* w = sc.work
-    cdef intp_t i, j, n, run
+    cdef intp_t i
     cdef int32_t t
-    cdef float b, r = kn.repetition_penalty
+    cdef float m
     if ed.has_allowed:
         for i in range(V):
             w[i] = -INFINITY
         for i in range(ed.n_allowed):
             t = ed.allowed_ids[i]
-            if t >= 0 and t < V:
+            if t >= 0 and t < V and (ed.mask == NULL or tep_bit(ed.mask, t)):
                 w[t] = x[t]
+    elif ed.mask != NULL:
+        m = tep_copy_mask_max(x, ed.mask, V, w, sc.bmax)
+        if not row_has_sparse_edits(kn, ed):
+            return m
     else:
         memcpy(w, x, V * sizeof(float))
+    sparse_edits(w, V, kn, ed, sc)
+    return tep_block_max(w, V, sc.bmax)
+
+
+cdef void sparse_edits(float* w, intp_t V, const Knobs* kn, const RowEdits* ed,
+                       Scratch* sc) noexcept nogil:
+    """Bias, repetition, frequency/presence on the work row w (see build_work)."""
+    cdef intp_t i, j, n, run
+    cdef int32_t t
+    cdef float b, r = kn.repetition_penalty
     for i in range(ed.n_bias):
         t = ed.bias_ids[i]
         if t < 0 or t >= V or not finite(w[t]):
@@ -591,10 +624,15 @@ cdef inline int64_t best_cand(const Cand* a, intp_t n) noexcept nogil:
     return best
 
 
-cdef int64_t draw_row(const float* v, intp_t V, float m, const Knobs* kn,
-                      Scratch* sc) noexcept nogil:
+cdef int64_t draw_row(const float* v, intp_t V, float m, const Knobs* kn, Scratch* sc,
+                      const uint32_t* mask) noexcept nogil:
     """The drawn token of a row whose (edited) logits v have the finite max m and block
-    maxima in sc.bmax; -1 when a path finds no token (sample_row then falls back)."""
+    maxima in sc.bmax; -1 when a path finds no token (sample_row then falls back).
+
+    mask (may be NULL): a bitmask not yet applied to v (sc.bmax is of the masked row).
+    Greedy, min_p/top_k candidates and the envelope draw read it token by token; the
+    paths that sweep the whole row (top_p alone, the exact exp-sum draw) first write the
+    masked row to sc.work, so they see -inf like any masked token."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, nc = 0, i, b
     cdef float T = kn.temperature, s, lb = -INFINITY, lbk, tk, thr, p = kn.top_p
     cdef bint use_k, have_cands = False
@@ -604,7 +642,7 @@ cdef int64_t draw_row(const float* v, intp_t V, float m, const Knobs* kn,
     cdef int64_t tok
 
     if T < GREEDY_T:
-        return argmax_blocks(v, V, sc.bmax, m)
+        return argmax_blocks(v, V, sc.bmax, m, mask)
     s = 1.0 / T
     u = philox_uniform(kn.seed, kn.step)
     # A top_p below the smallest normal float32 keeps what any top_p below the top token's
@@ -624,11 +662,11 @@ cdef int64_t draw_row(const float* v, intp_t V, float m, const Knobs* kn,
             tk = kth_largest(sc.sel, nb, k)
             if tk > lbk:
                 lbk = tk
-        nc = collect(v, V, sc.bmax, lbk, False, sc.cand)
+        nc = collect(v, V, sc.bmax, lbk, False, sc.cand, mask)
         if use_k:
             if nc < k and lbk != lb:
                 # fewer than k survivors in all: top_k keeps them all
-                nc = collect(v, V, sc.bmax, lb, False, sc.cand)
+                nc = collect(v, V, sc.bmax, lb, False, sc.cand, mask)
             elif nc > k:
                 for i in range(nc):
                     sc.sel[i] = sc.cand[i].v
@@ -672,10 +710,13 @@ cdef int64_t draw_row(const float* v, intp_t V, float m, const Knobs* kn,
         return sc.cand[nc - 1].idx           # rounding left target past the end (nc > 0)
 
     # whole-row paths: top_p alone, or the full vocabulary
+    if p >= 1.0 and envelope_draw(v, V, m, s, kn.seed, kn.step, sc, &tok, mask):
+        return tok
+    if mask != NULL:
+        tep_copy_mask_max(v, mask, V, sc.work, sc.bmax)
+        v = sc.work
     if p < 1.0:
         return top_p_row(v, V, m, s, p, u, sc)
-    if envelope_draw(v, V, m, s, kn.seed, kn.step, sc, &tok):
-        return tok
     Z = tep_exp_blocks(v, V, m, s, -INFINITY, sc.bsum, NULL)
     return block_draw(v, V, sc.bsum, -INFINITY, m, s, u * Z)
 
@@ -688,21 +729,28 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
     path ever break it, the row's argmax (kept by every filter) is returned instead of an
     index computed from an empty or stale candidate set."""
     cdef const float* v = x
+    cdef const uint32_t* lazy = NULL
     cdef float m
     cdef int64_t tok
-    if row_has_edits(kn, ed):
-        apply_edits(x, V, kn, ed, sc)
+    if ed.mask != NULL and not ed.has_allowed and not row_has_sparse_edits(kn, ed):
+        # only a bitmask: one read-only pass for the masked block maxima; the draw reads
+        # the mask where it reads a token (see draw_row)
+        lazy = ed.mask
+        m = tep_copy_mask_max(x, lazy, V, NULL, sc.bmax)
+    elif row_has_edits(kn, ed):
+        m = build_work(x, V, kn, ed, sc)
         v = sc.work
-    m = tep_block_max(v, V, sc.bmax)
+    else:
+        m = tep_block_max(v, V, sc.bmax)
     if m == -INFINITY:
-        if v != x and ed.has_allowed and tep_block_max(x, V, sc.bmax) > -INFINITY:
+        if (ed.has_allowed or ed.mask != NULL) and tep_block_max(x, V, sc.bmax) > -INFINITY:
             return TEP_MASKED_ALL
         return TEP_NO_FINITE
     if m == INFINITY:
         return TEP_POS_INF
-    tok = draw_row(v, V, m, kn, sc)
-    if tok < 0 or tok >= V or not (v[tok] > -INFINITY):
-        tok = argmax_blocks(v, V, sc.bmax, m)
+    tok = draw_row(v, V, m, kn, sc, lazy)
+    if tok < 0 or tok >= V or not (v[tok] > -INFINITY) or (lazy != NULL and not tep_bit(lazy, tok)):
+        tok = argmax_blocks(v, V, sc.bmax, m, lazy)
     token_out[0] = tok
     return TEP_OK
 
@@ -885,6 +933,8 @@ cdef struct Batch:
     Ragged bias
     Ragged allowed
     const uint8_t* has_allowed
+    const uint32_t* mask         # [B, mask_words] or NULL
+    intp_t mask_words
     int n_top
     bint want_lp
     int64_t* out_tok
@@ -917,6 +967,11 @@ cdef void batch_row(intp_t r, const Batch* bt, Scratch* sc) noexcept nogil:
     ed.bias_ids = bt.bias.ids + a; ed.bias_values = bt.bias.vals + a
     ed.n_allowed = ragged_row(&bt.allowed, r, &a); ed.allowed_ids = bt.allowed.ids + a
     ed.has_allowed = bt.has_allowed[r] != 0
+    ed.mask = NULL
+    if bt.mask != NULL:
+        ed.mask = bt.mask + r * bt.mask_words
+        if tep_mask_all_ones(ed.mask, bt.V):
+            ed.mask = NULL               # an unconstrained row of a mixed batch: no copy
     bt.out_tok[r] = -1
     st = finish_row(bt.logits + r * bt.V, bt.V, &kn, &ed, bt.n_top, bt.want_lp,
                     sc, &bt.out_tok[r], &bt.out_lp[r], &bt.out_rank[r],
@@ -942,6 +997,7 @@ def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
                  const int64_t[::1] bias_starts, const int64_t[::1] bias_ends,
                  const int32_t[::1] allowed_ids, const int64_t[::1] allowed_starts,
                  const int64_t[::1] allowed_ends, const uint8_t[::1] has_allowed,
+                 const uint32_t[:, ::1] bitmask, bint use_bitmask,
                  int n_top, bint want_logprobs, bint need_work, Py_ssize_t max_history,
                  int n_threads,
                  int64_t[::1] out_tokens, int32_t[::1] out_status, float32_t[::1] out_logprobs,
@@ -954,7 +1010,8 @@ def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
     applies to every row. Each ragged input is (ids int32 [N >= 1], starts, ends int64 [B]):
     row r's ids are ids[starts[r]:ends[r]]; a slice outside [0, N) counts as empty and ids
     outside [0, V) are skipped (the kernel guards every read). bias_values is [N] beside
-    bias_ids. max_history bounds (prompt + output) per row. out_tokens/out_status [B] are
+    bias_ids. bitmask [B, W >= ceil(V/32)] (used when use_bitmask): bit j of row r allows
+    token j; a row whose mask allows every token costs one scan of its words. max_history bounds (prompt + output) per row. out_tokens/out_status [B] are
     written for every row (token -1 when the status is not 0), out_logprobs/out_ranks [B]
     and out_top_* [B, n_top] when want_logprobs. Runs without the GIL, rows over
     n_threads threads.
@@ -978,11 +1035,14 @@ def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
     if bias_values.shape[0] < bias_ids.shape[0]:
         bt.bias.n_ids = bias_values.shape[0]
     bt.has_allowed = &has_allowed[0]
+    bt.mask = &bitmask[0, 0] if use_bitmask else NULL
+    bt.mask_words = bitmask.shape[1]
     bt.n_top = n_top; bt.want_lp = want_logprobs
     bt.out_tok = &out_tokens[0]; bt.out_status = &out_status[0]
     bt.out_lp = &out_logprobs[0]; bt.out_rank = &out_ranks[0]
     bt.out_top_ids = &out_top_ids[0, 0] if n_top > 0 else NULL
     bt.out_top_lp = &out_top_logprobs[0, 0] if n_top > 0 else NULL
+    need_work = need_work or use_bitmask
     n_threads = <int>min(max(n_threads, 1), B)
     if n_threads <= 1:
         with nogil:
@@ -1012,8 +1072,9 @@ def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
 
 
 def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, float top_p,
-               float min_p, uint64_t seed, uint64_t step):
-    """Fast path for one row [V] with scalar knobs and no edits or logprobs.
+               float min_p, uint64_t seed, uint64_t step, const uint32_t[::1] mask=None):
+    """Fast path for one row [V] with scalar knobs, no edits or logprobs, and optionally a
+    bitmask row [>= ceil(V/32)] words.
 
     Returns the token id (>= 0), or -Status on failure. Arguments are pre-validated."""
     cdef Knobs kn
@@ -1026,8 +1087,10 @@ def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, fl
     kn.temperature = temperature; kn.top_k = top_k; kn.top_p = top_p; kn.min_p = min_p
     kn.repetition_penalty = 1.0; kn.presence_penalty = 0.0; kn.frequency_penalty = 0.0
     kn.seed = seed; kn.step = step
+    if mask is not None and not tep_mask_all_ones(&mask[0], V):
+        ed.mask = &mask[0]
     with nogil:
-        st = scratch_alloc(&sc, V, False, 0, False, temperature < GREEDY_T)
+        st = scratch_alloc(&sc, V, ed.mask != NULL, 0, False, temperature < GREEDY_T)
         if st == TEP_OK:
             st = sample_row(&logits[0], V, &kn, &ed, &sc, &tok)
         scratch_free(&sc)
@@ -1036,8 +1099,10 @@ def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, fl
 
 def sample_rows(const float32_t[:, ::1] logits, float temperature, int64_t top_k, float top_p,
                 float min_p, const uint64_t[::1] seed, uint64_t step, int n_threads,
-                int64_t[::1] out_tokens, int32_t[::1] out_status):
-    """Rows [B, V] with the same scalar knobs and no edits or logprobs; seed is [1 or B].
+                int64_t[::1] out_tokens, int32_t[::1] out_status,
+                const uint32_t[:, ::1] mask=None):
+    """Rows [B, V] with the same scalar knobs and no edits or logprobs; seed is [1 or B];
+    optionally bitmask rows [B, >= ceil(V/32)].
 
     out_tokens[r] / out_status[r] are written per row. Arguments are pre-validated."""
     cdef intp_t B = logits.shape[0], V = logits.shape[1], r
@@ -1046,32 +1111,43 @@ def sample_rows(const float32_t[:, ::1] logits, float temperature, int64_t top_k
     cdef RowEdits ed
     cdef Scratch* psc
     cdef int ok
+    cdef const uint32_t* mp = NULL
+    cdef intp_t mw = 0
     if B == 0:
         return
+    if mask is not None:
+        mp = &mask[0, 0]
+        mw = mask.shape[1]
     memset(&ed, 0, sizeof(RowEdits))
     kn.temperature = temperature; kn.top_k = top_k; kn.top_p = top_p; kn.min_p = min_p
     kn.repetition_penalty = 1.0; kn.presence_penalty = 0.0; kn.frequency_penalty = 0.0
     kn.step = step
     with nogil, parallel(num_threads=<int>min(max(n_threads, 1), B)):
         psc = <Scratch*>malloc(sizeof(Scratch))
-        ok = scratch_alloc(psc, V, False, 0, False, temperature < GREEDY_T) if psc != NULL else TEP_NO_MEMORY
+        ok = scratch_alloc(psc, V, mp != NULL, 0, False, temperature < GREEDY_T) \
+            if psc != NULL else TEP_NO_MEMORY
         for r in prange(B, schedule="static"):
             out_tokens[r] = -1
             if ok != TEP_OK:
                 out_status[r] = ok
             else:
                 out_status[r] = sample_seeded(&logits[r, 0], V, &kn, seed[r * seed_stride],
-                                              &ed, psc, &out_tokens[r])
+                                              mp + r * mw if mp != NULL else NULL,
+                                              psc, &out_tokens[r])
         if psc != NULL:
             scratch_free(psc)
             free(psc)
 
 
 cdef inline int sample_seeded(const float32_t* x, intp_t V, const Knobs* shared, uint64_t seed,
-                              const RowEdits* ed, Scratch* sc, int64_t* tok) noexcept nogil:
+                              const uint32_t* mask, Scratch* sc, int64_t* tok) noexcept nogil:
     cdef Knobs kn = shared[0]
+    cdef RowEdits ed
+    memset(&ed, 0, sizeof(RowEdits))
+    if mask != NULL and not tep_mask_all_ones(mask, V):
+        ed.mask = mask
     kn.seed = seed
-    return sample_row(x, V, &kn, ed, sc, tok)
+    return sample_row(x, V, &kn, &ed, sc, tok)
 
 
 def log_softmax_batch(const float32_t[:, ::1] logits, float32_t[:, ::1] out,
@@ -1090,6 +1166,23 @@ def log_softmax_batch(const float32_t[:, ::1] logits, float32_t[:, ::1] out,
             else:
                 out_status[r] = log_softmax_row(&logits[r, 0], V, bmax, &out[r, 0])
         free(bmax)
+
+
+def apply_bitmask_batch(float32_t[:, ::1] logits, const uint32_t[:, ::1] bitmask,
+                        int n_threads):
+    """logits[r, j] = -inf wherever bit j of bitmask[r] is clear (in place; [B, V] and
+    [B, W >= ceil(V/32)], pre-validated). Allowed tokens are neither read nor written."""
+    cdef intp_t B = logits.shape[0], V = logits.shape[1], r
+    if B == 0 or V == 0:
+        return
+    if n_threads <= 1 or B == 1:
+        with nogil:
+            for r in range(B):
+                tep_mask_inplace(&logits[r, 0], &bitmask[r, 0], V)
+        return
+    with nogil, parallel(num_threads=<int>min(n_threads, B)):
+        for r in prange(B, schedule="static"):
+            tep_mask_inplace(&logits[r, 0], &bitmask[r, 0], V)
 
 
 def max_threads():

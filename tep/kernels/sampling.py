@@ -30,7 +30,8 @@ import numpy as np
 
 from tep._kernels import sampling as _k
 
-__all__ = ["sample", "SampleResult", "SampledRows", "TokenSpans", "RowStatus", "log_softmax"]
+__all__ = ["sample", "SampleResult", "SampledRows", "TokenSpans", "RowStatus", "log_softmax",
+           "apply_token_bitmask"]
 
 _F32 = np.dtype(np.float32)
 _I32 = np.dtype(np.int32)
@@ -46,6 +47,7 @@ _PARALLEL_MIN_WORK = 1 << 17          # B*V below this stays on one thread
 # The kernel computes in float32: knobs are checked (and rounded) in that precision.
 F32_MAX = float(np.finfo(np.float32).max)     # 3.4028235e+38
 F32_TINY = float(np.finfo(np.float32).tiny)   # 1.1754944e-38, the smallest normal float32
+_F32_OVERFLOW = F32_MAX + 2.0**103            # float64 values from here on round to inf
 
 
 class RowStatus(enum.IntEnum):
@@ -210,6 +212,8 @@ def _float_knob(k: _FloatKnob, value: Any, B: int) -> np.ndarray:
 
 
 def _float_scalar(k: _FloatKnob, v: Any) -> float:
+    """One scalar knob, checked like _float_values (same messages) without numpy arrays:
+    a decode loop pays this per knob per call."""
     if type(v) not in (float, int) and (isinstance(v, (bool, np.bool_))
                                         or not isinstance(v, numbers.Real)):
         raise TypeError(f"{k.name} must be a number or one number per row, got {v!r}")
@@ -217,6 +221,11 @@ def _float_scalar(k: _FloatKnob, v: Any) -> float:
         f = float(v)
     except OverflowError:      # an int beyond float64
         raise ValueError(f"{k.name} must be finite and in {_range_text(k)}, got {v}") from None
+    if not math.isfinite(f) or (f <= k.lo if k.lo_open else f < k.lo) \
+            or (f >= k.hi if k.hi_open else f > k.hi):
+        raise ValueError(f"{k.name} must be finite and in {_range_text(k)}, got {v}")
+    if abs(f) < _F32_OVERFLOW and (f == 0.0 or F32_TINY <= abs(f) <= F32_MAX):
+        return float(np.float32(f))           # the common case: a normal float32
     return float(_float_values(k, np.array([f]))[0])
 
 
@@ -414,6 +423,30 @@ def _ragged_bias(value: Any, B: int, V: int, one: bool) -> tuple[_Ragged, np.nda
     return _from_offsets(np.asarray(ids, np.int32), offsets, present), fv
 
 
+_NO_MASK = np.zeros((1, 1), np.uint32)
+
+
+def _bitmask(value: Any, B: int, V: int, one: bool) -> np.ndarray:
+    """token_bitmask checked (int32 [B, W >= ceil(V/32)]) and viewed as uint32 words."""
+    W = (V + 31) // 32
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"token_bitmask must be a numpy int32 array [B, ceil(V/32)], "
+                         f"got {type(value).__name__}")
+    if value.dtype not in (np.dtype(np.int32), np.dtype(np.uint32)):
+        raise ValueError(f"token_bitmask must have dtype int32 (bit j allows token j), "
+                         f"got {value.dtype}")
+    m = value[None, :] if one and value.ndim == 1 else value
+    if m.ndim != 2 or m.shape[0] != B:
+        raise ValueError(f"token_bitmask must have shape [{B}, >= {W}] for logits with "
+                         f"B = {B}, V = {V}; got {value.shape}")
+    if m.shape[1] < W:
+        raise ValueError(f"token_bitmask has {m.shape[1]} words per row; V = {V} needs "
+                         f"at least ceil(V/32) = {W}")
+    if B == 0:
+        return _NO_MASK
+    return np.ascontiguousarray(m).view(np.uint32)
+
+
 def _seeds(seed: Any, B: int) -> np.ndarray:
     if seed is None:
         return np.frombuffer(os.urandom(8 * max(B, 1)), np.uint64)[:B].copy()
@@ -473,6 +506,7 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
            logit_bias: Mapping[int, float] | Sequence[Mapping[int, float] | None] | None = None,
            allowed_token_ids: Sequence | None = None,
            seed: int | Sequence[int] | None = None, step: int | Sequence[int] = 0,
+           token_bitmask: np.ndarray | None = None,
            logprobs: int | None = None, n_threads: int | None = None,
            row_status: bool = False):
     """Sample one token ID per row of ``logits`` (float32 ``[B, V]`` or ``[V]``).
@@ -483,7 +517,12 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
     sequences (None = empty / unrestricted); ``prompt_token_ids`` and ``output_token_ids``
     may also be a :class:`TokenSpans` (row r = ``ids[starts[r]:ends[r]]``, checked in O(B);
     ids outside [0, V) are skipped by the kernel). ``logit_bias`` is a ``{token_id: bias}``
-    dict, or a list of B of them. ``top_k`` 0 or -1 (or >= V, however large) is off;
+    dict, or a list of B of them. ``token_bitmask`` (structured output) is int32
+    ``[B, W]`` (``[W]`` or ``[1, W]`` for ``[V]`` logits) with W >= ceil(V / 32): bit
+    ``j % 32`` of word ``j // 32`` allows token j (the llguidance / xgrammar layout; bits
+    past V are ignored); it is applied with ``allowed_token_ids`` before bias and penalties,
+    inside the kernel's pass over the row, and a row whose words are all ones costs nothing
+    more. ``top_k`` 0 or -1 (or >= V, however large) is off;
     ``top_p`` in (0, 1]; ``min_p`` in [0, 1]; ``seed=None`` draws fresh OS entropy per row.
 
     Float knobs are checked in float32, the kernel's precision: a value that overflows
@@ -495,8 +534,8 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
 
     Returns the token IDs (``int`` for ``[V]``, ``int64[B]`` for ``[B, V]``), or with
     ``logprobs=n`` (0 <= n <= 20) a :class:`SampleResult` that adds raw logprobs, ranks and
-    the top-n tokens. A row with no finite logit, holding +inf, or whose allowed set keeps
-    no finite logit raises ``ValueError`` — unless ``row_status=True``: then the call returns
+    the top-n tokens (always the raw model logprobs, before any mask). A row with no finite
+    logit, holding +inf, or whose allowed set / bitmask keeps no finite logit raises ``ValueError`` — unless ``row_status=True``: then the call returns
     a :class:`SampledRows` (tokens, an int32 :class:`RowStatus` per row, the SampleResult or
     None) and failed rows get token -1 instead of failing the batch. The kernel releases
     the GIL; rows run on ``n_threads`` threads (None = automatic, at most B are used).
@@ -524,9 +563,11 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
             and (seed is None or (type(seed) is int and 0 <= seed < 2**64))):
         s = int.from_bytes(os.urandom(8), "little") if seed is None else seed
         row = logits if logits.ndim == 1 else logits[0]
+        mrow = None if token_bitmask is None else \
+            _bitmask(token_bitmask, 1, row.size, logits.ndim == 1)[0]
         # top_k >= V is off in the kernel: clamp what int64 cannot hold
         tok = _k.sample_one(row, temperature, min(max(top_k, 0), _TOP_K_BIG), top_p, min_p,
-                            s, step)
+                            s, step, mrow)
         if tok < 0:
             _raise_status(np.array([-tok], np.int32))
         return tok if logits.ndim == 1 else np.array([tok], np.int64)
@@ -538,8 +579,10 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
         nt = _threads(n_threads, B, V)
         tokens = np.empty(B, np.int64)
         status = np.zeros(B, np.int32)
-        _k.sample_rows(x, temperature, min(max(top_k, 0), _TOP_K_BIG), top_p, min_p, sd,
-                       step, nt, tokens, status)
+        mask = None if token_bitmask is None else _bitmask(token_bitmask, B, V, one)
+        if B:
+            _k.sample_rows(x, temperature, min(max(top_k, 0), _TOP_K_BIG), top_p, min_p, sd,
+                           step, nt, tokens, status, mask)
         _raise_status(status)
         return int(tokens[0]) if one else tokens
     if not isinstance(row_status, (bool, np.bool_)):
@@ -567,6 +610,7 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
     ou = _ragged_ids("output_token_ids", output_token_ids, B, V, one)
     al = _ragged_ids("allowed_token_ids", allowed_token_ids, B, V, one)
     bi, b_vals = _ragged_bias(logit_bias, B, V, one)
+    mask = _NO_MASK if token_bitmask is None else _bitmask(token_bitmask, B, V, one)
     nt = _threads(n_threads, B, V)
 
     n_top = int(logprobs or 0)
@@ -584,7 +628,8 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
     if B:
         _k.sample_batch(x, knobs, sd, st, pr.ids, pr.starts, pr.ends, ou.ids, ou.starts,
                         ou.ends, bi.ids, b_vals, bi.starts, bi.ends, al.ids, al.starts,
-                        al.ends, al.present, n_top, want_lp, need_work, max_hist, nt,
+                        al.ends, al.present, mask, token_bitmask is not None, n_top,
+                        want_lp, need_work, max_hist, nt,
                         tokens, status, lps, ranks, top_ids, top_lps)
         err = _status_error(status)
         if err is not None and (not row_status or isinstance(err, MemoryError)):
@@ -607,6 +652,27 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
     if result is not None:
         return result
     return int(tokens[0]) if one else tokens
+
+
+def apply_token_bitmask(logits: np.ndarray, bitmask: np.ndarray, *,
+                        n_threads: int | None = None) -> None:
+    """Set ``logits[r, j] = -inf`` in place wherever bit j of ``bitmask[r]`` is clear.
+
+    For backends that sample elsewhere. ``logits``: writeable C-contiguous float32 ``[B, V]``
+    (or ``[V]``); ``bitmask``: int32 ``[B, W]`` (``[W]`` / ``[1, W]`` for ``[V]``) with
+    W >= ceil(V / 32), bit ``j % 32`` of word ``j // 32`` allowing token j - the layout
+    llguidance and xgrammar fill. Bits past V are ignored; allowed logits are neither read
+    nor written. Rows run on ``n_threads`` threads (None = automatic). Returns None.
+    """
+    x, one = _logits_2d(logits)
+    if x is not logits and not (one and x.base is logits):
+        raise ValueError("logits must be C-contiguous to be masked in place")
+    if not logits.flags.writeable:
+        raise ValueError("logits must be writeable to be masked in place")
+    B, V = x.shape
+    mask = _bitmask(bitmask, B, V, one)
+    if B:
+        _k.apply_bitmask_batch(x, mask, _threads(n_threads, B, V))
 
 
 def log_softmax(logits: np.ndarray, *, n_threads: int | None = None) -> np.ndarray:

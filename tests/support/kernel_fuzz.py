@@ -7,7 +7,7 @@ outside a buffer aborts the process instead of returning a plausible token.
 Every knob is drawn from a pool of edge values (0, 5e-324, 1e-300, float32 denormals,
 the smallest normal float32, temperatures around the greedy threshold, +-3e38, values
 that overflow float32); logits mix ordinary values with denormals, +-3e38, NaN and -inf.
-Each case switches an arbitrary subset of the knobs on (all 2**11 subsets are visited in
+Each case switches an arbitrary subset of the knobs on (all 2**12 subsets are visited in
 turn), and consecutive calls change V so that scratch memory left by one call meets the
 next. A call must either return tokens in [0, V) that the row allows, with a finite raw
 logit, or raise ValueError - and only when the contract says so (a knob outside its
@@ -48,7 +48,7 @@ POOLS: dict[str, tuple[list, list]] = {
                           [-1e39]),
 }
 KNOBS = ["temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty",
-         "frequency_penalty", "allowed", "bias", "history", "logprobs"]
+         "frequency_penalty", "allowed", "bias", "history", "logprobs", "bitmask"]
 VOCABS = [1, 2, 3, 63, 64, 65, 257, 1000, 4099, 20000]
 
 
@@ -117,6 +117,16 @@ def one_case(rng: np.random.Generator, on: set, V: int) -> None:
         allowed = [sorted(set(rng.integers(0, V, int(rng.integers(1, 6))).tolist()))
                    for _ in range(B)]
         kw["allowed_token_ids"] = allowed
+    if "bitmask" in on:
+        W = (V + 31) // 32 + int(rng.integers(0, 2))
+        bits = rng.random((B, W * 32)) < rng.choice([0.0, 0.05, 0.5, 1.0])
+        mask = np.packbits(bits, axis=1, bitorder="little").view(np.int32).copy()
+        mask[rng.random(mask.shape) < 0.2] = -1
+        kw["token_bitmask"] = mask
+        unpacked = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, :V]
+        for b in range(B):
+            ok_ids = set(np.flatnonzero(unpacked[b]).tolist())
+            allowed[b] = sorted(ok_ids if allowed[b] is None else ok_ids & set(allowed[b]))
     if "bias" in on:
         kw["logit_bias"] = [{int(t): float(rng.choice([100.0, -100.0, 1e39, -1e300, 5e-324,
                                                        3e38, 0.5]))
