@@ -10,12 +10,8 @@ import pytest
 from tep._kernels import sampling as _k
 from tep.kernels import RowStatus, apply_token_bitmask, sample
 
-try:  # tests/ may or may not become a package
-    from . import reference as ref
-    from .kernel_checks import assert_raises_naming, merged_chisquare
-except ImportError:  # pragma: no cover
-    import reference as ref
-    from kernel_checks import assert_raises_naming, merged_chisquare
+from support import reference as ref
+from support.kernel_checks import assert_raises_naming, merged_chisquare
 
 
 def allowed_of(bitmask: np.ndarray, V: int) -> np.ndarray:
