@@ -101,6 +101,10 @@ class EngineBackend(Backend):
     def list_models(self) -> list[str]:
         return list(self.model.list_models())
 
+    def context_size(self, model: str) -> int | None:
+        ctx = getattr(self.model, "context_size", None)
+        return int(ctx) if ctx is not None else None
+
     def supports_chat(self) -> bool:
         return self._chat_prompt is not None or (
             getattr(self.model, "chat_template", None) is not None and self.supports_tokenize())
@@ -185,6 +189,13 @@ class EngineBackend(Backend):
         """:meth:`submit` for a chat request (template rendered and tokenized here)."""
         ids = self.chat_prompt_ids(req.messages, (req.raw or {}).get("tools"))
         sink.prompt_tokens = len(ids)
+        raw = req.raw or {}
+        ctx = getattr(self.model, "context_size", None)
+        if ctx is not None and raw.get("max_tokens") is None and \
+                raw.get("max_completion_tokens") is None and len(ids) < int(ctx):
+            # the server's default answer length, cut to what the context has left
+            req.sampling.max_tokens = min(req.sampling.max_tokens, int(ctx) - len(ids))
+            sink._max_tokens = req.sampling.max_tokens
         self.submit(req.model, ids, req.sampling, sink, on_done)
 
     def submit_embeddings(self, model: str, token_ids: list[list[int]],

@@ -173,8 +173,9 @@ async def test_echo_with_and_without_logprobs():
     gen = plain["choices"][0]["text"]
     assert echo["choices"][0]["text"] == "hi" + gen
     lp = echo["choices"][0]["logprobs"]
-    assert lp["tokens"][:2] == ["h", "i"] and lp["token_logprobs"][:2] == [None, None]
-    assert lp["top_logprobs"][:2] == [None, None]
+    # only the first prompt token has no logprob (nothing precedes it)
+    assert lp["tokens"][:2] == ["h", "i"] and lp["token_logprobs"][:2] == [None, -0.25]
+    assert lp["top_logprobs"][:2] == [None, {"i": -0.25}]
     assert lp["text_offset"] == [0, 1, 2, 3, 4]
     assert echo0["choices"][0]["text"] == "hey"
     assert echo0["choices"][0]["finish_reason"] == "length"

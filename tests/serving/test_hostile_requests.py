@@ -139,11 +139,26 @@ async def test_echo_with_logprobs_only_the_first_prompt_token_is_null():
 
 
 async def test_echo_with_logprobs_is_a_400_without_prompt_logprobs():
-    async with client_for(ScriptBackend()) as c:
-        status, out = await post_json(c, CMPL, {"model": "script", "prompt": [9, 9],
+    import tep
+
+    class NoPromptLogprobs(tep.Backend):
+        def list_models(self):
+            return ["m"]
+
+        def detokenize(self, model, ids):
+            return "x" * len(ids)
+
+        def generate_stream_from_tokens(self, model, token_ids, sampling, sink):
+            sink.emit_token("y", token_id=1, logprob=-1.0)
+
+    async with client_for(NoPromptLogprobs()) as c:
+        status, out = await post_json(c, CMPL, {"model": "m", "prompt": [9, 9],
                                                 "max_tokens": 2, "echo": True,
                                                 "logprobs": 1})
-    assert status == 400 and _err(out)["param"] == "echo"
+        assert status == 400 and _err(out)["param"] == "echo"
+        status, out = await post_json(c, CMPL, {"model": "m", "prompt": [9, 9],
+                                                "max_tokens": 2, "echo": True})
+        assert status == 200 and out["choices"][0]["text"] == "xxy"
 
 
 async def test_a_backend_without_logprobs_is_a_400_not_silent_nulls():

@@ -64,6 +64,14 @@ class ScriptBackend(tep.Backend):
     def detokenize(self, model, ids):
         return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
 
+    def prompt_logprobs(self, model, token_ids, top_n):
+        """-0.25 for every prompt token after the first (which has none)."""
+        return [tep.TokenLogprob(token=self.detokenize(model, [t]),
+                                 logprob=None if i == 0 else -0.25, token_id=t,
+                                 top=None if i == 0 else [(self.detokenize(model, [t]), -0.25)]
+                                 [:top_n])
+                for i, t in enumerate(token_ids)]
+
     def _token(self, key: int, sampling, step: int) -> int:
         seed = sampling.seed if sampling.seed is not None else int.from_bytes(os.urandom(8), "little")
         if sampling.temperature == 0:
