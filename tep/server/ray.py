@@ -1,4 +1,4 @@
-"""Serve a tep backend on Ray Serve (optional extra: ``pip install "tep[ray]"``).
+"""Serve a tep backend on Ray Serve (optional extra: ``pip install "tep-serve[ray]"``).
 
     # mymodel.py
     import tep.server.ray
