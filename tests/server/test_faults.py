@@ -160,22 +160,25 @@ def test_version_and_help_show_defaults():
     assert "(default: 256)" in text and "(default: 8000)" in text
 
 
-_MODEL = textwrap.dedent("""
-    import os
-    import tep
+def _readme_model() -> str:
+    """The README's mymodel.py, as written, plus a line that records each construction."""
+    import re
 
-    class MyModel(tep.Backend):
-        def __init__(self):
-            with open(os.environ["BUILD_LOG"], "a") as f:   # "loading the weights"
-                f.write(f"{os.getpid()}\\n")
-
-        def list_models(self):
-            return ["mine"]
-""")
+    block = re.search(r"```python\n(# mymodel\.py.*?)```", (ROOT / "README.md").read_text(),
+                      re.S).group(1)
+    return block + textwrap.dedent("""
+        import os as _os
+        _init = MyModel.__init__
+        def _counted(self):
+            with open(_os.environ["BUILD_LOG"], "a") as f:
+                f.write(f"{_os.getpid()}\\n")
+            _init(self)
+        MyModel.__init__ = _counted
+    """)
 
 
 def test_backend_module_in_the_current_directory_loads_once_per_worker(tmp_path):
-    (tmp_path / "mymodel.py").write_text(_MODEL)
+    (tmp_path / "mymodel.py").write_text(_readme_model())
     log = tmp_path / "builds.txt"
     port = free_port()
     exe = Path(sys.executable).parent / "tep"
@@ -190,7 +193,10 @@ def test_backend_module_in_the_current_directory_loads_once_per_worker(tmp_path)
 
         wait_health(f"http://127.0.0.1:{port}", proc)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
-        assert [m["id"] for m in models["data"]] == ["mine"]
+        assert [m["id"] for m in models["data"]] == ["bigram"]
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=10,
+                       json={"model": "bigram", "prompt": "hi", "max_tokens": 4, "seed": 1})
+        assert r.status_code == 200 and len(r.json()["choices"][0]["text"]) == 4
         time.sleep(1.0)  # the second worker has started too
         pids = log.read_text().split()
         assert len(pids) == 2 and len(set(pids)) == 2 and str(proc.pid) not in pids
