@@ -1,0 +1,125 @@
+"""llguidance tokenizers for tep's models, built once per model and cached.
+
+A mask is only as good as the tokenizer behind it: llguidance needs each token's bytes
+(to know which tokens can extend the text the grammar allows) and the end-of-sequence ids
+(allowed once the grammar is complete; the only tokens allowed after it has finished).
+"""
+from __future__ import annotations
+
+import threading
+import weakref
+from functools import lru_cache
+from typing import Any, Sequence
+
+__all__ = ["byte_tokenizer", "llamacpp_tokenizer", "tokenizer_from_pieces"]
+
+_lock = threading.Lock()
+
+
+class _Pieces:
+    """The object ``llguidance.TokenizerWrapper`` reads: ``tokens`` (bytes per id),
+    ``eos_token_id``, ``bos_token_id``, ``special_token_ids``, and ``__call__`` (bytes ->
+    ids, used for text the grammar forces)."""
+
+    def __init__(self, tokens: list[bytes], eos: int, special: Sequence[int],
+                 encode) -> None:
+        self.tokens = tokens
+        self.eos_token_id = eos
+        self.bos_token_id = None
+        self.special_token_ids = list(special)
+        self._encode = encode
+
+    def __call__(self, s: bytes) -> list[int]:
+        return self._encode(s)
+
+
+def tokenizer_from_pieces(tokens: list[bytes], eos_ids: Sequence[int],
+                          special_ids: Sequence[int], encode) -> Any:
+    """An ``llguidance.LLTokenizer`` from each id's bytes. ``special_ids`` never match
+    grammar text (only the grammar's EOS handling or ``<special>`` references reach them);
+    ``encode(bytes) -> list[int]`` tokenizes forced text."""
+    import llguidance
+
+    eos_ids = list(eos_ids)
+    wrapper = llguidance.TokenizerWrapper(_Pieces(tokens, eos_ids[0], special_ids, encode))
+    return llguidance.LLTokenizer(wrapper, n_vocab=len(tokens), eos_token=eos_ids)
+
+
+def _toy_word(token_id: int) -> bytes:
+    # the toy backend's word for an id >= 257 (tep.backends.toy._word), as bytes
+    n, letters = token_id, []
+    while True:
+        n, r = divmod(n, 26)
+        letters.append(chr(ord("a") + r))
+        if n == 0:
+            break
+    return (" " + "".join(reversed(letters))).encode("ascii")
+
+
+@lru_cache(maxsize=8)
+def byte_tokenizer(vocab_size: int = 257, eos_id: int = 256) -> Any:
+    """The toy vocabulary: ids 0..255 are bytes, ``eos_id`` (256) is ``<|endoftext|>``,
+    ids 257..V-1 are ``" " + word`` (see :mod:`tep.backends.toy`). Cached per size."""
+    if vocab_size < 257 or eos_id != 256:
+        raise ValueError(f"the byte vocabulary needs vocab_size >= 257 and EOS 256, got "
+                         f"{vocab_size}, {eos_id}")
+    tokens = [bytes([i]) for i in range(256)] + [b"<|endoftext|>"]
+    tokens += [_toy_word(t) for t in range(257, vocab_size)]
+    return tokenizer_from_pieces(tokens, [eos_id], [eos_id], lambda s: list(bytes(s)))
+
+
+# llama.cpp models: one tokenizer per vocab, kept while the model object lives.
+_llama_cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
+_llama_cache_strong: dict[int, tuple[Any, dict]] = {}
+
+
+def _vocab_ptr(handle: Any) -> Any:
+    """A ``llama_vocab_p`` from a ``llama_cpp.Llama``, its ``LlamaModel`` (``_model``), a
+    ``llama_model_p`` or a ``llama_vocab_p``."""
+    import llama_cpp
+
+    inner = getattr(handle, "_model", None)          # llama_cpp.Llama
+    if inner is not None:
+        handle = inner
+    vocab = getattr(handle, "vocab", None)           # llama_cpp._internals.LlamaModel
+    if vocab is not None and not callable(vocab):
+        return vocab
+    model = getattr(handle, "model", None)
+    if model is not None and not callable(model):
+        handle = model
+    if isinstance(handle, int) or type(handle).__name__ in ("c_void_p",):
+        # a raw pointer: a model pointer (the vocab is taken from it)
+        return llama_cpp.llama_model_get_vocab(handle)
+    try:
+        return llama_cpp.llama_model_get_vocab(handle)
+    except Exception:   # already a vocab pointer
+        return handle
+
+
+def llamacpp_tokenizer(handle: Any, *, eos_ids: Sequence[int] | None = None,
+                       n_vocab: int | None = None) -> Any:
+    """An ``llguidance.LLTokenizer`` for a llama.cpp model (about a second to build; cached
+    per ``handle`` while it lives).
+
+    Args:
+        handle: a ``llama_cpp.Llama``, its ``_model``, a ``llama_model_p`` or a
+            ``llama_vocab_p``. Keep it alive as long as the tokenizer is used: llguidance
+            calls llama.cpp's tokenizer through it.
+        eos_ids: every end-of-generation id (the engine's stop ids; default: the vocab's
+            EOS). The grammar allows them when complete and only them once finished.
+        n_vocab: the logits' width when it exceeds the vocab (padded models).
+    """
+    from llguidance.llamacpp import lltokenizer_from_vocab
+
+    key = (tuple(eos_ids) if eos_ids is not None else None, n_vocab)
+    with _lock:
+        try:
+            per = _llama_cache.setdefault(handle, {})
+        except TypeError:   # not weak-referenceable (a ctypes pointer): keep it alive here
+            per = _llama_cache_strong.setdefault(id(handle), (handle, {}))[1]
+        tok = per.get(key)
+        if tok is None:
+            eos = list(eos_ids) if eos_ids is not None else None
+            tok = lltokenizer_from_vocab(_vocab_ptr(handle), n_vocab=n_vocab, eos_token=eos)
+            per[key] = tok
+        return tok
