@@ -13,13 +13,14 @@ from tep.structured.matcher import Constraint, MaskFiller, fill_bitmasks, make_c
 from tep.structured.spec import (ConstraintSpec, Structured, ToolsSpec, parse_constraint,
                                  parse_structured, parse_tools)
 from tep.structured.tool_calls import (ContentDelta, ParsedReply, ToolCallDelta,
-                                       ToolCallStream, finish_reason, parse_tool_calls)
+                                       ToolCallStream, chunk_deltas, finish_reason,
+                                       parse_tool_calls)
 from tep.structured.tools import prepare_messages, template_tools, tool_constraint
 
 __all__ = [
     "ConstraintSpec", "ToolsSpec", "Structured", "parse_constraint", "parse_tools",
     "parse_structured", "Constraint", "make_constraint", "fill_bitmasks", "MaskFiller",
     "allocate_bitmask", "allowed_token_ids", "apply_bitmask", "ToolCallStream",
-    "ToolCallDelta", "ContentDelta", "ParsedReply", "parse_tool_calls", "finish_reason",
+    "ToolCallDelta", "ContentDelta", "chunk_deltas", "ParsedReply", "parse_tool_calls", "finish_reason",
     "prepare_messages", "template_tools", "tool_constraint",
 ]

@@ -24,7 +24,7 @@ from typing import Callable, Union
 from tep.structured.limits import TOOL_CALL_CLOSE, TOOL_CALL_OPEN
 
 __all__ = ["ContentDelta", "ToolCallDelta", "ToolCall", "ParsedReply", "ToolCallStream",
-           "parse_tool_calls", "new_call_id", "finish_reason"]
+           "parse_tool_calls", "new_call_id", "finish_reason", "chunk_deltas"]
 
 
 def new_call_id() -> str:
@@ -301,3 +301,25 @@ def finish_reason(engine_reason: str, parser: ToolCallStream | ParsedReply) -> s
     its own (``"stop"``), else the engine's reason (``"length"`` stays ``"length"``)."""
     calls = parser.calls if isinstance(parser, ToolCallStream) else parser.tool_calls
     return "tool_calls" if calls and engine_reason == "stop" else engine_reason
+
+
+def chunk_deltas(deltas: list[Delta]) -> list[dict]:
+    """The ``choices[].delta`` dicts for a list of deltas, one per chat chunk: content
+    pieces in a row are joined (``{"content": ...}``), as are argument pieces of the same
+    call; a call's first delta is its own chunk (``{"tool_calls": [{index, id, type,
+    function: {name, arguments: ""}}]}``), as OpenAI sends it."""
+    out: list[dict] = []
+    prev: Delta | None = None
+    for d in deltas:
+        if isinstance(d, ContentDelta):
+            if isinstance(prev, ContentDelta):
+                out[-1]["content"] += d.text
+            else:
+                out.append({"content": d.text})
+        elif (d.id is None and isinstance(prev, ToolCallDelta) and prev.id is None
+              and prev.index == d.index):
+            out[-1]["tool_calls"][0]["function"]["arguments"] += d.arguments
+        else:
+            out.append({"tool_calls": [d.to_openai()]})
+        prev = d
+    return out
