@@ -36,8 +36,10 @@ def sample_masked(logits: np.ndarray, bitmask: np.ndarray, *, seed: Sequence[int
 
 
 def generate(c: Constraint, *, seed: int, max_steps: int = 4000,
-             bias: np.ndarray | None = None, temperature: float = 1.0) -> list[int]:
-    """Tokens (EOS included) of one constrained sequence under random logits."""
+             bias: np.ndarray | None = None, temperature: float = 1.0,
+             step_bias: Sequence[np.ndarray] = ()) -> list[int]:
+    """Tokens (EOS included) of one constrained sequence under random logits
+    (+ ``bias``, + ``step_bias[i]`` at step i)."""
     V = c.vocab_size
     rng = np.random.default_rng(seed)
     bm = allocate_bitmask(1, V)
@@ -47,6 +49,8 @@ def generate(c: Constraint, *, seed: int, max_steps: int = 4000,
         logits = rng.standard_normal((1, V)).astype(np.float32)
         if bias is not None:
             logits += bias
+        if step < len(step_bias):
+            logits += step_bias[step]
         tok = int(sample_masked(logits, bm, seed=[seed], step=[step],
                                 temperature=temperature)[0])
         assert c.accept(tok), f"sampled token {tok} was refused: {c.error}"
