@@ -23,7 +23,7 @@ from tep.structured.bitmask import bitmask_words
 from tep.structured.limits import MASK_THREADS
 from tep.structured.spec import ConstraintSpec
 
-__all__ = ["Constraint", "make_constraint", "fill_bitmasks", "MaskFiller"]
+__all__ = ["Constraint", "make_constraint", "fill_bitmasks", "MaskFiller", "StepMasks"]
 
 
 class Constraint:
@@ -174,3 +174,55 @@ class MaskFiller:
     def close(self) -> None:
         """Stop the worker thread (after the running fill, if any)."""
         self._pool.shutdown(wait=True)
+
+
+class StepMasks:
+    """The engine's per-step helper: one reusable bitmask buffer and a :class:`MaskFiller`.
+
+    ``start(n_rows, [(row, constraint), ...])`` before the forward (returns at once);
+    ``finish()`` after it: the int32 ``[n_rows, ceil(V/32)]`` bitmask to pass to
+    ``tep.kernels.sample(..., token_bitmask=...)``, or None when no row is constrained
+    (then sample without a mask). Unconstrained rows are all ones. The returned array is
+    reused by the next ``start``: use it before then.
+
+    Args:
+        vocab_size: the logits' width V (the constraints' tokenizers must have this V).
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = int(vocab_size)
+        self.words = bitmask_words(self.vocab_size)
+        self._filler = MaskFiller()
+        self._buf = np.full((0, self.words), -1, np.int32)
+        self._fut: Future | None = None
+        self._view: np.ndarray | None = None
+
+    def start(self, n_rows: int, constrained: Sequence[tuple[int, Constraint]]) -> None:
+        """Begin filling the rows of ``constrained`` (row index, constraint) on the worker
+        thread. Rows are indices into this step's ``[n_rows, V]`` logits."""
+        if self._fut is not None:
+            self.finish()
+        if not constrained:
+            self._view = None
+            return
+        if self._buf.shape[0] < n_rows:
+            self._buf = np.full((max(n_rows, 2 * self._buf.shape[0]), self.words), -1,
+                                np.int32)
+        view = self._buf[:n_rows]
+        view.fill(-1)
+        self._view = view
+        rows = [r for r, _ in constrained]
+        self._fut = self._filler.submit([c for _, c in constrained], rows, view)
+
+    def finish(self) -> np.ndarray | None:
+        """Wait for the fill; the bitmask (None when nothing was constrained)."""
+        fut, self._fut = self._fut, None
+        if fut is not None:
+            fut.result()
+        return self._view
+
+    def close(self) -> None:
+        """Stop the worker thread."""
+        if self._fut is not None:
+            self._fut.cancel()
+        self._filler.close()

@@ -20,7 +20,7 @@ from tep.structured.limits import (MAX_CHOICE_CHARS, MAX_CHOICES, MAX_GRAMMAR_CH
                                    MAX_TOOLS, SCHEMA_NAME_PATTERN, TOOL_NAME_PATTERN)
 
 __all__ = ["ConstraintSpec", "ToolsSpec", "Structured", "parse_constraint", "parse_tools",
-           "parse_structured", "CONSTRAINT_FIELDS", "TOOL_FIELDS"]
+           "parse_structured", "CONSTRAINT_FIELDS", "TOOL_FIELDS", "unsupported"]
 
 Endpoint = Literal["chat", "completions"]
 ConstraintKind = Literal["json_schema", "json_object", "regex", "grammar", "choice", "tools"]
@@ -315,3 +315,12 @@ def parse_structured(body: dict, endpoint: Endpoint) -> Structured:
         raise _bad(f"'{content.param}' cannot be combined with tool calls; use "
                    "'tool_choice': 'none' or a JSON response_format", content.param)
     return Structured(tool_constraint(tools, content), tools)
+
+
+def unsupported(structured: Structured, backend: str = "this backend") -> None:
+    """For a backend that cannot constrain its output: a 400 naming the constraint's field
+    when the request has one (never ignore it); nothing otherwise."""
+    c = structured.constraint
+    if c is not None:
+        raise _bad(f"{backend} cannot constrain its output; '{c.param}' cannot be honoured",
+                   c.param, "unsupported_parameter")

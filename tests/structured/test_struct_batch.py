@@ -10,7 +10,7 @@ import numpy as np
 
 from struct_drive import sample_masked
 from tep.backends.toy import ToyBackend
-from tep.structured import allocate_bitmask, fill_bitmasks, make_constraint, parse_structured
+from tep.structured import StepMasks, make_constraint, parse_structured
 from tep.structured.tokenizer import byte_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
@@ -32,11 +32,15 @@ def _run(model: ToyBackend, idx: list[int]) -> dict[int, list[int]]:
     cons = {i: make_constraint(parse_structured(BODIES[i], "completions").constraint, tok)
             if BODIES[i] else None for i in idx}
     live = list(idx)
+    masks = StepMasks(model.vocab_size)     # the engine's recipe: start, forward, finish
     while live:
+        masks.start(len(live), [(r, cons[i]) for r, i in enumerate(live)
+                                if cons[i] is not None])
         logits = np.stack([model._logits(ctx[i]) for i in live]).astype(np.float32)
-        bm = allocate_bitmask(len(live), model.vocab_size)
-        rows = [r for r, i in enumerate(live) if cons[i] is not None]
-        fill_bitmasks([cons[live[r]] for r in rows], rows, bm)
+        bm = masks.finish()
+        if bm is None:
+            assert all(cons[i] is None for i in live)
+            bm = np.full((len(live), (model.vocab_size + 31) // 32), -1, np.int32)
         toks = sample_masked(logits, bm, seed=[SEEDS[i] for i in live],
                              step=[len(out[i]) for i in live], temperature=0.9)
         nxt = []
@@ -48,6 +52,7 @@ def _run(model: ToyBackend, idx: list[int]) -> dict[int, list[int]]:
             if t != 256 and len(out[i]) < MAX_TOKENS:
                 nxt.append(i)
         live = nxt
+    masks.close()
     return out
 
 

@@ -189,3 +189,22 @@ def test_fill_releases_the_gil():
     # the 5 ms switch interval); releasing it lets it spin freely for the whole fill
     assert alone > 0
     assert n > 100, (n, alone)
+
+
+def test_step_masks_reuse_and_reset():
+    from tep.structured import StepMasks
+    sm = StepMasks(257)
+    try:
+        a, b = _c({"guided_choice": ["x"]}), _c({"guided_choice": ["y"]})
+        sm.start(3, [(2, a)])
+        bm = sm.finish()
+        assert bm.shape == (3, 9) and (bm[0] == -1).all() and (bm[1] == -1).all()
+        assert allowed_token_ids(bm[2], 257).tolist() == [ord("x")]
+        sm.start(2, [(0, b)])                  # fewer rows; the old row-2 mask is gone
+        bm = sm.finish()
+        assert bm.shape == (2, 9) and (bm[1] == -1).all()
+        assert allowed_token_ids(bm[0], 257).tolist() == [ord("y")]
+        sm.start(4, [])
+        assert sm.finish() is None
+    finally:
+        sm.close()

@@ -152,3 +152,15 @@ def test_grammar_compiled_once_per_text():
     parse_structured({"guided_json": {"type": "integer", "minimum": 123456}}, "completions")
     parse_structured({"guided_json": {"type": "integer", "minimum": 123456}}, "completions")
     assert G._json_grammar.cache_info().hits == before + 1
+
+
+def test_unsupported_names_the_constraint_field():
+    from tep.structured import unsupported
+    unsupported(parse_structured({}, "chat"))                  # nothing to honour: fine
+    unsupported(parse_structured({"tools": [fn()], "tool_choice": "none"}, "chat"))
+    for body, param in [({"guided_regex": "a+"}, "guided_regex"),
+                        ({"tools": [fn()]}, "tools"),
+                        ({"response_format": {"type": "json_object"}}, "response_format")]:
+        with pytest.raises(BadRequestError) as ei:
+            unsupported(parse_structured(body, "chat"), "the toy backend")
+        assert ei.value.param == param and ei.value.status == 400
