@@ -288,6 +288,34 @@ def bench_e2e(args, not_run: list) -> list[dict]:
     return rows
 
 
+def plot(out: dict, path: Path) -> str | None:
+    """Bar chart of the mask-fill table and the overlap steps (PNG); the reason when
+    matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed"
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    rows = out["mask_fill"]
+    labels = [f"{r['vocab']} B={r['B']}\n{r['case']}" for r in rows]
+    a.barh(range(len(rows)), [r["us_per_step"] for r in rows])
+    a.set_yticks(range(len(rows)), labels, fontsize=7)
+    a.set_xlabel("µs per decode step (median)")
+    a.set_title("grammar mask vs sampling")
+    ov = out["overlap"]
+    b.bar([r["case"] for r in ov], [r["ms_per_step"] for r in ov])
+    b.set_ylabel("ms per step (median)")
+    b.set_title("step with a stand-in forward, B=16, V=49152")
+    b.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
@@ -346,6 +374,10 @@ def main(argv: list[str] | None = None) -> dict:
     print()
     print_targets(checks)
     out["targets"] = checks
+    if args.json:
+        why = plot(out, args.json.with_suffix(".png"))
+        if why:
+            not_run.append({"part": "plot", "why": why})
     out["not_run"] = not_run
     if not_run:
         print("\nNot run:")
