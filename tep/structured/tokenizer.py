@@ -7,6 +7,7 @@ A mask is only as good as the tokenizer behind it: llguidance needs each token's
 from __future__ import annotations
 
 import threading
+import warnings
 import weakref
 from functools import lru_cache
 from typing import Any, Sequence
@@ -68,58 +69,47 @@ def byte_tokenizer(vocab_size: int = 257, eos_id: int = 256) -> Any:
     return tokenizer_from_pieces(tokens, [eos_id], [eos_id], lambda s: list(bytes(s)))
 
 
-# llama.cpp models: one tokenizer per vocab, kept while the model object lives.
+# llama.cpp models: one tokenizer per owner object, kept while it lives.
 _llama_cache: "weakref.WeakKeyDictionary[Any, dict]" = weakref.WeakKeyDictionary()
-_llama_cache_strong: dict[int, tuple[Any, dict]] = {}
 
 
-def _vocab_ptr(handle: Any) -> Any:
-    """A ``llama_vocab_p`` from a ``llama_cpp.Llama``, its ``LlamaModel`` (``_model``), a
-    ``llama_model_p`` or a ``llama_vocab_p``."""
-    import llama_cpp
-
-    inner = getattr(handle, "_model", None)          # llama_cpp.Llama
-    if inner is not None:
-        handle = inner
-    vocab = getattr(handle, "vocab", None)           # llama_cpp._internals.LlamaModel
-    if vocab is not None and not callable(vocab):
-        return vocab
-    model = getattr(handle, "model", None)
-    if model is not None and not callable(model):
-        handle = model
-    if isinstance(handle, int) or type(handle).__name__ in ("c_void_p",):
-        # a raw pointer: a model pointer (the vocab is taken from it)
-        return llama_cpp.llama_model_get_vocab(handle)
-    try:
-        return llama_cpp.llama_model_get_vocab(handle)
-    except Exception:   # already a vocab pointer
-        return handle
+def _vocab_of(owner: Any) -> Any:
+    """The ``llama_vocab_p`` of a ``llama_cpp.Llama`` or its ``LlamaModel``."""
+    inner = getattr(owner, "_model", owner)          # Llama -> LlamaModel
+    vocab = getattr(inner, "vocab", None)
+    if vocab is None or callable(vocab):
+        raise TypeError(f"cannot find a llama.cpp vocab on {type(owner).__name__}; pass "
+                        "vocab=<llama_vocab_p>")
+    return vocab
 
 
-def llamacpp_tokenizer(handle: Any, *, eos_ids: Sequence[int] | None = None,
+def llamacpp_tokenizer(owner: Any, *, vocab: Any = None, eos_ids: Sequence[int] | None = None,
                        n_vocab: int | None = None) -> Any:
-    """An ``llguidance.LLTokenizer`` for a llama.cpp model (about a second to build; cached
-    per ``handle`` while it lives).
+    """An ``llguidance.LLTokenizer`` for a llama.cpp model: each token's piece read from the
+    GGUF vocabulary (about a second for 49k tokens), cached per ``owner`` while it lives.
 
     Args:
-        handle: a ``llama_cpp.Llama``, its ``_model``, a ``llama_model_p`` or a
-            ``llama_vocab_p``. Keep it alive as long as the tokenizer is used: llguidance
-            calls llama.cpp's tokenizer through it.
+        owner: what keeps the model alive: a ``llama_cpp.Llama`` (its vocab is found), or
+            any object holding a model loaded with the low-level API (then pass ``vocab``).
+            llguidance calls llama.cpp's tokenizer through the vocab, so the tokenizer must
+            not outlive it.
+        vocab: the ``llama_vocab_p`` (``llama_cpp.llama_model_get_vocab(model)``).
         eos_ids: every end-of-generation id (the engine's stop ids; default: the vocab's
             EOS). The grammar allows them when complete and only them once finished.
-        n_vocab: the logits' width when it exceeds the vocab (padded models).
+        n_vocab: the logits' width V when it exceeds the vocab (padded models), so mask
+            rows are ``ceil(V/32)`` words.
     """
     from llguidance.llamacpp import lltokenizer_from_vocab
 
     key = (tuple(eos_ids) if eos_ids is not None else None, n_vocab)
     with _lock:
-        try:
-            per = _llama_cache.setdefault(handle, {})
-        except TypeError:   # not weak-referenceable (a ctypes pointer): keep it alive here
-            per = _llama_cache_strong.setdefault(id(handle), (handle, {}))[1]
+        per = _llama_cache.setdefault(owner, {})
         tok = per.get(key)
         if tok is None:
-            eos = list(eos_ids) if eos_ids is not None else None
-            tok = lltokenizer_from_vocab(_vocab_ptr(handle), n_vocab=n_vocab, eos_token=eos)
+            v = vocab if vocab is not None else _vocab_of(owner)
+            with warnings.catch_warnings():   # llguidance calls a deprecated llama.cpp alias
+                warnings.simplefilter("ignore", DeprecationWarning)
+                tok = lltokenizer_from_vocab(v, n_vocab=n_vocab,
+                                             eos_token=list(eos_ids) if eos_ids else None)
             per[key] = tok
         return tok

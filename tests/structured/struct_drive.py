@@ -25,6 +25,19 @@ def toy_bias(vocab_size: int) -> np.ndarray:
     return b
 
 
+def closing_bias(tok, boost: float = 6.0) -> np.ndarray:
+    """For a real vocabulary: favour tokens made only of JSON punctuation and digits, so
+    random texts under open schemas (extra properties, long arrays) end in bounded time."""
+    V = tok.vocab_size
+    b = np.zeros(V, np.float32)
+    ok = set(b'"}],:0123456789 ')
+    for i in range(V):
+        piece = tok.decode_bytes([i])
+        if piece and all(ch in ok for ch in piece):
+            b[i] = boost
+    return b
+
+
 def sample_masked(logits: np.ndarray, bitmask: np.ndarray, *, seed: Sequence[int],
                   step: Sequence[int], temperature: float = 1.0) -> np.ndarray:
     """int64 [B] tokens from float32 [B, V] logits under int32 [B, W] bitmask."""

@@ -59,3 +59,24 @@ def test_tool_calls_on_the_real_vocabulary(smol):
             for call in r.tool_calls:
                 assert call.name == "forecast"
                 jsonschema.validate(json.loads(call.arguments), params)
+
+
+def test_low_level_owner_with_vocab_pointer(smol):
+    """A backend that loads the model with the low-level API passes its vocab pointer."""
+    import llama_cpp
+
+    class Owner:               # stands in for tep.backends.llamacpp's model object
+        pass
+
+    o = Owner()
+    vocab = llama_cpp.llama_model_get_vocab(smol._model.model)
+    tok = llamacpp_tokenizer(o, vocab=vocab, eos_ids=EOG, n_vocab=49152 + 64)
+    assert tok.vocab_size == 49152 + 64                       # padded logits width
+    c = make_constraint(parse_structured({"guided_regex": "[0-9]{3}"}, "completions")
+                        .constraint, tok)
+    bm = allocate_bitmask(1, tok.vocab_size)
+    fill_bitmasks([c], [0], bm)
+    allowed = allowed_token_ids(bm[0], tok.vocab_size)
+    assert len(allowed) > 0 and allowed.max() < 49152         # padding ids never allowed
+    for t in allowed[:50].tolist():
+        assert smol.detokenize([t]).decode().isdigit()

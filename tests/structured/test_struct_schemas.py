@@ -9,7 +9,7 @@ import jsonschema
 import numpy as np
 import pytest
 
-from struct_drive import generate, toy_bias
+from struct_drive import closing_bias, generate, toy_bias
 from struct_real import smol  # noqa: F401  (fixture)
 from struct_schemas import SCHEMAS
 from tep.structured import make_constraint, parse_structured
@@ -73,13 +73,22 @@ def _w(token_id: int) -> str:
 
 # ---- the real vocabulary ------------------------------------------------------------------
 
+_BIAS: dict = {}
+
+
+def _smol_bias(tok) -> np.ndarray:
+    if id(tok) not in _BIAS:
+        _BIAS[id(tok)] = closing_bias(tok)
+    return _BIAS[id(tok)]
+
+
 @pytest.mark.parametrize("name", sorted(SCHEMAS))
 def test_smollm2_vocab_outputs_validate(smol, name):
     from tep.structured.tokenizer import llamacpp_tokenizer
     schema = SCHEMAS[name]
     tok = llamacpp_tokenizer(smol, eos_ids=EOG)
     c = make_constraint(_spec(schema), tok)
-    ids = generate(c, seed=7, max_steps=3000, temperature=0.7)
+    ids = generate(c, seed=7, max_steps=3000, bias=_smol_bias(tok))
     assert ids[-1] in c.eos_ids
     text = smol.detokenize(ids[:-1]).decode("utf-8")
     jsonschema.validate(json.loads(text), schema)
