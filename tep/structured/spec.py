@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from tep.errors import BadRequestError
@@ -104,6 +104,10 @@ def _schema_grammar(schema: Any, param: str) -> str:
     if not isinstance(schema, (dict, bool)):
         raise _bad(f"'{param}' must be a JSON Schema object, got "
                    f"{type(schema).__name__}", param, "invalid_type")
+    if schema is True:          # the schema every JSON value satisfies
+        schema = {}
+    elif schema is False:
+        raise _bad(f"'{param}' is the schema 'false', which no output can satisfy", param)
     _check_size(json.dumps(schema), param)
     try:
         return G.json_schema_grammar(schema)

@@ -4,7 +4,6 @@ arrays are refused; the fill releases the GIL."""
 from __future__ import annotations
 
 import re
-import threading
 import time
 
 import numpy as np

@@ -40,6 +40,8 @@ BAD = [
      "response_format.json_schema.schema"),
     ("completions", {"guided_json": "{not json"}, "guided_json"),
     ("completions", {"guided_json": 5}, "guided_json"),
+    ("completions", {"guided_json": False}, "guided_json"),
+    ("completions", {"guided_json": "false"}, "guided_json"),
     ("completions", {"guided_json": {"type": "integer", "minimum": "a"}}, "guided_json"),
     ("completions", {"guided_json": {"$ref": "#/$defs/missing"}}, "guided_json"),
     ("completions", {"guided_regex": "a[b"}, "guided_regex"),
@@ -109,6 +111,8 @@ GOOD = [
      "json_schema"),
     ("completions", {"guided_json": W}, "json_schema"),
     ("completions", {"guided_json": json.dumps(W)}, "json_schema"),
+    ("completions", {"guided_json": True}, "json_schema"),
+    ("completions", {"guided_json": {}}, "json_schema"),
     ("completions", {"guided_regex": "[a-z]+@[a-z]+\\.com"}, "regex"),
     ("completions", {"guided_grammar": 'start: "yes" | "no"'}, "grammar"),
     ("completions", {"guided_grammar": 'root ::= "yes" | "no"'}, "grammar"),   # GBNF
