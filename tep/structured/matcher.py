@@ -1,0 +1,228 @@
+"""Per-sequence grammar state and the per-step mask fill.
+
+:class:`Constraint` follows one sequence: before each of its sampling steps the engine
+asks for the allowed tokens (:meth:`Constraint.fill_bitmask`, or :func:`fill_bitmasks` for
+all constrained rows of the step at once), and after sampling it reports the token
+(:meth:`Constraint.accept`). Once the grammar is complete, end-of-sequence tokens are
+allowed; once it cannot continue, they are the only ones allowed, so the engine ends the
+sequence the usual way.
+
+Mask filling releases the GIL (llguidance is Rust), so :class:`MaskFiller` runs it on a
+worker thread while the model's forward runs: a constrained step then costs about what an
+unconstrained one does.
+"""
+from __future__ import annotations
+
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+
+from tep.structured.bitmask import bitmask_words
+from tep.structured.limits import MASK_THREADS
+from tep.structured.spec import ConstraintSpec
+
+__all__ = ["Constraint", "make_constraint", "fill_bitmasks", "MaskFiller", "StepMasks"]
+
+
+class Constraint:
+    """One sequence's grammar state.
+
+    Args:
+        grammar: an llguidance grammar string (``ConstraintSpec.grammar``).
+        tokenizer: the model's ``llguidance.LLTokenizer``
+            (:mod:`tep.structured.tokenizer`); its vocabulary is the logits' width V.
+
+    Not thread-safe: one thread at a time (the engine fills, then accepts, in turn).
+    """
+
+    __slots__ = ("_m", "vocab_size", "words", "eos_ids", "_eos_row")
+
+    def __init__(self, grammar: str, tokenizer: Any) -> None:
+        import llguidance
+
+        self._m = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        if self._m.is_error():
+            raise ValueError(f"grammar rejected: {self._m.get_error()}")
+        self.vocab_size = int(tokenizer.vocab_size)
+        self.words = bitmask_words(self.vocab_size)
+        self.eos_ids = tuple(int(t) for t in tokenizer.eos_tokens)
+        row = np.zeros(self.words, np.int32)
+        for t in self.eos_ids:
+            row[t >> 5] |= np.int32(np.uint32(1 << (t & 31)).view(np.int32))
+        self._eos_row = row
+
+    # ---- state
+    @property
+    def is_finished(self) -> bool:
+        """The grammar cannot continue (or failed): only EOS is allowed now."""
+        return self._m.is_stopped()
+
+    @property
+    def eos_allowed(self) -> bool:
+        """The text so far is a complete match (EOS is among the allowed tokens)."""
+        return self._m.is_accepting() or self._m.is_stopped()
+
+    @property
+    def error(self) -> str:
+        """Why the matcher failed ('' when it has not)."""
+        return self._m.get_error()
+
+    # ---- the step
+    def _check_row(self, out: np.ndarray) -> None:
+        if (not isinstance(out, np.ndarray) or out.dtype != np.int32 or out.ndim != 1
+                or out.shape[0] != self.words or not out.flags.c_contiguous
+                or not out.flags.writeable):
+            raise ValueError(f"bitmask row must be a writable contiguous int32 [{self.words}]"
+                             f" (V = {self.vocab_size}), got "
+                             f"{getattr(out, 'dtype', type(out).__name__)} "
+                             f"{getattr(out, 'shape', '')}")
+
+    def fill_bitmask(self, out: np.ndarray) -> None:
+        """Write the allowed next tokens into ``out``: an int32 ``[ceil(V/32)]`` row (bit j
+        allows token j), or a bool ``[V]`` array (True = allowed). Releases the GIL."""
+        if isinstance(out, np.ndarray) and out.dtype == np.bool_:
+            if out.shape != (self.vocab_size,):
+                raise ValueError(f"bool mask must have shape ({self.vocab_size},), got "
+                                 f"{out.shape}")
+            row = np.empty(self.words, np.int32)
+            self.fill_bitmask(row)
+            bits = np.unpackbits(row.view(np.uint8), bitorder="little")
+            out[:] = bits[:self.vocab_size].astype(bool)
+            return
+        self._check_row(out)
+        if self._m.is_error():
+            out[:] = self._eos_row
+            return
+        self._m.unsafe_compute_mask_ptr(out.ctypes.data, out.nbytes)
+        if self._m.is_error():
+            out[:] = self._eos_row
+
+    def accept(self, token_id: int) -> bool:
+        """Advance past the sampled token. False when the grammar does not allow it (the
+        matcher is then failed for good; the engine ends the sequence with an error)."""
+        if not 0 <= token_id < self.vocab_size:
+            return False
+        return bool(self._m.consume_token(int(token_id)))
+
+
+def make_constraint(spec: ConstraintSpec | None, tokenizer: Any) -> Constraint | None:
+    """A fresh :class:`Constraint` for one sequence (None for None). Building compiles the
+    grammar's lexer for this tokenizer (GIL released): do it when the request is admitted,
+    not in the step loop."""
+    return None if spec is None else Constraint(spec.grammar, tokenizer)
+
+
+_executor = None
+_executor_lock = threading.Lock()
+
+
+def _llg_executor():
+    global _executor
+    with _executor_lock:
+        if _executor is None:
+            import llguidance
+            _executor = llguidance.LLExecutor(MASK_THREADS)
+        return _executor
+
+
+def fill_bitmasks(constraints: Sequence[Constraint], rows: Sequence[int],
+                  bitmask: np.ndarray) -> None:
+    """Fill row ``rows[i]`` of ``bitmask`` (int32 ``[B, ceil(V/32)]``, C-contiguous) for
+    ``constraints[i]``, all rows in parallel on llguidance's thread pool, GIL released.
+    Rows not named are left as they are (all -1 = unconstrained)."""
+    if len(constraints) != len(rows):
+        raise ValueError(f"{len(constraints)} constraints but {len(rows)} rows")
+    if not constraints:
+        return
+    if (not isinstance(bitmask, np.ndarray) or bitmask.dtype != np.int32
+            or bitmask.ndim != 2 or not bitmask.flags.c_contiguous
+            or not bitmask.flags.writeable):
+        raise ValueError("bitmask must be a writable C-contiguous int32 [B, ceil(V/32)]")
+    B, W = bitmask.shape
+    pairs = []
+    for c, r in zip(constraints, rows):
+        if c.words != W:
+            raise ValueError(f"bitmask has {W} words per row, the constraint's vocabulary "
+                             f"(V = {c.vocab_size}) needs {c.words}")
+        if not 0 <= r < B:
+            raise ValueError(f"row {r} is outside the bitmask's {B} rows")
+        pairs.append((c._m, int(r)))
+    if len(pairs) == 1:
+        constraints[0].fill_bitmask(bitmask[rows[0]])
+        return
+    _llg_executor().unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, W * 4, B)
+    for c, r in zip(constraints, rows):
+        if c._m.is_error():
+            bitmask[r] = c._eos_row
+
+
+class MaskFiller:
+    """Fills a step's masks on one worker thread, so the caller can run the forward
+    meanwhile: ``fut = filler.submit(constraints, rows, bitmask)``; ``model.forward(...)``;
+    ``fut.result()``; then sample with ``bitmask``."""
+
+    def __init__(self) -> None:
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="tep-mask")
+
+    def submit(self, constraints: Sequence[Constraint], rows: Sequence[int],
+               bitmask: np.ndarray) -> Future:
+        """Start filling; the future's result is None (or raises what the fill raised)."""
+        return self._pool.submit(fill_bitmasks, list(constraints), list(rows), bitmask)
+
+    def close(self) -> None:
+        """Stop the worker thread (after the running fill, if any)."""
+        self._pool.shutdown(wait=True)
+
+
+class StepMasks:
+    """The engine's per-step helper: one reusable bitmask buffer and a :class:`MaskFiller`.
+
+    ``start(n_rows, [(row, constraint), ...])`` before the forward (returns at once);
+    ``finish()`` after it: the int32 ``[n_rows, ceil(V/32)]`` bitmask to pass to
+    ``tep.kernels.sample(..., token_bitmask=...)``, or None when no row is constrained
+    (then sample without a mask). Unconstrained rows are all ones. The returned array is
+    reused by the next ``start``: use it before then.
+
+    Args:
+        vocab_size: the logits' width V (the constraints' tokenizers must have this V).
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = int(vocab_size)
+        self.words = bitmask_words(self.vocab_size)
+        self._filler = MaskFiller()
+        self._buf = np.full((0, self.words), -1, np.int32)
+        self._fut: Future | None = None
+        self._view: np.ndarray | None = None
+
+    def start(self, n_rows: int, constrained: Sequence[tuple[int, Constraint]]) -> None:
+        """Begin filling the rows of ``constrained`` (row index, constraint) on the worker
+        thread. Rows are indices into this step's ``[n_rows, V]`` logits."""
+        if self._fut is not None:
+            self.finish()
+        if not constrained:
+            self._view = None
+            return
+        if self._buf.shape[0] < n_rows:
+            self._buf = np.full((max(n_rows, 2 * self._buf.shape[0]), self.words), -1,
+                                np.int32)
+        view = self._buf[:n_rows]
+        view.fill(-1)
+        self._view = view
+        rows = [r for r, _ in constrained]
+        self._fut = self._filler.submit([c for _, c in constrained], rows, view)
+
+    def finish(self) -> np.ndarray | None:
+        """Wait for the fill; the bitmask (None when nothing was constrained)."""
+        fut, self._fut = self._fut, None
+        if fut is not None:
+            fut.result()
+        return self._view
+
+    def close(self) -> None:
+        """Stop the worker thread."""
+        if self._fut is not None:
+            self._fut.cancel()
+        self._filler.close()
