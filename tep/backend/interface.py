@@ -132,6 +132,12 @@ class Backend:
         """True when :meth:`prompt_logprobs` is implemented."""
         return _overrides(self, "prompt_logprobs")
 
+    def supports_constraints(self) -> bool:
+        """Whether this backend honours structured-output constraints
+        (``response_format``, ``guided_*``, forced tool calls). When False, a request with
+        one is a 400 naming the field, never silently ignored. Default: False."""
+        return False
+
     def supports_tokenize(self) -> bool:
         """True when :meth:`tokenize` is implemented."""
         return _overrides(self, "tokenize")

@@ -366,6 +366,12 @@ class ToyModel:
         self._last[seq_id] = -1
         self._len[seq_id] = 0
 
+    def structured_tokenizer(self) -> Any:
+        """The byte vocabulary for llguidance (structured outputs)."""
+        from tep.structured.tokenizer import byte_tokenizer
+
+        return byte_tokenizer(self.vocab_size, EOS)
+
     def embed(self, inputs: list) -> list:
         """Mean-pooled, L2-normalised hidden states, one float32 [D] per input."""
         return [self.toy.generate_embeddings(self.toy.model, list(x)) for x in inputs]

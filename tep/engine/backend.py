@@ -109,6 +109,11 @@ class EngineBackend(Backend):
         return self._chat_prompt is not None or (
             getattr(self.model, "chat_template", None) is not None and self.supports_tokenize())
 
+    def supports_constraints(self) -> bool:
+        """True when the model gives an llguidance tokenizer (``structured_tokenizer()``),
+        which turns grammars into token bitmasks over its vocabulary."""
+        return callable(getattr(self.model, "structured_tokenizer", None))
+
     def supports_tokenize(self) -> bool:
         return callable(getattr(self.model, "tokenize", None))
 
@@ -178,16 +183,34 @@ class EngineBackend(Backend):
                on_done: OnDone, *, constraint: Any = None) -> None:
         """Queue one completion choice and return at once. The engine thread drives
         ``sink`` and calls ``on_done(None | exc)`` once; a bad request raises
-        :class:`tep.errors.BadRequestError` here, before anything is queued."""
+        :class:`tep.errors.BadRequestError` here, before anything is queued.
+        ``constraint``: a :class:`tep.structured.ConstraintSpec` (a matcher is made for
+        this sequence) or an object with ``fill_bitmask``/``accept``."""
         self._check_request(token_ids, sampling)
         if sink.prompt_tokens is None:
             sink.prompt_tokens = len(token_ids)
+        if constraint is not None and hasattr(constraint, "grammar"):
+            # a ConstraintSpec: one matcher per sequence over the model's vocabulary
+            from tep.structured import make_constraint
+
+            if not self.supports_constraints():
+                raise BadRequestError("this model cannot constrain its output",
+                                      param=constraint.param, code="unsupported_parameter")
+            constraint = make_constraint(constraint, self.model.structured_tokenizer())
         self._ensure_started()
         self.engine.add_request(token_ids, sampling, sink, on_done, constraint=constraint)
 
     def submit_chat(self, req: Any, sink: ChatStreamSink, on_done: OnDone) -> None:
         """:meth:`submit` for a chat request (template rendered and tokenized here)."""
-        ids = self.chat_prompt_ids(req.messages, (req.raw or {}).get("tools"))
+        st = getattr(req, "structured", None)
+        if st is not None and st.tools is not None:
+            from tep.structured import prepare_messages
+
+            msgs, tools = prepare_messages(req.messages, st.tools,
+                                           getattr(self.model, "chat_template", None))
+        else:
+            msgs, tools = req.messages, (req.raw or {}).get("tools")
+        ids = self.chat_prompt_ids(msgs, tools)
         sink.prompt_tokens = len(ids)
         raw = req.raw or {}
         ctx = getattr(self.model, "context_size", None)
@@ -196,7 +219,8 @@ class EngineBackend(Backend):
             # the server's default answer length, cut to what the context has left
             req.sampling.max_tokens = min(req.sampling.max_tokens, int(ctx) - len(ids))
             sink._max_tokens = req.sampling.max_tokens
-        self.submit(req.model, ids, req.sampling, sink, on_done)
+        self.submit(req.model, ids, req.sampling, sink, on_done,
+                    constraint=st.constraint if st is not None else None)
 
     def submit_embeddings(self, model: str, token_ids: list[list[int]],
                           on_done: Callable[[Any, BaseException | None], None]) -> None:

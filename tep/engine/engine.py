@@ -5,12 +5,12 @@ Seams (vLLM v1's): :meth:`Engine.add_request` (any thread) -> :meth:`Engine.step
 ``Scheduler.schedule`` -> ``Model.forward`` -> ``RowState.sample_rows`` ->
 ``_update_from_output`` -> ``_finish``. Per-step work is O(rows), never O(history).
 
-Structured outputs (not implemented here) plug in through ``Seq.constraint``: an object
-with ``fill_bitmask(row: np.ndarray) -> None`` (called for each constrained sampling row
-while ``forward`` runs, to mark the allowed tokens) and ``accept(token_id: int) -> bool``
-(called with each sampled token; False ends the sequence with an error). The loop calls
-``fill_bitmask`` on the rows it is about to sample; until the kernel takes a bitmask the
-mask is turned into ``allowed_token_ids``.
+Structured outputs plug in through ``Seq.constraint`` (a
+:class:`tep.structured.Constraint`): the int32 token bitmask of every constrained row of
+a step is filled on a worker thread while ``forward`` runs (``fill_bitmask`` releases the
+GIL), then handed to the step's one ``sample`` call (``token_bitmask=``, unconstrained
+rows all ones); each sampled token goes to ``accept`` (False ends the sequence with an
+error).
 
 Threads: ``add_request`` and ``cancel`` may be called from any thread. Sinks and
 ``on_done`` callbacks run on the engine thread; they must not block (the server's
@@ -118,6 +118,7 @@ class Engine:
         self._piece_cache: dict[int, bytes] = {}
         self._text_cache: dict[int, str] = {}   # tokens that are whole UTF-8 alone
         self._decode: _DecodePlan | None = None
+        self._masks: Any = None   # tep.structured.StepMasks, made on the first constraint
         # held around forward; other users of the model (embeddings) take it too
         self.model_lock = threading.Lock()
         self._inbox: list[Seq] = []
@@ -239,6 +240,14 @@ class Engine:
                                            batch.seq_ids, batch.logits,
                                            rows.static_kwargs(slots))
         n_rows = slots.shape[0]
+        constrained = [(i, s.constraint) for i, s in enumerate(plan.samplers)
+                       if s.constraint is not None] if self._decode is None else []
+        if constrained:  # masks are filled on a worker thread while forward runs
+            if self._masks is None:
+                from tep.structured import StepMasks
+
+                self._masks = StepMasks(self.vocab_size)
+            self._masks.start(n_rows, constrained)
         t1 = time.perf_counter()
         try:
             with self.model_lock:
@@ -246,9 +255,12 @@ class Engine:
             logits = self._check_logits(out, n_rows)
         except Exception as e:  # the model failed this step: only its sequences fail
             log.warning("model forward failed; failing %d sequences: %r", len(plan.seqs), e)
+            if constrained:
+                self._finish_masks(constrained)
             for s in list(plan.seqs):
                 self._finish(s, e)
             return
+        bitmask = self._finish_masks(constrained) if constrained else None
         t2 = time.perf_counter()
         st = self.stats
         st.steps += 1
@@ -266,9 +278,7 @@ class Engine:
             static = None
             if self._decode is not None and self._decode.plan is plan:
                 static = self._decode.static
-            else:
-                self._apply_constraints(plan.samplers)
-            res = rows.sample_rows(logits, slots, static)
+            res = rows.sample_rows(logits, slots, static, token_bitmask=bitmask)
             t3 = time.perf_counter()
             st.sample_s += t3 - t2
             st.tokens_sampled += n_rows
@@ -325,13 +335,16 @@ class Engine:
             logits = logits.astype(np.float32)
         return np.ascontiguousarray(logits)
 
-    def _apply_constraints(self, samplers: list) -> None:
-        for s in samplers:
-            c = s.constraint
-            if c is not None:
-                mask = np.zeros(self.vocab_size, bool)
-                c.fill_bitmask(mask)
-                self.rows.allowed[s.slot] = np.flatnonzero(mask).astype(np.int64)
+    def _finish_masks(self, constrained: list) -> Any:
+        """The step's bitmask; a grammar that failed to produce its mask fails its
+        sequence (its row is then left all ones and its token is discarded)."""
+        try:
+            return self._masks.finish()
+        except Exception as e:  # noqa: BLE001 - a grammar engine failure, one request's
+            log.warning("structured-output mask failed: %r", e)
+            for _, c in constrained:
+                c.failed = e
+            return self._masks._view
 
     def _piece(self, tok: int) -> bytes:
         b = self._piece_cache.get(tok)
@@ -390,9 +403,12 @@ class Engine:
                                            res.top_lps[i, :k].tolist())),
                   "token_bytes": self._piece(tok)}
         c = s.constraint
-        if c is not None and not c.accept(tok):
-            self._finish(s, ValueError(f"token {tok} broke the output constraint"))
-            return
+        if c is not None:
+            failed = getattr(c, "failed", None)
+            if failed is not None or not c.accept(tok):
+                self._finish(s, failed or ValueError(
+                    f"token {tok} broke the output constraint"))
+                return
         sink = s.sink
         if tok in self._eog:
             sink.emit_token(s.decoder.decode(b"", final=True), tok, **kw)

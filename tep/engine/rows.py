@@ -139,14 +139,15 @@ class RowState:
             self.out_len[ps] += 1
 
     def sample_rows(self, logits: np.ndarray, slots: np.ndarray,
-                    static: dict | None = None) -> RowSample:
+                    static: dict | None = None,
+                    token_bitmask: np.ndarray | None = None) -> RowSample:
         """One :func:`tep.kernels.sample` call for the rows of ``logits`` (float32 [B, V]),
         row i belonging to ``slots[i]``. A row the kernel refuses (say, no finite logit)
         fails alone: the batch is re-sampled row by row to find it; the (seed, step)
         keying makes the other rows' tokens the same either way."""
         B = slots.shape[0]
         n_lp = int(self.n_logprobs[slots].max()) if B else -1
-        if B == 1 and n_lp < 0:
+        if B == 1 and n_lp < 0 and token_bitmask is None:
             tok = self._sample_one(logits, int(slots[0]))
             if tok is not None:
                 return RowSample(np.array([tok], np.int64), np.ones(1, bool), [None],
@@ -154,6 +155,8 @@ class RowState:
         kw = self._kwargs(slots, static)
         if n_lp >= 0:
             kw["logprobs"] = n_lp
+        if token_bitmask is not None:
+            kw["token_bitmask"] = token_bitmask
         try:
             t0 = time.perf_counter()
             r = sample(logits, row_status=True, **kw)
@@ -161,7 +164,7 @@ class RowState:
         except ValueError:
             # an argument the kernel refuses (say, a knob that is valid in float64 but not
             # in float32): find its row by sampling the rows one by one
-            return self._one_by_one(logits, slots, n_lp)
+            return self._one_by_one(logits, slots, n_lp, token_bitmask)
         status = np.asarray(r.status)
         ok = status == 0
         errors: list = [None] * B
@@ -174,7 +177,8 @@ class RowState:
                              np.asarray(lp.top_token_ids), np.asarray(lp.top_logprobs))
         return RowSample(np.asarray(r.token_ids), ok, errors, None, None, None)
 
-    def _one_by_one(self, logits: np.ndarray, slots: np.ndarray, n_lp: int) -> RowSample:
+    def _one_by_one(self, logits: np.ndarray, slots: np.ndarray, n_lp: int,
+                    token_bitmask: np.ndarray | None = None) -> RowSample:
         B = slots.shape[0]
         toks = np.zeros(B, np.int64)
         ok = np.ones(B, bool)
@@ -186,6 +190,8 @@ class RowState:
             one = self._kwargs(slots[i:i + 1])
             if n_lp >= 0:
                 one["logprobs"] = n_lp
+            if token_bitmask is not None:
+                one["token_bitmask"] = token_bitmask[i:i + 1]
             try:
                 r = sample(logits[i:i + 1], **one)
             except (ValueError, MemoryError) as e:

@@ -22,7 +22,7 @@ from tep.serving.bridge import run_blocking
 from tep.serving.state import ServerState
 
 __all__ = ["check_model", "backend_failure", "call", "admit", "release", "deadline",
-           "gather_choices", "tokenize_all", "check_max_tokens", "step_recorder", "replay", "echo_parts", "TOKEN_IDS_ONLY", "submitted", "submit_choice",
+           "gather_choices", "tokenize_all", "check_max_tokens", "step_recorder", "replay", "echo_parts", "TOKEN_IDS_ONLY", "submitted", "submit_choice", "parse_structure",
            "max_tokens_limit"]
 
 log = logging.getLogger("tep.server")
@@ -70,6 +70,17 @@ def step_recorder(state: ServerState, rid: str, n_choices: int, logprobs: int | 
         counts[k] += state.events.steps(rid, k, counts[k], entries)
 
     return record
+
+
+def parse_structure(state: ServerState, body: dict, endpoint: str) -> Any:
+    """The request's constraint and tools (:class:`tep.structured.Structured`), validated;
+    400 naming the field when the backend cannot honour a constraint (never ignored)."""
+    from tep.structured import parse_structured, unsupported
+
+    structured = parse_structured(body, endpoint)  # type: ignore[arg-type]
+    if structured.constraint is not None and not state.backend.supports_constraints():
+        unsupported(structured)
+    return structured
 
 
 def backend_failure(exc: BaseException, what: str, rid: str | None) -> E.APIError:

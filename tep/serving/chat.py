@@ -18,6 +18,8 @@ from tep.serving.state import ServerState
 from tep.serving.stream import ChunkRenderer, first_event, stream_reply
 from tep.wire.chat import ChatRequest, parse_chat_request
 from tep.wire.shapes import chat_logprobs, new_id, now, usage
+from tep.structured.tool_calls import (ToolCallStream, chunk_deltas, finish_reason,
+                                       parse_tool_calls)
 from tep.wire.values import parse_json_body
 
 __all__ = ["chat"]
@@ -34,6 +36,7 @@ async def chat(state: ServerState, rec: RequestRecord,
     req = parse_chat_request(body, rid, default_max_tokens=state.config.chat_max_tokens)
     rec.model, rec.sampling = req.model, req.sampling
     C.check_model(state, req.model)
+    req.structured = C.parse_structure(state, body, "chat")
     if body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None:
         C.check_max_tokens(state, req.model, req.sampling.max_tokens,
                            "max_completion_tokens" if body.get("max_completion_tokens")
@@ -85,11 +88,15 @@ async def _complete(state: ServerState, rec: RequestRecord, req: ChatRequest, ri
         completion_tokens += c.completion_tokens if c.completion_tokens is not None \
             else len(c.token_ids)
         prompt_tokens = max(prompt_tokens, c.prompt_tokens or 0)
+        message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
+        if _calls_tools(req):
+            parsed = parse_tool_calls(c.text)
+            message, finish = parsed.message(), finish_reason(c.finish_reason, parsed)
         choices.append({
             "index": j,
-            "message": {"role": "assistant", "content": c.text},
+            "message": message,
             "logprobs": chat_logprobs(c.logprobs or []) if s.logprobs is not None else None,
-            "finish_reason": c.finish_reason,
+            "finish_reason": finish,
         })
     rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
     return json_reply({"id": rid, "object": "chat.completion", "created": now(),
@@ -97,8 +104,18 @@ async def _complete(state: ServerState, rec: RequestRecord, req: ChatRequest, ri
                        "usage": usage(prompt_tokens, completion_tokens)})
 
 
+def _calls_tools(req: ChatRequest) -> bool:
+    """Whether the answer may hold tool calls (tools given, ``tool_choice`` not none)."""
+    st = req.structured
+    return st is not None and st.tools is not None and st.tools.choice != "none"
+
+
 class _Chunks(ChunkRenderer):
-    """``chat.completion.chunk`` deltas: the role once per choice, before its content."""
+    """``chat.completion.chunk`` deltas: the role once per choice, before its content.
+    With tools, each choice's text goes through a tool-call parser and comes out as
+    ``content`` and ``tool_calls`` deltas (OpenAI's shape: a call's id, type and name in its
+    first delta, then its arguments in pieces), and a reply that made calls finishes with
+    ``"tool_calls"``."""
 
     prompt_tokens = None  # from the backend's finish events
 
@@ -109,6 +126,8 @@ class _Chunks(ChunkRenderer):
         self._usage_null = {"usage": None} if self.include_usage else {}
         self._want_lp = req.sampling.logprobs is not None
         self._role_sent = [False] * self.n_choices
+        self._calls = [ToolCallStream() for _ in range(self.n_choices)] \
+            if _calls_tools(req) else None
         # the common chunk (a token's text, no logprobs) from a byte template
         self._plain = None if self._want_lp else sse_text_template(
             lambda j, text: self._payload(j, {"content": text}, None, None))
@@ -131,12 +150,21 @@ class _Chunks(ChunkRenderer):
 
     def delta(self, j: int, text: str, lps: list | None) -> Iterable[bytes]:
         out = self.role(j)
+        if self._calls is not None:
+            for k, d in enumerate(chunk_deltas(self._calls[j].feed(text))):
+                out.append(self._chunk(j, d, lps if k == 0 else None, None))
+            return out
         out.append(self._plain(j, text) if self._plain is not None else
                    self._chunk(j, {"content": text}, lps, None))
         return out
 
     def finish(self, j: int, reason: str) -> Iterable[bytes]:
         out = self.role(j)
+        if self._calls is not None:
+            parser = self._calls[j]
+            for d in chunk_deltas(parser.finish()):
+                out.append(self._chunk(j, d, None, None))
+            reason = finish_reason(reason, parser)
         out.append(self._chunk(j, {}, None, reason))
         return out
 

@@ -32,6 +32,7 @@ async def completions(state: ServerState, rec: RequestRecord,
     req = parse_completion_request(body, rid)
     rec.model, rec.sampling = req.model, req.sampling
     C.check_model(state, req.model)
+    req.structured = C.parse_structure(state, body, "completions")
     C.check_max_tokens(state, req.model, req.sampling.max_tokens, "max_tokens")
     s = req.sampling
     texts = any(isinstance(p, str) for p in req.prompts)
@@ -83,8 +84,9 @@ async def _complete(state: ServerState, rec: RequestRecord, req: CompletionReque
                         rid, cancel, "generation",
                         StreamSink(sk, cancel=cancel, token_text=token_text,
                                    prompt_tokens=len(ids)),
-                        lambda sink, done, ids=ids, sk=sk: submit(req.model, ids, sk, sink,
-                                                                   done)))
+                        lambda sink, done, ids=ids, sk=sk: submit(
+                            req.model, ids, sk, sink, done,
+                            constraint=req.structured.constraint)))
                 else:
                     jobs.append(C.call(state, rid, cancel, "generation",
                                        backend.generate_from_tokens, req.model, ids,
@@ -189,7 +191,7 @@ async def _stream(state: ServerState, rec: RequestRecord, req: CompletionRequest
             prompt_tokens=len(ids)))
         if submit is not None:
             bridge.start_submitted(k, make, lambda sink, done, sk=sk, ids=ids: submit(
-                req.model, ids, sk, sink, done))
+                req.model, ids, sk, sink, done, constraint=req.structured.constraint))
         else:
             bridge.start(k, make, lambda sink, sk=sk, ids=ids:
                          backend.generate_stream_from_tokens(req.model, ids, sk, sink))

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from tep.backend.sampling import Sampling
 from tep.errors import BadRequestError
@@ -30,6 +31,8 @@ class ChatRequest:
         raw: the whole request body.
         request_id: the ``chatcmpl-...`` ID of this request.
         choice_index: which of the ``n`` choices this call produces.
+        structured: the request's constraint and tools (a
+            :class:`tep.structured.Structured`), set by the server; None = neither.
     """
 
     model: str
@@ -39,6 +42,7 @@ class ChatRequest:
     raw: dict = field(default_factory=dict)
     request_id: str = ""
     choice_index: int = 0
+    structured: Any = None
 
     @property
     def stream(self) -> bool:

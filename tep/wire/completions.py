@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from tep.backend.sampling import Sampling
 from tep.errors import BadRequestError, NotSupportedError
@@ -26,6 +27,8 @@ class CompletionRequest:
         wire: ``n``, ``stream``, ``include_usage``, ``user``.
         echo: prepend the prompt to each choice's text.
         raw: the whole request body.
+        structured: the request's constraint (a :class:`tep.structured.Structured`), set
+            by the server; None = none.
     """
 
     model: str
@@ -34,6 +37,7 @@ class CompletionRequest:
     wire: WireOptions
     echo: bool
     raw: dict
+    structured: Any = None
 
     @property
     def stream(self) -> bool:
