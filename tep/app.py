@@ -47,7 +47,8 @@ def create_app(backend: Backend | str | None = None, **config: Any) -> Quart:
 
     Args:
         backend: a :class:`tep.Backend` instance, a ``"module:Class"`` string, or None for
-            ``$TEP_BACKEND`` (default: the toy backend ``tep.backends.toy:ToyBackend``).
+            ``$TEP_BACKEND`` (default: the toy model on the engine,
+            ``tep.backends.toy:ToyEngineBackend``).
         **config: :class:`tep.config.ServerConfig` fields (``max_concurrency``,
             ``max_queue``, ``max_body_bytes``, ``chat_max_tokens``, ``api_keys``,
             ``generation_timeout``, ``events_jsonl``, ``metrics``, ``fast_path``, ...);

@@ -1,10 +1,11 @@
 """The ``tep`` command (also ``python -m tep``).
 
-    tep serve [--backend module:Class] [--host 127.0.0.1] [--port 8000] [--workers 1]
+    tep serve [--backend module:Attr] [--host 127.0.0.1] [--port 8000] [--workers 1]
               [--max-concurrency 8] [--max-queue 256] [--max-body-bytes N]
               [--chat-max-tokens N] [--generation-timeout SECONDS]
               [--api-key KEY ...] [--events-jsonl PATH] [--no-metrics]
               [--graceful-timeout 60] [--log-level info]
+              [--max-num-seqs 256] [--max-batch-tokens 2048]
               [--toy-vocab-size V] [--toy-instant]
 
 Serves on hypercorn. Settings travel to worker processes as ``TEP_*`` environment
@@ -38,8 +39,8 @@ def _parser() -> argparse.ArgumentParser:
                                 "OpenAI HTTP API.")
     sub = p.add_subparsers(dest="command")
     s = sub.add_parser("serve", help="serve a backend on hypercorn")
-    s.add_argument("--backend", help="module:Class of a tep.Backend (default: $TEP_BACKEND, "
-                   "else the toy backend)")
+    s.add_argument("--backend", help="module:Attr of a tep.Backend or a tep.engine.Model "
+                   "(default: $TEP_BACKEND, else the toy model on the engine)")
     s.add_argument("--host", default="127.0.0.1")
     s.add_argument("--port", type=int, default=8000)
     s.add_argument("--workers", type=int, default=1, help="server processes (each loads "
@@ -65,6 +66,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds open streams get to finish at shutdown")
     s.add_argument("--log-level", default="info")
     s.add_argument("--access-log", action="store_true", help="log every request")
+    s.add_argument("--max-num-seqs", type=int, help="engine backends: most sequences per "
+                   "model step (default 256; $TEP_MAX_NUM_SEQS)")
+    s.add_argument("--max-batch-tokens", type=int, help="engine backends: most tokens fed "
+                   "per model step, prompt chunks included (default 2048; "
+                   "$TEP_MAX_BATCH_TOKENS)")
     s.add_argument("--toy-vocab-size", type=int, help="toy backend vocabulary size")
     s.add_argument("--toy-instant", action="store_true",
                    help="toy backend without model compute (measures the HTTP layer)")
@@ -75,7 +81,8 @@ _ENV = {"backend": "TEP_BACKEND", "max_concurrency": "TEP_MAX_CONCURRENCY",
         "max_queue": "TEP_MAX_QUEUE", "retry_after": "TEP_RETRY_AFTER",
         "max_body_bytes": "TEP_MAX_BODY_BYTES", "chat_max_tokens": "TEP_CHAT_MAX_TOKENS",
         "generation_timeout": "TEP_GENERATION_TIMEOUT", "events_jsonl": "TEP_EVENTS_JSONL",
-        "toy_vocab_size": "TEP_TOY_VOCAB_SIZE"}
+        "toy_vocab_size": "TEP_TOY_VOCAB_SIZE", "max_num_seqs": "TEP_MAX_NUM_SEQS",
+        "max_batch_tokens": "TEP_MAX_BATCH_TOKENS"}
 
 
 def _worker_app():  # noqa: ANN202 - also loadable by hypercorn as "tep.cli:_worker_app()"

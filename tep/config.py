@@ -9,7 +9,7 @@ from typing import Any
 
 __all__ = ["ServerConfig", "load_backend", "DEFAULT_BACKEND"]
 
-DEFAULT_BACKEND = "tep.backends.toy:ToyBackend"
+DEFAULT_BACKEND = "tep.backends.toy:ToyEngineBackend"
 
 
 def _bool(v: str) -> bool:
@@ -116,7 +116,9 @@ def load_backend(spec: str | None = None) -> Any:
     """Instantiate a backend from ``"module:Class"`` (or ``"module:factory"``).
 
     ``None`` reads ``TEP_BACKEND`` and falls back to the toy backend. The attribute is
-    called with no arguments.
+    called with no arguments. When it is (or gives) a :class:`tep.engine.Model` rather
+    than a :class:`tep.Backend`, it is served by :class:`tep.engine.EngineBackend` with
+    ``$TEP_MAX_NUM_SEQS`` / ``$TEP_MAX_BATCH_TOKENS`` (default 256 / 2048).
     """
     spec = spec or os.environ.get("TEP_BACKEND") or DEFAULT_BACKEND
     module_name, sep, attr = spec.partition(":")
@@ -129,7 +131,28 @@ def load_backend(spec: str | None = None) -> Any:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
     from tep.backend import Backend
 
-    backend = obj() if callable(obj) and not isinstance(obj, Backend) else obj
+    backend = obj() if callable(obj) and not isinstance(obj, Backend) and \
+        not _is_engine_model(obj) else obj
+    if not isinstance(backend, Backend) and _is_engine_model(backend):
+        backend = _engine_backend(backend)
     if not isinstance(backend, Backend):
         raise TypeError(f"{spec} did not give a tep.Backend (got {type(backend).__name__})")
     return backend
+
+
+def _is_engine_model(obj: Any) -> bool:
+    """A tep.engine.Model instance (not a class): it has a batched forward."""
+    return not isinstance(obj, type) and all(
+        hasattr(obj, n) for n in ("forward", "release", "vocab_size", "list_models"))
+
+
+def _engine_backend(model: Any) -> Any:
+    from tep.engine import EngineBackend
+
+    def env(name: str, default: int) -> int:
+        v = os.environ.get(name)
+        return int(v) if v not in (None, "") else default
+
+    seqs = env("TEP_MAX_NUM_SEQS", 256)
+    return EngineBackend(model, max_num_seqs=seqs,
+                         max_batch_tokens=max(env("TEP_MAX_BATCH_TOKENS", 2048), seqs))

@@ -84,6 +84,47 @@ async def _call(state: ServerState, rid: str | None, cancel: threading.Event, wh
         raise _backend_failure(e, what, rid) from None
 
 
+async def _submitted(rid: str | None, cancel: threading.Event, what: str,
+                     start: Callable[[Callable], None]) -> Any:
+    """Await a backend's non-blocking entry: ``start(on_done)`` queues the work and the
+    backend's thread calls ``on_done(exc)`` (or ``on_done(value, exc)``) when it is done.
+    No worker thread waits; a cancelled await sets ``cancel``."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def settle(value: Any, exc: BaseException | None) -> None:
+        if not fut.done():
+            if exc is not None:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(value)
+
+    def on_done(*args: Any) -> None:  # on the backend's thread
+        value, exc = (None, args[0]) if len(args) == 1 else args
+        try:
+            loop.call_soon_threadsafe(settle, value, exc)
+        except RuntimeError:  # the loop is closed: nobody is waiting any more
+            pass
+
+    try:
+        start(on_done)
+        return await fut
+    except asyncio.CancelledError:
+        cancel.set()
+        raise
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:
+        raise _backend_failure(e, what, rid) from None
+
+
+async def _submit_choice(rid: str, cancel: threading.Event, what: str, sink: StreamSink,
+                         start: Callable[[StreamSink, Callable], None]) -> Completion:
+    """One choice through a non-blocking backend entry, collected into a Completion."""
+    await _submitted(rid, cancel, what, lambda done: start(sink, done))
+    return sink.result()
+
+
 async def _admit(state: ServerState, rec: RequestRecord) -> threading.Event:
     """Wait for an admission slot (429 when the queue is full) and return the request's
     cancel flag; :func:`release` with that flag gives the slot back."""
@@ -318,8 +359,14 @@ async def embeddings(state: ServerState, rec: RequestRecord,
         ids = await _call(state, rid, cancel, "tokenize", _tokenize_all, backend, req.model,
                           req.inputs, "input")
         rec.prompt_tokens = sum(len(x) for x in ids)
-        vecs = await _call(state, rid, cancel, "embeddings", _embed_all, backend, req.model,
-                           ids)
+        if getattr(backend, "submit_embeddings", None) is not None:
+            # batched with other requests' inputs (tep.engine.BatchedEmbeddings)
+            vecs = _check_vectors(await _submitted(
+                rid, cancel, "embeddings",
+                lambda done: backend.submit_embeddings(req.model, ids, done)), len(ids))
+        else:
+            vecs = await _call(state, rid, cancel, "embeddings", _embed_all, backend,
+                               req.model, ids)
     finally:
         release(state, cancel)
     data = []
@@ -345,10 +392,13 @@ ROUTES: dict[str, Route] = {"/v1/completions": completions,
 
 
 def _embed_all(backend: Backend, model: str, ids: list[list[int]]) -> list[Any]:
-    vecs = backend.generate_embeddings_batch(model, ids)
-    if len(vecs) != len(ids):
+    return _check_vectors(backend.generate_embeddings_batch(model, ids), len(ids))
+
+
+def _check_vectors(vecs: Any, n: int) -> list[Any]:
+    if len(vecs) != n:
         raise ValueError(f"generate_embeddings_batch returned {len(vecs)} vectors "
-                         f"for {len(ids)} inputs")
+                         f"for {n} inputs")
     out = []
     for v in vecs:
         v = np.asarray(v, dtype=np.float32)
@@ -364,7 +414,8 @@ async def _complete(state: ServerState, rec: RequestRecord, req: P.CompletionReq
                     rid: str, prompt_ids: list[list[int]], echoes: list,
                     cancel: threading.Event) -> Reply:
     backend, s = state.backend, req.sampling
-    own = _overrides(backend, "generate_from_tokens")
+    submit = getattr(backend, "submit", None)   # a non-blocking entry (tep.engine)
+    own = submit is None and _overrides(backend, "generate_from_tokens")
     token_text = backend._token_text_fn(req.model)
     try:
         jobs = []
@@ -372,6 +423,14 @@ async def _complete(state: ServerState, rec: RequestRecord, req: P.CompletionReq
             for j in range(s.n):
                 if s.max_tokens == 0:
                     jobs.append(asyncio.sleep(0, Completion(finish_reason="length")))
+                elif submit is not None:
+                    sk = s.for_choice(j)
+                    jobs.append(_submit_choice(
+                        rid, cancel, "generation",
+                        StreamSink(sk, cancel=cancel, token_text=token_text,
+                                   prompt_tokens=len(ids)),
+                        lambda sink, done, ids=ids, sk=sk: submit(req.model, ids, sk, sink,
+                                                                   done)))
                 else:
                     jobs.append(_call(state, rid, cancel, "generation",
                                       backend.generate_from_tokens, req.model, ids,
@@ -461,6 +520,7 @@ async def _stream_completions(state: ServerState, rec: RequestRecord,
     created = P.now()
     token_text = backend._token_text_fn(req.model)
     bridge = StreamBridge(state.pool(), cancel, rid)
+    submit = getattr(backend, "submit", None)   # a non-blocking entry (tep.engine)
     n_choices = len(prompt_ids) * s.n
     for k in range(n_choices):
         ids, sk = prompt_ids[k // s.n], s.for_choice(k % s.n)
@@ -468,11 +528,15 @@ async def _stream_completions(state: ServerState, rec: RequestRecord,
             bridge.start(k, lambda on_delta, on_role, sk=sk: StreamSink(sk, cancel=cancel),
                          lambda sink: None)
             continue
+        make = (lambda on_delta, on_role, sk=sk, ids=ids: StreamSink(
+            sk, cancel=cancel, on_delta=on_delta, token_text=token_text,
+            prompt_tokens=len(ids)))
+        if submit is not None:
+            bridge.start_submitted(k, make, lambda sink, done, sk=sk, ids=ids: submit(
+                req.model, ids, sk, sink, done))
+            continue
         bridge.start(
-            k,
-            lambda on_delta, on_role, sk=sk, ids=ids: StreamSink(
-                sk, cancel=cancel, on_delta=on_delta, token_text=token_text,
-                prompt_tokens=len(ids)),
+            k, make,
             lambda sink, sk=sk, ids=ids: backend.generate_stream_from_tokens(
                 req.model, ids, sk, sink))
     it, first = await _first_event(bridge, _deadline(state))
@@ -560,12 +624,20 @@ async def _chain(first: list, rest: AsyncIterator[tuple]) -> AsyncIterator[tuple
 async def _chat(state: ServerState, rec: RequestRecord, req: P.ChatRequest, rid: str,
                 cancel: threading.Event) -> Reply:
     backend, s = state.backend, req.sampling
-    own = _overrides(backend, "chat_completion")
+    submit = getattr(backend, "submit_chat", None)   # a non-blocking entry (tep.engine)
+    own = submit is None and _overrides(backend, "chat_completion")
+    token_text = backend._token_text_fn(req.model)
     try:
         jobs = []
         for j in range(s.n):
             if s.max_tokens == 0:
                 jobs.append(asyncio.sleep(0, Completion(finish_reason="length", prompt_tokens=0)))
+            elif submit is not None:
+                rj = req.for_choice(j)
+                jobs.append(_submit_choice(
+                    rid, cancel, "chat completion",
+                    ChatStreamSink(rj.sampling, cancel=cancel, token_text=token_text),
+                    lambda sink, done, rj=rj: submit(rj, sink, done)))
             else:
                 jobs.append(_call(state, rid, cancel, "chat completion",
                                   backend.chat_completion, req.for_choice(j)))
@@ -601,6 +673,7 @@ async def _stream_chat(state: ServerState, rec: RequestRecord, req: P.ChatReques
     created = P.now()
     token_text = backend._token_text_fn(req.model)
     bridge = StreamBridge(state.pool(), cancel, rid)
+    submit = getattr(backend, "submit_chat", None)   # a non-blocking entry (tep.engine)
     for j in range(s.n):
         rj = req.for_choice(j)
         if s.max_tokens == 0:
@@ -608,12 +681,13 @@ async def _stream_chat(state: ServerState, rec: RequestRecord, req: P.ChatReques
                                                                             cancel=cancel),
                          lambda sink: None)
             continue
-        bridge.start(
-            j,
-            lambda on_delta, on_role, rj=rj: ChatStreamSink(
-                rj.sampling, cancel=cancel, on_delta=on_delta, on_role=on_role,
-                token_text=token_text),
-            lambda sink, rj=rj: backend.chat_completion_stream(rj, sink))
+        make = (lambda on_delta, on_role, rj=rj: ChatStreamSink(
+            rj.sampling, cancel=cancel, on_delta=on_delta, on_role=on_role,
+            token_text=token_text))
+        if submit is not None:
+            bridge.start_submitted(j, make, lambda sink, done, rj=rj: submit(rj, sink, done))
+            continue
+        bridge.start(j, make, lambda sink, rj=rj: backend.chat_completion_stream(rj, sink))
     it, first = await _first_event(bridge, _deadline(state))
     usage_null = {"usage": None} if s.include_usage else {}
     role_sent = [False] * s.n

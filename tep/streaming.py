@@ -163,6 +163,43 @@ class StreamBridge:
         self._running += 1
         self._executor.submit(ctx.run, job)
 
+    def start_submitted(self, index: int, make_sink: Callable[..., StreamSink],
+                        submit: Callable[[StreamSink, Callable], None]) -> None:
+        """Like :meth:`start`, for a backend with a non-blocking entry (e.g.
+        :class:`tep.engine.EngineBackend`): ``submit(sink, on_done)`` queues the work and
+        returns; the backend's own thread drives the sink and calls ``on_done(None | exc)``.
+        No worker thread is held, and the sink never waits for the client (an engine
+        thread serves every stream, so one slow client must not stall it)."""
+        loop, q = self._loop, self
+
+        def put(item: tuple) -> None:
+            with q._pending_lock:
+                q._pending.append(item)
+                q._backlog += 1
+                wake = not q._wake_scheduled
+                q._wake_scheduled = True
+            if wake:
+                try:
+                    loop.call_soon_threadsafe(q._drain)
+                except RuntimeError:  # loop closed: the server is gone, stop generating
+                    q.cancel.set()
+
+        sink = make_sink(on_delta=lambda text, lps: put(("delta", index, text, lps)),
+                         on_role=lambda role: put(("role", index, role)))
+        self.sinks[index] = sink
+
+        def on_done(exc: BaseException | None) -> None:
+            if exc is not None:
+                put(("error", index, exc))
+            else:
+                put(("finish", index, sink.close(), sink.n_tokens, sink.prompt_tokens))
+
+        self._running += 1
+        try:
+            submit(sink, on_done)
+        except BaseException as e:  # refused at once (bad request): an error event
+            put(("error", index, e))
+
     async def events(self, deadline: float | None = None) -> AsyncIterator[tuple]:
         """Events until every choice has finished, or up to and including an error.
 

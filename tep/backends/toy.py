@@ -21,6 +21,13 @@ string is tokenized as bytes.
 Embeddings: mean of the per-token hidden states, L2-normalised
 (:func:`tep.kernels.pool`), D = ``dim``.
 
+Engine model: :class:`ToyModel` is the same model as a :class:`tep.engine.Model` (one
+batched ``forward``; its "KV cache" is the last two tokens and the length of each
+sequence), and :class:`ToyEngineBackend` serves it with continuous batching (the default
+``tep serve`` backend). Its logits rows are computed exactly as the per-request path
+computes them, so a seeded request gives the same tokens on both paths. Its chat template
+is :data:`CHAT_TEMPLATE`, the Jinja spelling of :func:`chat_template`.
+
 Settings (keyword arguments, or environment when constructed with none):
 ``TEP_TOY_VOCAB_SIZE`` (default 257), ``TEP_TOY_DIM`` (64), ``TEP_TOY_INSTANT`` (0): the
 instant mode does no model compute at all: it emits the bytes of a fixed lorem-ipsum text
@@ -39,7 +46,8 @@ from tep.backend import Backend, ChatStreamSink, StreamSink
 from tep.errors import BadRequestError
 from tep.protocol import ChatRequest, Sampling
 
-__all__ = ["ToyBackend", "EOS", "chat_template"]
+__all__ = ["ToyBackend", "ToyModel", "ToyEngineBackend", "EOS", "chat_template",
+           "CHAT_TEMPLATE"]
 
 EOS = 256
 N_BYTES = 256
@@ -78,6 +86,11 @@ def chat_template(messages: list[dict]) -> str:
         out.append(f"<|{m['role']}|>\n{c or ''}\n")
     out.append("<|assistant|>\n")
     return "".join(out)
+
+
+# The same template in Jinja (rendered by tep.engine.chat_template.render_chat).
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] or '' }}\n"
+                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
 
 
 def _env_int(name: str, default: int) -> int:
@@ -258,3 +271,100 @@ class ToyBackend(Backend):
         out = pool(hidden, offsets=np.array([0, n], dtype=np.int64), mode="mean",
                    normalize=True)
         return out[0]
+
+
+class ToyModel:
+    """The toy model as a :class:`tep.engine.Model`: see the module docstring.
+
+    Args:
+        toy: the :class:`ToyBackend` whose weights, tokenizer and settings it uses
+            (default: a new one from the keyword arguments / environment).
+        max_num_seqs: slots (sequence IDs ``0..max_num_seqs-1``).
+        context_size: most positions per sequence (prompt + generated), or None.
+        **kw: passed to :class:`ToyBackend` when ``toy`` is None.
+    """
+
+    chat_template = CHAT_TEMPLATE
+    bos_token = ""
+    eos_token = "<|endoftext|>"
+    eog_token_ids = (EOS,)
+
+    def __init__(self, toy: ToyBackend | None = None, *, max_num_seqs: int = 256,
+                 context_size: int | None = None, **kw: Any) -> None:
+        self.toy = toy if toy is not None else ToyBackend(**kw)
+        self.vocab_size = self.toy.vocab_size
+        self.embedding_dim = self.toy.dim
+        self.max_num_seqs = max_num_seqs
+        self.context_size = context_size
+        # the cache: per slot, the last three tokens seen (-1 = none) and the length
+        self._last = np.full((max_num_seqs, 3), -1, np.int64)
+        self._len = np.zeros(max_num_seqs, np.int64)
+        if self.toy.instant:
+            n = len(_LOREM)
+            self._instant_rows = np.zeros((n, self.vocab_size), np.float32)
+            self._instant_rows[np.arange(n), list(_LOREM)] = 60.0
+
+    def list_models(self) -> list[str]:
+        return [self.toy.model]
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode("utf-8"))
+
+    def detokenize(self, token_ids: Any) -> bytes:
+        return self.toy._decode_bytes([int(t) for t in token_ids])
+
+    def forward(self, batch: Any) -> np.ndarray:
+        """Append each token to its sequence's 3-token window; for each logits row compute
+        ``hidden(window) @ W + b`` one row at a time (so a row never depends on the
+        batch). Instant mode returns a row peaked on the next lorem-ipsum byte."""
+        toks, pos, sids, want = (batch.token_ids, batch.positions, batch.seq_ids,
+                                 batch.logits)
+        n_rows = int(np.count_nonzero(want))
+        out = np.empty((n_rows, self.vocab_size), np.float32)
+        r = 0
+        last, length = self._last, self._len
+        for i in range(toks.shape[0]):
+            s, t, p = int(sids[i]), int(toks[i]), int(pos[i])
+            if p != length[s]:
+                raise ValueError(f"sequence {s}: token at position {p}, expected "
+                                 f"{int(length[s])}")
+            last[s, 0], last[s, 1], last[s, 2] = last[s, 1], last[s, 2], t
+            length[s] = p + 1
+            if want[i]:
+                if self.toy.instant:
+                    out[r] = self._instant_rows[p % len(_LOREM)]
+                else:
+                    w = last[s]
+                    ctx = [int(x) for x in w[3 - min(3, p + 1):]]
+                    out[r] = self.toy._hidden(ctx, len(ctx) - 1) @ self.toy._w + self.toy._b
+                r += 1
+        return out
+
+    def release(self, seq_id: int) -> None:
+        self._last[seq_id] = -1
+        self._len[seq_id] = 0
+
+    def embed(self, inputs: list) -> list:
+        """Mean-pooled, L2-normalised hidden states, one float32 [D] per input."""
+        return [self.toy.generate_embeddings(self.toy.model, list(x)) for x in inputs]
+
+
+class ToyEngineBackend:
+    """The toy model served by :class:`tep.engine.EngineBackend` (continuous batching).
+
+    ``ToyEngineBackend(**kw)`` builds ``ToyModel(**kw)``; ``max_num_seqs`` and
+    ``max_batch_tokens`` default to ``$TEP_MAX_NUM_SEQS`` / ``$TEP_MAX_BATCH_TOKENS``
+    (else 256 / 2048).
+    """
+
+    def __new__(cls, model: str = "tep-toy", *, max_num_seqs: int | None = None,
+                max_batch_tokens: int | None = None, **kw: Any) -> Any:
+        from tep.engine import EngineBackend
+
+        seqs = max_num_seqs if max_num_seqs is not None else _env_int("TEP_MAX_NUM_SEQS", 256)
+        toks = max_batch_tokens if max_batch_tokens is not None else \
+            _env_int("TEP_MAX_BATCH_TOKENS", 2048)
+        toy_kw = {k: kw.pop(k) for k in ("vocab_size", "dim", "instant", "weights_seed")
+                  if k in kw}
+        m = ToyModel(ToyBackend(model, **toy_kw), max_num_seqs=seqs, **kw)
+        return EngineBackend(m, max_num_seqs=seqs, max_batch_tokens=max(toks, seqs))

@@ -1,0 +1,231 @@
+"""``EngineBackend``: a :class:`tep.Backend` that serves a :class:`tep.engine.Model`
+through the continuous-batching :class:`~tep.engine.engine.Engine`.
+
+The server sees an ordinary backend (list_models, tokenize, chat, embeddings), plus a
+non-blocking entry: :meth:`EngineBackend.submit` queues a sequence and returns at once;
+the engine thread drives the sink and calls ``on_done`` when the sequence ends. The
+server's handlers use it when a backend has it, so a stream costs no worker thread. The
+blocking ``generate_stream_from_tokens`` / ``chat_completion_stream`` still work (they
+wait on an event), for callers that are threads themselves.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from tep.backend import Backend, ChatStreamSink, StreamSink
+from tep.engine.embed_batcher import EmbedBatcher
+from tep.engine.engine import Engine, EngineStats
+from tep.errors import BadRequestError
+
+__all__ = ["EngineBackend"]
+
+OnDone = Callable[[BaseException | None], None]
+
+
+def _flat_content(i: int, m: dict) -> dict:
+    """A message whose content is a list of text parts, as one string (templates expect
+    strings); other part types are a 400."""
+    c = m.get("content")
+    if not isinstance(c, list):
+        return m
+    parts = []
+    for part in c:
+        if not isinstance(part, dict) or part.get("type") != "text" or \
+                not isinstance(part.get("text"), str):
+            raise BadRequestError("this model only takes text content parts",
+                                  param=f"messages[{i}].content")
+        parts.append(part["text"])
+    return {**m, "content": "".join(parts)}
+
+
+class EngineBackend(Backend):
+    """Serve ``model`` with continuous batching.
+
+    Args:
+        model: a :class:`tep.engine.Model` (optionally with the text, chat, prefix and
+            embedding hooks).
+        max_num_seqs: most sequences in one step (model slots).
+        max_batch_tokens: most tokens fed per step (prompt chunks + decoded tokens).
+        embed_wait_ms: how long a lone embeddings request may wait for others to join
+            its batch (when the model has ``embed``).
+        embed_max_batch: most inputs in one ``embed`` call.
+        chat_prompt: optional ``f(messages) -> str`` used instead of ``model.chat_template``.
+    """
+
+    def __init__(self, model: Any, *, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
+                 embed_wait_ms: float = 2.0, embed_max_batch: int = 256,
+                 chat_prompt: Callable[[list], str] | None = None,
+                 record_steps: bool = False) -> None:
+        for name in ("vocab_size", "list_models", "forward", "release"):
+            if not hasattr(model, name):
+                raise TypeError(f"the model has no '{name}': it is not a tep.engine.Model")
+        self.model = model
+        self.engine = Engine(model, max_num_seqs=max_num_seqs,
+                             max_batch_tokens=max_batch_tokens, record_steps=record_steps)
+        self._chat_prompt = chat_prompt
+        self._embed = None
+        if callable(getattr(model, "embed", None)):
+            self._embed = EmbedBatcher(lambda _name, ids: model.embed(ids),
+                                       max_wait_ms=embed_wait_ms, max_batch=embed_max_batch)
+        self._started = False
+        self._lock = threading.Lock()
+
+    # ---- lifecycle
+    def _ensure_started(self) -> None:
+        if not self._started:
+            with self._lock:
+                if not self._started:
+                    self.engine.start()
+                    self._started = True
+
+    def close(self) -> None:
+        """Stop the engine thread (live sequences are cancelled) and the embed batcher."""
+        self.engine.stop()
+        self._started = False
+        if self._embed is not None:
+            self._embed.stop()
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's counters (steps, tokens, prefix hits/misses, ...)."""
+        return self.engine.stats
+
+    # ---- metadata
+    def list_models(self) -> list[str]:
+        return list(self.model.list_models())
+
+    def supports_chat(self) -> bool:
+        return self._chat_prompt is not None or (
+            getattr(self.model, "chat_template", None) is not None and self.supports_tokenize())
+
+    def supports_tokenize(self) -> bool:
+        return callable(getattr(self.model, "tokenize", None))
+
+    def supports_detokenize(self) -> bool:
+        return callable(getattr(self.model, "detokenize", None))
+
+    def supports_embeddings(self) -> bool:
+        return self._embed is not None
+
+    def embedding_dimensions(self, model: str) -> int | None:
+        d = getattr(self.model, "embedding_dim", None)
+        return int(d) if d is not None else None
+
+    # ---- text
+    def tokenize(self, model: str, text: str) -> list[int]:
+        return [int(t) for t in self.model.tokenize(text)]
+
+    def detokenize(self, model: str, token_ids: list[int]) -> str:
+        self._check_ids(token_ids, "prompt")
+        return bytes(self.model.detokenize(list(token_ids))).decode("utf-8", errors="replace")
+
+    def chat_prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """The chat prompt's token IDs: the model's chat template (or ``chat_prompt``)
+        rendered with a generation prompt, then tokenized."""
+        msgs = [_flat_content(i, m) for i, m in enumerate(messages)]
+        if self._chat_prompt is not None:
+            text = self._chat_prompt(msgs)
+        else:
+            from tep.engine.chat_template import TemplateError, render_chat
+
+            try:
+                text = render_chat(self.model.chat_template, msgs, add_generation_prompt=True,
+                                   bos_token=getattr(self.model, "bos_token", "") or "",
+                                   eos_token=getattr(self.model, "eos_token", "") or "",
+                                   tools=tools)
+            except TemplateError as e:
+                raise BadRequestError(str(e), param="messages") from None
+        return self.tokenize("", text)
+
+    # ---- checks
+    def _check_ids(self, ids: Sequence[int], param: str) -> None:
+        V = self.engine.vocab_size
+        for t in ids:
+            if not 0 <= int(t) < V:
+                raise BadRequestError(f"token ID {int(t)} is outside the vocabulary [0, {V})",
+                                      param=param)
+
+    def _check_request(self, ids: Sequence[int], sampling: Any) -> None:
+        if len(ids) == 0:
+            raise BadRequestError("the prompt is empty: it must hold at least one token",
+                                  param="prompt")
+        self._check_ids(ids, "prompt")
+        if sampling.logit_bias:
+            self._check_ids(list(sampling.logit_bias), "logit_bias")
+        if sampling.allowed_token_ids:
+            self._check_ids(sampling.allowed_token_ids, "allowed_token_ids")
+        ctx = getattr(self.model, "context_size", None)
+        if ctx is not None and len(ids) + sampling.max_tokens > int(ctx):
+            raise BadRequestError(
+                f"This model's context is {int(ctx)} tokens; the prompt has {len(ids)} "
+                f"tokens and max_tokens is {sampling.max_tokens} ({len(ids)} + "
+                f"{sampling.max_tokens} > {int(ctx)}). Shorten the prompt or lower "
+                f"max_tokens.", param="max_tokens", code="context_length_exceeded")
+
+    # ---- the non-blocking entry
+    def submit(self, model: str, token_ids: Sequence[int], sampling: Any, sink: StreamSink,
+               on_done: OnDone, *, constraint: Any = None) -> None:
+        """Queue one completion choice and return at once. The engine thread drives
+        ``sink`` and calls ``on_done(None | exc)`` once; a bad request raises
+        :class:`tep.errors.BadRequestError` here, before anything is queued."""
+        self._check_request(token_ids, sampling)
+        if sink.prompt_tokens is None:
+            sink.prompt_tokens = len(token_ids)
+        self._ensure_started()
+        self.engine.add_request(token_ids, sampling, sink, on_done, constraint=constraint)
+
+    def submit_chat(self, req: Any, sink: ChatStreamSink, on_done: OnDone) -> None:
+        """:meth:`submit` for a chat request (template rendered and tokenized here)."""
+        ids = self.chat_prompt_ids(req.messages, (req.raw or {}).get("tools"))
+        sink.prompt_tokens = len(ids)
+        self.submit(req.model, ids, req.sampling, sink, on_done)
+
+    def submit_embeddings(self, model: str, token_ids: list[list[int]],
+                          on_done: Callable[[Any, BaseException | None], None]) -> None:
+        """Queue an embeddings request; it joins the next ``embed`` batch.
+        ``on_done(vectors | None, exc | None)`` runs on the batcher thread."""
+        if self._embed is None:
+            raise BadRequestError("this model has no embeddings")
+        for x in token_ids:
+            self._check_ids(x, "input")
+        self._embed.submit(model, token_ids, on_done)
+
+    # ---- the blocking Backend methods (a thread waits for the engine)
+    def generate_stream_from_tokens(self, model: str, token_ids: list[int], sampling: Any,
+                                    sink: StreamSink) -> None:
+        self._wait(lambda done: self.submit(model, token_ids, sampling, sink, done), sink)
+
+    def chat_completion_stream(self, req: Any, sink: ChatStreamSink) -> None:
+        self._wait(lambda done: self.submit_chat(req, sink, done), sink)
+
+    def generate_embeddings_batch(self, model: str, token_ids: list[list[int]]) -> Any:
+        ev = threading.Event()
+        box: list = [None, None]
+
+        def done(vecs: Any, exc: BaseException | None) -> None:
+            box[0], box[1] = vecs, exc
+            ev.set()
+
+        self.submit_embeddings(model, token_ids, done)
+        ev.wait()
+        if box[1] is not None:
+            raise box[1]
+        return box[0]
+
+    def _wait(self, start: Callable[[OnDone], None], sink: StreamSink) -> None:
+        ev = threading.Event()
+        box: list = [None]
+
+        def done(exc: BaseException | None) -> None:
+            box[0] = exc
+            ev.set()
+
+        start(done)
+        while not ev.wait(0.05):
+            if sink.cancelled:
+                self.engine.wake()
+        if box[0] is not None:
+            raise box[0]
