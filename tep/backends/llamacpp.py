@@ -97,4 +97,7 @@ def LlamaCppBackend(model_path: str | os.PathLike | None = None, **kwargs: Any):
     entry point; see the module docstring for the settings)."""
     from tep.engine import EngineBackend  # noqa: PLC0415 - the engine imports the server
 
-    return EngineBackend(load_model(model_path, **kwargs))
+    model = load_model(model_path, **kwargs)
+    # the engine's step never exceeds what one llama_decode takes
+    return EngineBackend(model, max_num_seqs=model.max_num_seqs,
+                         max_batch_tokens=model.max_batch_tokens)
