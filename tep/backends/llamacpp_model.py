@@ -301,7 +301,7 @@ class LlamaCppModel:
         slots = self._slot_of[seq]
         # segments: each sequence's tokens are contiguous and in position order
         cut = np.flatnonzero(seq[1:] != seq[:-1]) + 1
-        if cut.size and np.any(np.diff(pos)[(seq[1:] == seq[:-1])] != 1):
+        if n > 1 and np.any(np.diff(pos)[seq[1:] == seq[:-1]] != 1):
             raise ValueError("a sequence's positions in a step must be consecutive")
         starts = np.concatenate(([0], cut)).tolist()
         ends = np.concatenate((cut, [n])).tolist()
@@ -309,6 +309,17 @@ class LlamaCppModel:
         if tok.min() < 0 or tok.max() >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
         table, rm = self._slots, self._lib.llama_memory_seq_rm
+        try:
+            out = self._feed(table, rm, seq, pos, tok, slots, starts, ends, batch, n)
+        except BaseException:
+            # what these slots hold is no longer known: forget it rather than reuse it
+            self._drop_slots(np.unique(self._slot_of[seq][self._slot_of[seq] >= 0]))
+            raise
+        self._steps += 1
+        self._forward_ns += time.perf_counter_ns() - t0
+        return out
+
+    def _feed(self, table, rm, seq, pos, tok, slots, starts, ends, batch, n):  # noqa: ANN001, ANN202
         for a, b in zip(starts, ends):
             s = int(slots[a])
             if s < 0:  # no reuse_prefix call: place it with nothing reused
@@ -327,8 +338,6 @@ class LlamaCppModel:
             parts = [self._decode(tok, pos, slots, want, a, min(a + self.max_batch_tokens, n)).copy()
                      for a in range(0, n, self.max_batch_tokens)]
             out = np.concatenate(parts)
-        self._steps += 1
-        self._forward_ns += time.perf_counter_ns() - t0
         return out
 
     def _decode(self, tok: np.ndarray, pos: np.ndarray, slots: np.ndarray,
@@ -344,7 +353,6 @@ class LlamaCppModel:
         rc = self._lib.llama_decode(self._ctx, self._batch)
         if rc != 0:
             self._decode_ns += time.perf_counter_ns() - t
-            self._drop_slots(np.unique(slots[a:b]))
             raise RuntimeError(f"llama_decode failed (status {rc}) on a step of {m} tokens")
         if rows == 0:
             out = np.empty((0, self.vocab_size), dtype=np.float32)
