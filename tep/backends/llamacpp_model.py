@@ -1,0 +1,397 @@
+"""A GGUF model as a :class:`tep.engine.Model`, through llama-cpp-python's low-level API.
+
+One engine step is one ``llama_decode``: every token of the step goes into one
+``llama_batch`` whose arrays are numpy buffers owned here (filled with slice assignments,
+no per-token Python), each token with one seq id. llama-cpp-python calls the library
+through ``ctypes.CDLL``, which releases the GIL for the duration of the call, so the HTTP
+threads run while llama.cpp computes. The logits come back as a numpy view of llama.cpp's
+own output buffer (no copy).
+
+KV cache: one stream per sequence slot (``kv_unified=False``, as ``llama-server -np N``)
+so a sequence's attention never looks at another's cells, and flash attention on
+(llama.cpp's "auto"). Slots keep what they held after a sequence ends; the next sequence
+goes to the slot with the longest common prompt prefix and only the rest is computed
+(:mod:`tep.backends.llamacpp_slots`).
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from pathlib import Path
+from typing import NamedTuple, Sequence
+
+import numpy as np
+
+from tep.backends.llamacpp_slots import SlotTable
+from tep.engine.model import StepBatch
+
+__all__ = ["LlamaCppModel", "PrefixCacheStats", "StepTimes"]
+
+log = logging.getLogger("tep.llamacpp")
+
+_FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+_MAX_SLOTS = 256  # llama.cpp's LLAMA_MAX_SEQ
+
+
+class PrefixCacheStats(NamedTuple):
+    """Prompt tokens placed so far and how many of them were found in a slot's cache."""
+
+    prompt_tokens: int
+    reused_tokens: int
+
+    @property
+    def hit_rate(self) -> float:
+        """reused / prompt tokens (0 when none)."""
+        return self.reused_tokens / self.prompt_tokens if self.prompt_tokens else 0.0
+
+
+class StepTimes(NamedTuple):
+    """Where ``forward`` spent its time since the model was built (nanoseconds)."""
+
+    steps: int
+    forward_ns: int   # all of forward(), llama_decode included
+    decode_ns: int    # inside llama_decode (+ the logits view)
+
+    @property
+    def own_share(self) -> float:
+        """Fraction of forward() spent outside llama_decode."""
+        return 1.0 - self.decode_ns / self.forward_ns if self.forward_ns else 0.0
+
+
+def _llama():
+    import llama_cpp  # noqa: PLC0415 - optional dependency, imported on first use
+
+    return llama_cpp
+
+
+class LlamaCppModel:
+    """Any GGUF file, batched over sequence slots.
+
+    Args:
+        model_path: the ``.gguf`` file.
+        context_size: positions per sequence (prompt + completion); llama.cpp rounds it
+            up to a multiple of 256. Default 2048 (never more than the model was trained on).
+        max_num_seqs: sequences decoded at once (= KV-cache slots). Default 16.
+        n_threads: CPU threads for decoding and prompt processing (default: all cores).
+        max_batch_tokens: most tokens in one ``forward`` call (llama.cpp's ``n_batch``);
+            larger steps are split into several decodes. Default 512.
+        flash_attn: "auto" (default; on where the backend supports it), "on" or "off".
+        kv_unified: one KV buffer shared by all slots instead of one stream per slot.
+        model_name: the id served in ``/v1/models`` (default: the file's stem).
+        verbose: let llama.cpp log at INFO level (default: errors only).
+
+    Attributes (the optional parts of the engine's Model contract):
+        vocab_size, chat_template (Jinja from ``tokenizer.chat_template``, or None),
+        bos_token / eos_token (their text, "" when the vocabulary has none),
+        eog_token_ids (every id llama.cpp calls end-of-generation: EOS, EOT, ...),
+        context_size (positions per sequence), max_num_seqs, max_batch_tokens,
+        add_bos (whether plain-text prompts get BOS).
+
+    The array ``forward`` returns is a view of llama.cpp's logits buffer: valid until the
+    next ``forward`` call.
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, context_size: int = 2048,
+                 max_num_seqs: int = 16, n_threads: int | None = None,
+                 max_batch_tokens: int = 512, flash_attn: str = "auto",
+                 kv_unified: bool = False, model_name: str | None = None,
+                 verbose: bool = False) -> None:
+        llama_cpp = _llama()
+        self._lib = llama_cpp
+        path = Path(model_path)
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF model file not found: {path}")
+        if not 1 <= max_num_seqs <= _MAX_SLOTS:
+            raise ValueError(f"max_num_seqs must be in [1, {_MAX_SLOTS}], got {max_num_seqs}")
+        if context_size < 1:
+            raise ValueError(f"context_size must be >= 1, got {context_size}")
+        if max_batch_tokens < 1:
+            raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
+        if flash_attn not in _FLASH_ATTN:
+            raise ValueError(f"flash_attn must be one of {sorted(_FLASH_ATTN)}, got {flash_attn!r}")
+        threads = n_threads or os.cpu_count() or 1
+        if threads < 1:
+            raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+
+        logging.getLogger("llama-cpp-python").setLevel(logging.INFO if verbose else logging.ERROR)
+        llama_cpp.llama_backend_init()
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = 0
+        self._model = llama_cpp.llama_model_load_from_file(str(path).encode(), mparams)
+        if not self._model:
+            raise ValueError(f"llama.cpp could not load {path} (not a GGUF model?)")
+        self._ctx = None
+        try:
+            self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+            n_train = llama_cpp.llama_model_n_ctx_train(self._model)
+            per_seq = min(context_size, n_train) if n_train > 0 else context_size
+            cparams = llama_cpp.llama_context_default_params()
+            cparams.n_ctx = per_seq * max_num_seqs
+            cparams.n_seq_max = max_num_seqs
+            cparams.n_batch = max_batch_tokens
+            cparams.n_ubatch = min(max_batch_tokens, 512)
+            cparams.n_threads = threads
+            cparams.n_threads_batch = threads
+            cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
+            cparams.kv_unified = kv_unified
+            cparams.embeddings = False
+            cparams.no_perf = True
+            self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
+            if not self._ctx:
+                raise ValueError(f"llama.cpp could not create a context for {path} "
+                                 f"(context {per_seq} x {max_num_seqs} sequences)")
+            self._mem = llama_cpp.llama_get_memory(self._ctx)
+            # per sequence: n_ctx / n_seq_max padded to 256 (unified: the whole buffer,
+            # but each sequence is still held to what was asked)
+            self.context_size = per_seq if kv_unified else int(llama_cpp.llama_n_ctx_seq(self._ctx))
+            self.max_num_seqs = int(llama_cpp.llama_n_seq_max(self._ctx))
+            self.max_batch_tokens = int(llama_cpp.llama_n_batch(self._ctx))
+            self.vocab_size = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+            self.n_threads = threads
+            self.flash_attn = flash_attn
+            self.kv_unified = kv_unified
+            self.model_path = path
+            self.model_name = model_name or path.name.removesuffix(".gguf")
+            self._read_vocab()
+        except BaseException:
+            self.close()
+            raise
+        self._slots = SlotTable(self.max_num_seqs)
+        self._slot_of = np.full(self.max_num_seqs, -1, dtype=np.int32)  # engine id -> slot
+        self._alloc_batch(self.max_batch_tokens)
+        self._steps = 0
+        self._forward_ns = 0
+        self._decode_ns = 0
+
+    # ------------------------------------------------------------------ metadata, vocab
+
+    def _meta(self, key: str) -> str | None:
+        llama_cpp = self._lib
+        size = 1 << 16
+        while True:
+            buf = ctypes.create_string_buffer(size)
+            n = llama_cpp.llama_model_meta_val_str(self._model, key.encode(), buf, size)
+            if n < 0:
+                return None
+            if n < size:
+                return buf.value.decode("utf-8", errors="replace")
+            size = n + 1
+
+    def _token_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        raw = self._lib.llama_vocab_get_text(self._vocab, token)
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def _read_vocab(self) -> None:
+        llama_cpp, vocab = self._lib, self._vocab
+        self.chat_template: str | None = self._meta("tokenizer.chat_template")
+        self.bos_token_id = int(llama_cpp.llama_vocab_bos(vocab))
+        self.eos_token_id = int(llama_cpp.llama_vocab_eos(vocab))
+        self.bos_token = self._token_text(self.bos_token_id)
+        self.eos_token = self._token_text(self.eos_token_id)
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(vocab))
+        is_eog = llama_cpp.llama_vocab_is_eog
+        self.eog_token_ids: tuple[int, ...] = tuple(
+            t for t in range(self.vocab_size) if is_eog(vocab, t))
+        # byte pieces of every token (special tokens render as b"", as llama-server does)
+        buf = ctypes.create_string_buffer(256)
+        pieces = []
+        to_piece = llama_cpp.llama_token_to_piece
+        for t in range(self.vocab_size):
+            n = to_piece(vocab, t, buf, 256, 0, False)
+            if n < 0:  # longer than 256 bytes: ask again with room
+                big = ctypes.create_string_buffer(-n)
+                n = to_piece(vocab, t, big, -n, 0, False)
+                pieces.append(big.raw[:n])
+            else:
+                pieces.append(buf.raw[:n])
+        self._pieces = pieces
+
+    def list_models(self) -> list[str]:
+        """The one model id served."""
+        return [self.model_name]
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+        """Text -> token ids with the model's tokenizer. Special tokens written in the text
+        (``<|im_start|>``) become their ids. ``add_special`` adds BOS when the vocabulary
+        asks for it, unless the text already starts with the BOS text."""
+        data = text.encode("utf-8")
+        if add_special and self.bos_token and text.startswith(self.bos_token):
+            add_special = False
+        n_max = len(data) + 8
+        while True:
+            buf = (ctypes.c_int32 * n_max)()
+            n = self._lib.llama_tokenize(self._vocab, data, len(data), buf, n_max,
+                                         add_special, True)
+            if n >= 0:
+                return list(buf[:n])
+            n_max = -n
+
+    def detokenize(self, token_ids: Sequence[int]) -> bytes:
+        """Token ids -> the bytes they stand for (may end inside a UTF-8 character)."""
+        pieces, v = self._pieces, self.vocab_size
+        try:
+            if token_ids and min(token_ids) < 0:
+                raise IndexError
+            return b"".join([pieces[t] for t in token_ids])
+        except IndexError:
+            bad = next(t for t in token_ids if not 0 <= t < v)
+            raise ValueError(f"token id {bad} is outside the vocabulary [0, {v})") from None
+
+    # ------------------------------------------------------------------ batch buffers
+
+    def _alloc_batch(self, n: int) -> None:
+        llama_cpp = self._lib
+        self._tok = np.zeros(n, dtype=np.int32)
+        self._pos = np.zeros(n, dtype=np.int32)
+        self._nseq = np.ones(n, dtype=np.int32)       # one seq id per token, always
+        self._seq = np.zeros(n, dtype=np.int32)
+        self._want = np.zeros(n, dtype=np.int8)
+        # seq_id is int32**: pointer i -> self._seq[i]
+        self._seq_ptrs = (self._seq.ctypes.data + 4 * np.arange(n, dtype=np.uint64)).astype(np.uint64)
+        b = llama_cpp.llama_batch()
+        b.n_tokens = 0
+        b.token = self._tok.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_token))
+        b.embd = None
+        b.pos = self._pos.ctypes.data_as(ctypes.POINTER(llama_cpp.llama_pos))
+        b.n_seq_id = self._nseq.ctypes.data_as(ctypes.POINTER(ctypes.c_int32))
+        b.seq_id = ctypes.cast(self._seq_ptrs.ctypes.data,
+                               ctypes.POINTER(ctypes.POINTER(llama_cpp.llama_seq_id)))
+        b.logits = self._want.ctypes.data_as(ctypes.POINTER(ctypes.c_int8))
+        self._batch = b
+
+    # ------------------------------------------------------------------ the engine contract
+
+    def reuse_prefix(self, seq_id: int, prompt: Sequence[int]) -> int:
+        """Place a new sequence in the free slot with the longest cached prefix of
+        ``prompt``; returns how many prompt tokens need not be fed (< len(prompt))."""
+        self._check_seq_id(seq_id)
+        p = self._slots.acquire(seq_id, prompt)
+        self._lib.llama_memory_seq_rm(self._mem, p.slot, p.drop_from, -1)
+        self._slot_of[seq_id] = p.slot
+        return p.reused
+
+    def release(self, seq_id: int) -> None:
+        """The sequence ended: its slot becomes free and keeps its cache for reuse."""
+        if 0 <= seq_id < self.max_num_seqs:
+            self._slots.release(seq_id)
+            self._slot_of[seq_id] = -1
+
+    def _check_seq_id(self, seq_id: int) -> None:
+        if not 0 <= seq_id < self.max_num_seqs:
+            raise ValueError(f"seq_id {seq_id} outside [0, {self.max_num_seqs})")
+
+    def forward(self, batch: StepBatch) -> np.ndarray:
+        """One ``llama_decode`` over every token of ``batch``; float32 logits
+        ``[batch.n_logit_rows, vocab_size]`` (a view, valid until the next call)."""
+        t0 = time.perf_counter_ns()
+        n = batch.n_tokens
+        if n == 0:
+            return np.empty((0, self.vocab_size), dtype=np.float32)
+        seq = np.asarray(batch.seq_ids, dtype=np.int32)
+        pos = np.asarray(batch.positions, dtype=np.int32)
+        if seq.min() < 0 or seq.max() >= self.max_num_seqs:
+            raise ValueError(f"seq ids must be in [0, {self.max_num_seqs})")
+        if pos.min() < 0 or pos.max() >= self.context_size:
+            raise ValueError(f"position {int(pos.max())} is past the context of "
+                             f"{self.context_size} tokens per sequence")
+        slots = self._slot_of[seq]
+        # segments: each sequence's tokens are contiguous and in position order
+        cut = np.flatnonzero(seq[1:] != seq[:-1]) + 1
+        if n > 1 and np.any(np.diff(pos)[seq[1:] == seq[:-1]] != 1):
+            raise ValueError("a sequence's positions in a step must be consecutive")
+        starts = np.concatenate(([0], cut)).tolist()
+        ends = np.concatenate((cut, [n])).tolist()
+        tok = np.asarray(batch.token_ids, dtype=np.int32)
+        if tok.min() < 0 or tok.max() >= self.vocab_size:
+            raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        table, rm = self._slots, self._lib.llama_memory_seq_rm
+        try:
+            out = self._feed(table, rm, seq, pos, tok, slots, starts, ends, batch, n)
+        except BaseException:
+            # what these slots hold is no longer known: forget it rather than reuse it
+            self._drop_slots(np.unique(self._slot_of[seq][self._slot_of[seq] >= 0]))
+            raise
+        self._steps += 1
+        self._forward_ns += time.perf_counter_ns() - t0
+        return out
+
+    def _feed(self, table, rm, seq, pos, tok, slots, starts, ends, batch, n):  # noqa: ANN001, ANN202
+        for a, b in zip(starts, ends):
+            s = int(slots[a])
+            if s < 0:  # no reuse_prefix call: place it with nothing reused
+                sid = int(seq[a])
+                s = table.acquire(sid, ()).slot
+                rm(self._mem, s, 0, -1)
+                self._slot_of[sid] = s
+                slots = self._slot_of[seq]
+            drop = table.fed(s, int(pos[a]), tok[a:b].tolist())
+            if drop >= 0:
+                rm(self._mem, s, drop, -1)
+        want = np.asarray(batch.logits, dtype=bool)
+        if n <= self.max_batch_tokens:
+            out = self._decode(tok, pos, slots, want, 0, n)
+        else:  # several decodes; each overwrites the logits buffer, so copy
+            parts = [self._decode(tok, pos, slots, want, a, min(a + self.max_batch_tokens, n)).copy()
+                     for a in range(0, n, self.max_batch_tokens)]
+            out = np.concatenate(parts)
+        return out
+
+    def _decode(self, tok: np.ndarray, pos: np.ndarray, slots: np.ndarray,
+                want: np.ndarray, a: int, b: int) -> np.ndarray:
+        m = b - a
+        self._tok[:m] = tok[a:b]
+        self._pos[:m] = pos[a:b]
+        self._seq[:m] = slots[a:b]
+        self._want[:m] = want[a:b]
+        rows = int(np.count_nonzero(want[a:b]))
+        self._batch.n_tokens = m
+        t = time.perf_counter_ns()
+        rc = self._lib.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            self._decode_ns += time.perf_counter_ns() - t
+            raise RuntimeError(f"llama_decode failed (status {rc}) on a step of {m} tokens")
+        if rows == 0:
+            out = np.empty((0, self.vocab_size), dtype=np.float32)
+        else:
+            ptr = self._lib.llama_get_logits(self._ctx)
+            out = np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size))
+        self._decode_ns += time.perf_counter_ns() - t
+        return out
+
+    def _drop_slots(self, slots: np.ndarray) -> None:
+        """After a failed decode the cache of these slots is unknown: clear them."""
+        for s in slots.tolist():
+            self._lib.llama_memory_seq_rm(self._mem, s, 0, -1)
+            self._slots.forget(s)
+
+    # ------------------------------------------------------------------ stats, teardown
+
+    def prefix_cache_stats(self) -> PrefixCacheStats:
+        """Prompt tokens placed and how many came from a slot's cache, since start."""
+        return PrefixCacheStats(self._slots.prompt_tokens, self._slots.reused_tokens)
+
+    def step_times(self) -> StepTimes:
+        """Time spent in ``forward`` and inside ``llama_decode``, since start."""
+        return StepTimes(self._steps, self._forward_ns, self._decode_ns)
+
+    def close(self) -> None:
+        """Free the llama.cpp context and model (also done at garbage collection)."""
+        lib = getattr(self, "_lib", None)
+        if lib is None:
+            return
+        if getattr(self, "_ctx", None):
+            lib.llama_free(self._ctx)
+            self._ctx = None
+        if getattr(self, "_model", None):
+            lib.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
