@@ -223,7 +223,7 @@ def profile_engine(model_path: Path, threads: int, n_streams: int = 16) -> dict:
     wall time spent inside llama_decode vs everything else (engine + sampling + model glue)."""
     from tep.backends.llamacpp import load_model
     from tep.engine import EngineBackend
-    from tep.protocol import Sampling
+    from tep.backend import Sampling
 
     model = load_model(model_path, context_size=CTX, max_num_seqs=16, n_threads=threads)
     engine = EngineBackend(model)

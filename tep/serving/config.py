@@ -137,7 +137,7 @@ class ServerConfig:
 
 # Short names for the backends tep ships (``tep serve --backend toy``).
 BACKEND_ALIASES = {"toy": DEFAULT_BACKEND, "bert": "tep.backends.bert:MiniLMBackend",
-                   "llamacpp": "tep.backends.llamacpp:LlamaCppModel"}
+                   "llamacpp": "tep.backends.llamacpp:LlamaCppBackend"}
 
 
 def resolve_backend_spec(spec: str | None = None) -> Any:

@@ -12,7 +12,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 openai = pytest.importorskip("openai")
 
-from conftest import child_env, free_port, start_process, stop_process  # noqa: E402
+from support.process import child_env, free_port, start_process, stop_process  # noqa: E402
 
 from tep.backends.llamacpp import default_model_path  # noqa: E402
 
