@@ -1,11 +1,13 @@
 """Token sampling from logits: the validating wrapper over tep._kernels.sampling.
 
-Semantics (DESIGN.md "Sampling semantics"), per row, in this order:
+Semantics (docs/SAMPLING.md has the full policy), per row, in this order:
 
 1. raw logprobs are the log_softmax of the logits as given (NaN as -inf);
-2. NaN is -inf; a row with no finite logit (or holding +inf) raises ``ValueError``;
-3. ``allowed_token_ids`` masks every other token to -inf, then ``logit_bias`` (clamped to
-   [-100, 100]) is added;
+2. NaN is -inf; a row with no finite logit (or holding +inf) raises ``ValueError`` (or
+   gets a status with ``row_status=True``);
+3. ``allowed_token_ids`` and ``token_bitmask`` mask every other token to -inf, then
+   ``logit_bias`` (clamped to [-100, 100]) is added; edits of finite logits saturate at
+   +-FLT_MAX and never touch non-finite ones;
 4. ``repetition_penalty`` r over the distinct tokens of prompt ∪ output (positive logits
    divided by r, others multiplied), then ``logit -= frequency_penalty*count +
    presence_penalty*(count > 0)`` over output tokens;
@@ -17,6 +19,10 @@ Semantics (DESIGN.md "Sampling semantics"), per row, in this order:
 7. one draw from the renormalised survivors with a uniform from Philox4x32-10 keyed on
    (seed, step) only, so a row samples the same token alone, in any batch, at any position
    and on any number of threads.
+
+Knobs are checked in float32, the kernel's precision (see ``sample``). The kernel guards
+every index it computes: ids outside [0, V) are skipped, and an empty candidate set falls
+back to the row's argmax instead of being read.
 """
 from __future__ import annotations
 
@@ -275,9 +281,10 @@ def _top_k(value: Any, B: int, V: int):
         return float(tk if 0 < tk < V else 0)
     if isinstance(value, np.ndarray) and value.dtype == np.uint64:
         value = np.minimum(value, np.uint64(_TOP_K_BIG)).astype(np.int64)
-    elif isinstance(value, (list, tuple)):
+    elif isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray)
+                                               and value.dtype == object):
         value = [min(int(v), _TOP_K_BIG) if isinstance(v, numbers.Integral)
-                 and not isinstance(v, (bool, np.bool_)) else v for v in value]
+                 and not isinstance(v, (bool, np.bool_)) else v for v in list(value)]
     k = _int_knob("top_k", value, B, -1, _TOP_K_BIG, np.int64)
     return np.where((k > 0) & (k < V), k, 0).astype(np.float64)
 

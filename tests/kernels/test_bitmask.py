@@ -217,3 +217,24 @@ def test_one_row_forms():
     assert sample(x, token_bitmask=mask, temperature=0) == 3
     assert sample(x, token_bitmask=mask[None], seed=1) == 3
     assert sample(x[None], token_bitmask=mask[None], seed=1)[0] == 3
+
+
+@pytest.mark.parametrize("knobs", [dict(temperature=0.0), dict(), dict(top_p=0.7),
+                                   dict(top_k=5), dict(min_p=0.2, temperature=0.5)])
+def test_every_entry_point_draws_the_same_masked_token(knobs, simd_path):
+    """One-row fast path, shared-knob rows, the full batch path (logprobs forces it) and
+    allowed_token_ids with the same set all give the same token for the same seed."""
+    rng = np.random.default_rng(7)
+    V = 3000
+    for trial in range(25):
+        x = (rng.standard_normal(V) * 2).astype(np.float32)
+        mask = make_mask(rng, 1, V, p=float(rng.choice([0.02, 0.5, 0.95])))
+        ids = np.flatnonzero(allowed_of(mask, V)[0])
+        if ids.size == 0 or not np.isfinite(x[ids]).any():
+            continue
+        a = sample(x, token_bitmask=mask[0], seed=trial, **knobs)
+        b = sample(x[None], token_bitmask=mask, seed=trial, **knobs)[0]
+        c = sample(x, token_bitmask=mask[0], seed=trial, logprobs=0, **knobs).token_ids
+        d = sample(x, allowed_token_ids=ids, seed=trial, **knobs)
+        assert a == b == c == d, (trial, a, b, c, d)
+        assert a in set(ids.tolist())

@@ -146,7 +146,8 @@ def test_huge_top_k_is_off(k):
         assert sample(x, top_k=k, seed=seed, logprobs=0).token_ids == want
     rows = np.stack([x, x])
     want = sample(rows, seed=3)
-    for ks in ([k, k], np.array([2**64 - 1, 2**63], np.uint64), [2**70, 0]):
+    for ks in ([k, k], np.array([2**64 - 1, 2**63], np.uint64), [2**70, 0],
+               np.array([2**70, 2**63], dtype=object)):
         np.testing.assert_array_equal(sample(rows, top_k=ks, seed=3), want)
 
 
