@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from scipy.stats import chisquare
 
 from tep.kernels import SampleResult, log_softmax, sample
 
@@ -16,7 +15,7 @@ try:  # tests/ may or may not become a package
     from . import reference as ref
 except ImportError:  # pragma: no cover - depends on how pytest imports tests/
     import reference as ref
-from kernel_checks import assert_raises_naming
+from kernel_checks import assert_raises_naming, merged_chisquare
 
 ID_ARGS = ("prompt_token_ids", "output_token_ids", "allowed_token_ids")
 ROW_ARGS = ID_ARGS + ("logit_bias",)
@@ -42,40 +41,6 @@ def draw(row, n: int, seed: int, *, broadcast: bool = False, **knobs) -> np.ndar
     assert toks.shape == (n,)
     assert toks.dtype == np.int64
     return toks
-
-
-def merged_chisquare(counts: np.ndarray, probs: np.ndarray) -> float:
-    """Chi-square p-value of ``counts`` against ``probs``, merging expected < 5 bins.
-
-    Bins are sorted by expected count and merged from the smallest up until each has >= 5;
-    a small remainder goes into the last (largest) bin. Zero-probability tokens are excluded
-    here (callers assert they were never drawn).
-    """
-    n = counts.sum()
-    nz = probs > 0
-    e = probs[nz] * n
-    o = counts[nz].astype(np.float64)
-    order = np.argsort(e, kind="stable")
-    e, o = e[order], o[order]
-    be, bo = [], []
-    acc_e = acc_o = 0.0
-    for ei, oi in zip(e, o):
-        acc_e += ei
-        acc_o += oi
-        if acc_e >= 5:
-            be.append(acc_e)
-            bo.append(acc_o)
-            acc_e = acc_o = 0.0
-    if acc_e > 0 or acc_o > 0:
-        if be:
-            be[-1] += acc_e
-            bo[-1] += acc_o
-        else:
-            be.append(acc_e)
-            bo.append(acc_o)
-    if len(be) < 2:
-        return 1.0
-    return float(chisquare(np.array(bo), np.array(be)).pvalue)
 
 
 def make_row(rng: np.random.Generator, V: int, scale: float = 1.0, margin: float = 1e-3,

@@ -135,6 +135,57 @@ static ptrdiff_t tep_bracket_scalar(const float *v, ptrdiff_t n, float m, float 
     return c;
 }
 
+/* ---- token bitmasks (llguidance / xgrammar layout) --------------------------------------
+ * Bit j of mask (bit j % 32 of 32-bit word j / 32) allows token j; a disallowed token
+ * becomes -inf. Bits at or past n are never read as tokens. */
+
+static inline int tep_bit(const uint32_t *mask, ptrdiff_t j) {
+    return (int)((mask[j >> 5] >> (j & 31)) & 1u);
+}
+
+/* out[j] = allowed(j) ? v[j] : -inf (out may be NULL: nothing is written), and the block
+ * maxima of the masked row (NaN skipped, as in tep_block_max); returns the row max. One
+ * pass; with out == NULL it reads the logits and the mask only. */
+static float tep_copy_mask_max_scalar(const float *v, const uint32_t *mask, ptrdiff_t n,
+                                      float *out, float *bmax) {
+    float m = -INFINITY;
+    for (ptrdiff_t b0 = 0, blk = 0; b0 < n; b0 += TEP_BLOCK, blk++) {
+        ptrdiff_t e = b0 + TEP_BLOCK < n ? b0 + TEP_BLOCK : n;
+        float bm = -INFINITY;
+        for (ptrdiff_t j = b0; j < e; j++) {
+            float x = tep_bit(mask, j) ? v[j] : -INFINITY;
+            if (out) out[j] = x;
+            bm = x > bm ? x : bm;
+        }
+        bmax[blk] = bm;
+        m = bm > m ? bm : m;
+    }
+    return m;
+}
+
+/* v[j] = -inf for every disallowed j < n, in place; allowed tokens are not touched. */
+static void tep_mask_inplace_scalar(float *v, const uint32_t *mask, ptrdiff_t n) {
+    for (ptrdiff_t w0 = 0; w0 < n; w0 += 32) {
+        uint32_t w = mask[w0 >> 5];
+        if (w == 0xFFFFFFFFu) continue;
+        ptrdiff_t e = w0 + 32 < n ? w0 + 32 : n;
+        for (ptrdiff_t j = w0; j < e; j++)
+            if (!((w >> (j - w0)) & 1u)) v[j] = -INFINITY;
+    }
+}
+
+/* 1 when every token j < n is allowed (an unconstrained row of a mixed batch). */
+static int tep_mask_all_ones(const uint32_t *mask, ptrdiff_t n) {
+    ptrdiff_t full = n >> 5, j;
+    for (j = 0; j < full; j++)
+        if (mask[j] != 0xFFFFFFFFu) return 0;
+    if (n & 31) {
+        uint32_t need = (1u << (n & 31)) - 1u;
+        if ((mask[full] & need) != need) return 0;
+    }
+    return 1;
+}
+
 /* ---- AVX2 + FMA paths (x86-64 with gcc/clang only) ------------------------------------ */
 #if (defined(__x86_64__) || defined(__i386__)) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
@@ -289,6 +340,84 @@ TEP_AVX2 static ptrdiff_t tep_bracket_avx2(const float *v, ptrdiff_t n, float m,
     *mass_in = inside;
     return c;
 }
+
+/* Lanes k of 8 tokens whose bit k of word w (k = 0..7 of byte `byte`) is set, as sign
+ * bits (what blendv reads): shift bit 8 * byte + k of the word up to bit 31. */
+TEP_AVX2 static inline __m256 tep_word_lanes(__m256i w, int byte) {
+    const __m256i base = _mm256_setr_epi32(31, 30, 29, 28, 27, 26, 25, 24);
+    __m256i sh = _mm256_sub_epi32(base, _mm256_set1_epi32(8 * byte));
+    return _mm256_castsi256_ps(_mm256_sllv_epi32(w, sh));
+}
+
+/* lanes of 8 tokens whose bits (the low 8 bits of bits) are set: all-ones lanes */
+TEP_AVX2 static inline __m256 tep_bits_to_lanes(uint32_t bits) {
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    __m256i b = _mm256_and_si256(_mm256_set1_epi32((int)(bits & 0xFFu)), sel);
+    return _mm256_castsi256_ps(_mm256_cmpeq_epi32(b, sel));
+}
+
+TEP_AVX2 static float tep_copy_mask_max_avx2(const float *v, const uint32_t *mask, ptrdiff_t n,
+                                             float *out, float *bmax) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    __m256 gm = ninf;
+    ptrdiff_t full = n / TEP_BLOCK, blk;
+    for (blk = 0; blk < full; blk++) {
+        const float *p = v + blk * TEP_BLOCK;
+        float *o = out ? out + blk * TEP_BLOCK : NULL;
+        uint32_t w0 = mask[2 * blk], w1 = mask[2 * blk + 1];
+        __m256 a = ninf;
+        if ((w0 & w1) == 0xFFFFFFFFu) {            /* all allowed: a plain copy */
+            for (int k = 0; k < TEP_BLOCK; k += 8) {
+                __m256 x = _mm256_loadu_ps(p + k);
+                if (out) _mm256_storeu_ps(o + k, x);
+                a = _mm256_max_ps(x, a);
+            }
+        } else if ((w0 | w1) == 0) {               /* none allowed: logits not read */
+            if (out)
+                for (int k = 0; k < TEP_BLOCK; k += 8) _mm256_storeu_ps(o + k, ninf);
+        } else {
+            __m256i v0 = _mm256_set1_epi32((int)w0), v1 = _mm256_set1_epi32((int)w1);
+            for (int k = 0; k < TEP_BLOCK; k += 8) {
+                __m256 lanes = tep_word_lanes(k < 32 ? v0 : v1, (k & 31) >> 3);
+                __m256 x = _mm256_blendv_ps(ninf, _mm256_loadu_ps(p + k), lanes);
+                if (out) _mm256_storeu_ps(o + k, x);
+                a = _mm256_max_ps(x, a);
+            }
+        }
+        gm = _mm256_max_ps(a, gm);
+        bmax[blk] = tep_hmax256(a);
+    }
+    float m = tep_hmax256(gm);
+    if (full * TEP_BLOCK < n) {
+        /* the tail block starts on a word boundary (64 = 2 words) */
+        float t = tep_copy_mask_max_scalar(v + full * TEP_BLOCK, mask + 2 * full,
+                                           n - full * TEP_BLOCK,
+                                           out ? out + full * TEP_BLOCK : NULL, bmax + full);
+        m = t > m ? t : m;
+    }
+    return m;
+}
+
+TEP_AVX2 static void tep_mask_inplace_avx2(float *v, const uint32_t *mask, ptrdiff_t n) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    ptrdiff_t full = n >> 5, j;
+    for (j = 0; j < full; j++) {
+        uint32_t w = mask[j];
+        if (w == 0xFFFFFFFFu) continue;
+        float *p = v + 32 * j;
+        if (w == 0) {
+            _mm256_storeu_ps(p, ninf); _mm256_storeu_ps(p + 8, ninf);
+            _mm256_storeu_ps(p + 16, ninf); _mm256_storeu_ps(p + 24, ninf);
+            continue;
+        }
+        for (int k = 0; k < 32; k += 8) {
+            uint32_t off = ~(w >> k) & 0xFFu;       /* disallowed lanes */
+            if (off)
+                _mm256_maskstore_ps(p + k, _mm256_castps_si256(tep_bits_to_lanes(off)), ninf);
+        }
+    }
+    if (n & 31) tep_mask_inplace_scalar(v + 32 * full, mask + full, n & 31);
+}
 #else
 #define TEP_HAVE_AVX2_PATH 0
 #endif
@@ -301,7 +430,12 @@ typedef ptrdiff_t (*tep_bracket_fn)(const float *, ptrdiff_t, float, float, floa
 
 static tep_block_max_fn tep_block_max = tep_block_max_scalar;
 static tep_exp_blocks_fn tep_exp_blocks = tep_exp_blocks_scalar;
+typedef float (*tep_copy_mask_max_fn)(const float *, const uint32_t *, ptrdiff_t, float *, float *);
+typedef void (*tep_mask_inplace_fn)(float *, const uint32_t *, ptrdiff_t);
+
 static tep_bracket_fn tep_bracket = tep_bracket_scalar;
+static tep_copy_mask_max_fn tep_copy_mask_max = tep_copy_mask_max_scalar;
+static tep_mask_inplace_fn tep_mask_inplace = tep_mask_inplace_scalar;
 static int tep_simd_level = 0;
 
 /* Pick the AVX2 path when the CPU has it; TEP_SIMD=scalar in the environment forces the
@@ -313,6 +447,8 @@ static int tep_simd_init(int allow_avx2) {
         tep_block_max = tep_block_max_avx2;
         tep_exp_blocks = tep_exp_blocks_avx2;
         tep_bracket = tep_bracket_avx2;
+        tep_copy_mask_max = tep_copy_mask_max_avx2;
+        tep_mask_inplace = tep_mask_inplace_avx2;
         tep_simd_level = 1;
         return 1;
     }
@@ -321,6 +457,8 @@ static int tep_simd_init(int allow_avx2) {
     tep_block_max = tep_block_max_scalar;
     tep_exp_blocks = tep_exp_blocks_scalar;
     tep_bracket = tep_bracket_scalar;
+    tep_copy_mask_max = tep_copy_mask_max_scalar;
+    tep_mask_inplace = tep_mask_inplace_scalar;
     tep_simd_level = 0;
     return 0;
 }

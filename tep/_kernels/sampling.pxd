@@ -1,12 +1,14 @@
 # Token-sampling kernels: one row of logits at a time, `noexcept nogil`, returning a status.
 # The validating Python wrapper is tep/kernels/sampling.py.
-from tep._kernels._typedefs cimport float32_t, float64_t, int32_t, int64_t, uint64_t, intp_t
+from tep._kernels._typedefs cimport (float32_t, float64_t, int32_t, int64_t, uint32_t,
+                                     uint64_t, intp_t)
 
 cdef enum Status:
     TEP_OK = 0
     TEP_NO_FINITE = 1      # the row has no finite logit (after NaN -> -inf and masking)
     TEP_POS_INF = 2        # the row holds +inf
     TEP_NO_MEMORY = 3
+    TEP_MASKED_ALL = 4     # finite logits exist, but the allowed set / bitmask keeps none
 
 cdef struct Knobs:
     float32_t temperature
@@ -20,17 +22,19 @@ cdef struct Knobs:
     uint64_t step
 
 cdef struct RowEdits:
-    # Sparse per-row edits, each a pointer + length into the wrapper's ragged arrays.
-    const int64_t* prompt_ids
+    # Sparse per-row edits, each a pointer + length into the wrapper's id arrays. Ids are
+    # int32 and not trusted: the kernel skips any id outside [0, V).
+    const int32_t* prompt_ids
     intp_t n_prompt
-    const int64_t* output_ids
+    const int32_t* output_ids
     intp_t n_output
-    const int64_t* bias_ids
+    const int32_t* bias_ids
     const float32_t* bias_values
     intp_t n_bias
-    const int64_t* allowed_ids
+    const int32_t* allowed_ids
     intp_t n_allowed
     bint has_allowed
+    const uint32_t* mask     # grammar bitmask words [ceil(V/32)] (bit j allows token j), or NULL
 
 cdef extern from "_simd.h" nogil:
     ctypedef struct Cand "tep_cand":
@@ -51,7 +55,7 @@ cdef struct Scratch:
     Cand* cand           # [2V] candidate tokens (second half: top-p sample)
     float64_t* hist      # [HIST_BINS] top-p sample histogram
     float64_t* hist2     # [HIST_BINS] mass histogram of mass_select
-    int64_t* hbuf        # [n_prompt + n_output] sorted history copy
+    int32_t* hbuf        # [n_prompt + n_output] sorted history copy
 
 cdef double philox_uniform(uint64_t seed, uint64_t step) noexcept nogil
 cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdits* ed,

@@ -20,7 +20,7 @@ Randomness: Philox4x32-10 keyed on the seed, counter (step, stream): the draw de
 (seed, step) and the row only. Scratch memory is per thread and kept between calls.
 """
 from cython.parallel cimport parallel, prange
-from libc.float cimport FLT_MAX
+from libc.float cimport FLT_MAX, FLT_MIN
 from libc.math cimport INFINITY, log, logf, nextafterf
 from libc.stdlib cimport free, malloc, qsort
 from libc.string cimport memcpy, memset
@@ -38,6 +38,11 @@ cdef extern from "_simd.h" nogil:
     Py_ssize_t tep_bracket(const float* v, Py_ssize_t n, float m, float s, float lo, float hi,
                            double* bsum_hi, double* z_all, double* mass_in, Cand* out,
                            Py_ssize_t cap, float* ecache, int fresh)
+    float tep_copy_mask_max(const float* v, const uint32_t* mask, Py_ssize_t n, float* out,
+                            float* bmax)
+    void tep_mask_inplace(float* v, const uint32_t* mask, Py_ssize_t n)
+    int tep_mask_all_ones(const uint32_t* mask, Py_ssize_t n)
+    int tep_bit(const uint32_t* mask, Py_ssize_t j)
     int tep_simd_init(int allow_avx2)
     int tep_simd_level
 
@@ -97,8 +102,8 @@ def philox(uint64_t seed, uint64_t step):
 
 # ---- small helpers ----------------------------------------------------------------------------
 
-cdef int cmp_int64(const void* a, const void* b) noexcept nogil:
-    cdef int64_t x = (<const int64_t*>a)[0], y = (<const int64_t*>b)[0]
+cdef int cmp_int32(const void* a, const void* b) noexcept nogil:
+    cdef int32_t x = (<const int32_t*>a)[0], y = (<const int32_t*>b)[0]
     return (x > y) - (x < y)
 
 
@@ -148,11 +153,12 @@ cdef float kth_largest(float* a, intp_t n, intp_t k) noexcept nogil:
 
 
 cdef intp_t collect(const float* v, intp_t V, const float* bmax, float lb, bint exact_all,
-                    Cand* out) noexcept nogil:
+                    Cand* out, const uint32_t* mask=NULL) noexcept nogil:
     """Finite tokens with v >= lb (index order), scanning only blocks whose max reaches lb.
 
     exact_all keeps every token, NaN/-inf included (used when fewer finite tokens exist
-    than the caller needs)."""
+    than the caller needs). mask (may be NULL): a bitmask not applied to v yet; tokens it
+    disallows count as -inf."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, j, e, n = 0
     cdef float x
     for b in range(nb):
@@ -161,6 +167,8 @@ cdef intp_t collect(const float* v, intp_t V, const float* bmax, float lb, bint 
         e = min((b + 1) * TEP_BLOCK, V)
         for j in range(b * TEP_BLOCK, e):
             x = v[j]
+            if mask != NULL and not tep_bit(mask, j):
+                x = -INFINITY
             if exact_all or (x >= lb and x > -INFINITY):
                 out[n].v = x if x == x else -INFINITY
                 out[n].idx = j
@@ -168,14 +176,19 @@ cdef intp_t collect(const float* v, intp_t V, const float* bmax, float lb, bint 
     return n
 
 
-cdef inline int64_t argmax_blocks(const float* v, intp_t V, const float* bmax, float m) noexcept nogil:
-    """First index holding the row max m: the first block whose max is m, then scan it."""
+cdef inline int64_t argmax_blocks(const float* v, intp_t V, const float* bmax, float m,
+                                  const uint32_t* mask=NULL) noexcept nogil:
+    """First index holding the row max m: the first block whose max is m, then scan it.
+    mask (may be NULL): a bitmask not applied to v yet (bmax is of the masked row)."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, j
     for b in range(nb):
         if bmax[b] == m:
             for j in range(b * TEP_BLOCK, min((b + 1) * TEP_BLOCK, V)):
-                if v[j] == m:
+                if v[j] == m and (mask == NULL or tep_bit(mask, j)):
                     return j
+    for j in range(V):               # bmax out of step with v (cannot happen): scan the row
+        if v[j] == m and (mask == NULL or tep_bit(mask, j)):
+            return j
     return 0
 
 
@@ -238,6 +251,8 @@ cdef float mass_select(const Cand* a, intp_t n, double need, Cand* tmp,
                 vhi = a[i].v
     if not (vhi > vlo):
         return vlo
+    if not (need > 0.0):
+        return vhi                   # nothing needed (top_p 0): keep the top value only
     scale = (HIST_BINS - 1) / (<double>vhi - <double>vlo)
     memset(hist, 0, HIST_BINS * sizeof(float64_t))
     for i in range(n):
@@ -440,7 +455,8 @@ cdef int64_t top_p_row(const float* v, intp_t V, float m, float s, double p, dou
 
 
 cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t seed,
-                        uint64_t step, Scratch* sc, int64_t* token_out) noexcept nogil:
+                        uint64_t step, Scratch* sc, int64_t* token_out,
+                        const uint32_t* mask=NULL) noexcept nogil:
     """Exact full-vocabulary draw by rejection from the block-max envelope.
 
     Proposal: a block with probability proportional to n_b * exp((bmax_b - m) / T), then a
@@ -449,7 +465,8 @@ cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t see
     the softmax exactly, and the vocabulary is never exponentiated in full. Trial t uses
     Philox stream t + 1 of (seed, step), so the draw stays a function of (seed, step) and the
     row. Returns False after MAX_TRIALS rejections (the caller then runs the exact
-    exp-sum draw, deterministically as well)."""
+    exp-sum draw, deterministically as well). mask (may be NULL): a bitmask not applied to
+    v yet; a disallowed proposal is rejected, exactly as its -inf would be."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b, lo, hi, mid, j, n_b
     cdef double W = 0.0, target
     cdef uint32_t w[4]
@@ -478,7 +495,7 @@ cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t see
         b = lo
         n_b = min(TEP_BLOCK, V - b * TEP_BLOCK)
         j = b * TEP_BLOCK + <intp_t>((<uint64_t>w[2] * <uint64_t>n_b) >> 32)
-        x = v[j]
+        x = v[j] if mask == NULL or tep_bit(mask, j) else -INFINITY
         # acceptance exp((x - bmax) * s) against a 32-bit uniform in (0, 1]
         if x > -INFINITY and ((<double>w[3] + 1.0) * (1.0 / 4294967296.0)
                               <= tep_exp_ms(x, sc.bmax[b], s)):
@@ -489,45 +506,98 @@ cdef bint envelope_draw(const float* v, intp_t V, float m, float s, uint64_t see
 
 # ---- logit edits ------------------------------------------------------------------------------
 
-cdef inline bint row_has_edits(const Knobs* kn, const RowEdits* ed) noexcept nogil:
-    return (ed.has_allowed or ed.n_bias > 0
+cdef inline bint row_has_sparse_edits(const Knobs* kn, const RowEdits* ed) noexcept nogil:
+    return (ed.n_bias > 0
             or (kn.repetition_penalty != 1.0 and ed.n_prompt + ed.n_output > 0)
             or ((kn.frequency_penalty != 0.0 or kn.presence_penalty != 0.0) and ed.n_output > 0))
 
 
-cdef void apply_edits(const float* x, intp_t V, const Knobs* kn, const RowEdits* ed,
+cdef inline bint row_has_edits(const Knobs* kn, const RowEdits* ed) noexcept nogil:
+    return ed.has_allowed or ed.mask != NULL or row_has_sparse_edits(kn, ed)
+
+
+cdef inline bint finite(float w) noexcept nogil:
+    return w >= -FLT_MAX and w <= FLT_MAX          # false for NaN and +-inf
+
+
+cdef inline float saturate(float w) noexcept nogil:
+    """Clamp an edited finite logit to the finite float32 range (NaN passes through): a
+    penalty or bias never turns a token into +inf (a row error) or -inf (a mask)."""
+    if w > FLT_MAX:
+        return FLT_MAX
+    if w < -FLT_MAX:
+        return -FLT_MAX
+    return w
+
+
+cdef intp_t gather_ids(const int32_t* ids, intp_t n, intp_t V, int32_t* out) noexcept nogil:
+    """Copy the ids of ids[0:n] that lie in [0, V) to out; returns how many. Ids outside are
+    skipped, so an unchecked history (TokenSpans) can never index outside the row."""
+    cdef intp_t i, c = 0
+    cdef int32_t t
+    for i in range(n):
+        t = ids[i]
+        if t >= 0 and t < V:
+            out[c] = t
+            c += 1
+    return c
+
+
+cdef float build_work(const float* x, intp_t V, const Knobs* kn, const RowEdits* ed,
                       Scratch* sc) noexcept nogil:
-    """sc.work = x with mask -> bias -> repetition -> frequency/presence (DESIGN.md order)."""
+    """sc.work = x with allowed set and bitmask -> bias -> repetition -> frequency/presence
+    (the documented order), sc.bmax = its block maxima; returns its max. A bitmask is
+    applied in the copy an edited row needs anyway, fused with the block-max pass, so a
+    row with only a bitmask makes one pass over its logits. Ids outside [0, V) are skipped;
+    non-finite logits (masked -inf, NaN, +inf) are never edited; edited values saturate at
+    +-FLT_MAX."""
     cdef float* w = sc.work
-    cdef intp_t i, j, n, run
-    cdef int64_t t
-    cdef float b, r = kn.repetition_penalty
+    cdef intp_t i
+    cdef int32_t t
+    cdef float m
     if ed.has_allowed:
         for i in range(V):
             w[i] = -INFINITY
         for i in range(ed.n_allowed):
-            w[ed.allowed_ids[i]] = x[ed.allowed_ids[i]]
+            t = ed.allowed_ids[i]
+            if t >= 0 and t < V and (ed.mask == NULL or tep_bit(ed.mask, t)):
+                w[t] = x[t]
+    elif ed.mask != NULL:
+        m = tep_copy_mask_max(x, ed.mask, V, w, sc.bmax)
+        if not row_has_sparse_edits(kn, ed):
+            return m
     else:
         memcpy(w, x, V * sizeof(float))
+    sparse_edits(w, V, kn, ed, sc)
+    return tep_block_max(w, V, sc.bmax)
+
+
+cdef void sparse_edits(float* w, intp_t V, const Knobs* kn, const RowEdits* ed,
+                       Scratch* sc) noexcept nogil:
+    """Bias, repetition, frequency/presence on the work row w (see build_work)."""
+    cdef intp_t i, j, n, run
+    cdef int32_t t
+    cdef float b, r = kn.repetition_penalty
     for i in range(ed.n_bias):
+        t = ed.bias_ids[i]
+        if t < 0 or t >= V or not finite(w[t]):
+            continue
         b = ed.bias_values[i]
         b = 100.0 if b > 100.0 else (-100.0 if b < -100.0 else b)
-        w[ed.bias_ids[i]] += b
+        w[t] = saturate(w[t] + b)
     if r != 1.0 and ed.n_prompt + ed.n_output > 0:
         # each distinct token of prompt ∪ output once: sort a copy, walk the runs
-        n = ed.n_prompt + ed.n_output
-        memcpy(sc.hbuf, ed.prompt_ids, ed.n_prompt * sizeof(int64_t))
-        memcpy(sc.hbuf + ed.n_prompt, ed.output_ids, ed.n_output * sizeof(int64_t))
-        qsort(sc.hbuf, n, sizeof(int64_t), cmp_int64)
+        n = gather_ids(ed.prompt_ids, ed.n_prompt, V, sc.hbuf)
+        n += gather_ids(ed.output_ids, ed.n_output, V, sc.hbuf + n)
+        qsort(sc.hbuf, n, sizeof(int32_t), cmp_int32)
         for i in range(n):
             t = sc.hbuf[i]
-            if i > 0 and t == sc.hbuf[i - 1]:
+            if (i > 0 and t == sc.hbuf[i - 1]) or not finite(w[t]):
                 continue
-            w[t] = w[t] / r if w[t] > 0 else w[t] * r
+            w[t] = saturate(w[t] / r if w[t] > 0 else w[t] * r)
     if (kn.frequency_penalty != 0.0 or kn.presence_penalty != 0.0) and ed.n_output > 0:
-        n = ed.n_output
-        memcpy(sc.hbuf, ed.output_ids, n * sizeof(int64_t))
-        qsort(sc.hbuf, n, sizeof(int64_t), cmp_int64)
+        n = gather_ids(ed.output_ids, ed.n_output, V, sc.hbuf)
+        qsort(sc.hbuf, n, sizeof(int32_t), cmp_int32)
         i = 0
         while i < n:
             t = sc.hbuf[i]
@@ -535,36 +605,50 @@ cdef void apply_edits(const float* x, intp_t V, const Knobs* kn, const RowEdits*
             while j < n and sc.hbuf[j] == t:
                 j += 1
             run = j - i
-            w[t] -= kn.frequency_penalty * run + kn.presence_penalty
+            if finite(w[t]):
+                w[t] = saturate(w[t] - (kn.frequency_penalty * run + kn.presence_penalty))
             i = j
 
 
 # ---- the row kernel ---------------------------------------------------------------------------
 
-cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdits* ed,
-                    Scratch* sc, int64_t* token_out) noexcept nogil:
-    """Sample one token from logits x[0:V] (IN) into token_out (OUT). Returns a Status."""
-    cdef const float* v = x
+cdef inline int64_t best_cand(const Cand* a, intp_t n) noexcept nogil:
+    """Index of the largest value in a[0:n] (lowest token id on ties); -1 when n == 0."""
+    cdef intp_t i
+    cdef int64_t best = -1
+    cdef float bv = -INFINITY
+    for i in range(n):
+        if best < 0 or a[i].v > bv or (a[i].v == bv and a[i].idx < best):
+            best = a[i].idx
+            bv = a[i].v
+    return best
+
+
+cdef int64_t draw_row(const float* v, intp_t V, float m, const Knobs* kn, Scratch* sc,
+                      const uint32_t* mask) noexcept nogil:
+    """The drawn token of a row whose (edited) logits v have the finite max m and block
+    maxima in sc.bmax; -1 when a path finds no token (sample_row then falls back).
+
+    mask (may be NULL): a bitmask not yet applied to v (sc.bmax is of the masked row).
+    Greedy, min_p/top_k candidates and the envelope draw read it token by token; the
+    paths that sweep the whole row (top_p alone, the exact exp-sum draw) first write the
+    masked row to sc.work, so they see -inf like any masked token."""
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, nc = 0, i, b
-    cdef float m, T = kn.temperature, s, lb = -INFINITY, lbk, tk, thr
+    cdef float T = kn.temperature, s, lb = -INFINITY, lbk, tk, thr, p = kn.top_p
     cdef bint use_k, have_cands = False
     cdef int64_t k = kn.top_k
     cdef double Z, target, acc, u
     cdef float e
+    cdef int64_t tok
 
-    if row_has_edits(kn, ed):
-        apply_edits(x, V, kn, ed, sc)
-        v = sc.work
-    m = tep_block_max(v, V, sc.bmax)
-    if m == -INFINITY:
-        return TEP_NO_FINITE
-    if m == INFINITY:
-        return TEP_POS_INF
     if T < GREEDY_T:
-        token_out[0] = argmax_blocks(v, V, sc.bmax, m)
-        return TEP_OK
+        return argmax_blocks(v, V, sc.bmax, m, mask)
     s = 1.0 / T
     u = philox_uniform(kn.seed, kn.step)
+    # A top_p below the smallest normal float32 keeps what any top_p below the top token's
+    # probability keeps (the top token and its ties); 0 would make the mass target 0.
+    if p < FLT_MIN:
+        p = FLT_MIN
 
     # min_p: p_i >= min_p * p_max  <=>  v_i >= m + T*log(min_p)
     if kn.min_p > 0:
@@ -578,11 +662,11 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
             tk = kth_largest(sc.sel, nb, k)
             if tk > lbk:
                 lbk = tk
-        nc = collect(v, V, sc.bmax, lbk, False, sc.cand)
+        nc = collect(v, V, sc.bmax, lbk, False, sc.cand, mask)
         if use_k:
             if nc < k and lbk != lb:
                 # fewer than k survivors in all: top_k keeps them all
-                nc = collect(v, V, sc.bmax, lb, False, sc.cand)
+                nc = collect(v, V, sc.bmax, lb, False, sc.cand, mask)
             elif nc > k:
                 for i in range(nc):
                     sc.sel[i] = sc.cand[i].v
@@ -596,13 +680,15 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
         have_cands = True
 
     if have_cands:
+        if nc == 0:
+            return -1                        # invariant broken: sample_row's fallback
         Z = 0.0
         for i in range(nc):
             e = tep_exp_ms(sc.cand[i].v, m, s)
             sc.cand[i].e = e
             Z += e
-        if kn.top_p < 1.0:
-            thr = mass_select(sc.cand, nc, kn.top_p * Z, sc.cand + nc, sc.hist)
+        if p < 1.0:
+            thr = mass_select(sc.cand, nc, p * Z, sc.cand + nc, sc.hist)
             b = 0
             Z = 0.0
             for i in range(nc):
@@ -610,30 +696,62 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
                     sc.cand[b] = sc.cand[i]
                     Z += sc.cand[b].e
                     b += 1
+            if b == 0:
+                # nothing reached the threshold (cannot happen; cand is untouched then):
+                # the kept set's argmax, never an empty set
+                return best_cand(sc.cand, nc)
             nc = b
         target = u * Z
         acc = 0.0
         for i in range(nc):
             acc += sc.cand[i].e
             if acc > target:
-                token_out[0] = sc.cand[i].idx
-                return TEP_OK
-        token_out[0] = sc.cand[nc - 1].idx   # rounding left target past the end
-        return TEP_OK
+                return sc.cand[i].idx
+        return sc.cand[nc - 1].idx           # rounding left target past the end (nc > 0)
 
     # whole-row paths: top_p alone, or the full vocabulary
-    if kn.top_p < 1.0:
-        token_out[0] = top_p_row(v, V, m, s, kn.top_p, u, sc)
-        return TEP_OK
-    if envelope_draw(v, V, m, s, kn.seed, kn.step, sc, token_out):
-        return TEP_OK
+    if p >= 1.0 and envelope_draw(v, V, m, s, kn.seed, kn.step, sc, &tok, mask):
+        return tok
+    if mask != NULL:
+        tep_copy_mask_max(v, mask, V, sc.work, sc.bmax)
+        v = sc.work
+    if p < 1.0:
+        return top_p_row(v, V, m, s, p, u, sc)
     Z = tep_exp_blocks(v, V, m, s, -INFINITY, sc.bsum, NULL)
-    i = block_draw(v, V, sc.bsum, -INFINITY, m, s, u * Z)
-    if i >= 0:
-        token_out[0] = i
-        return TEP_OK
-    # past every block sum (rounding; bsum holds one token with e > 0 at least)
-    token_out[0] = argmax_blocks(v, V, sc.bmax, m)
+    return block_draw(v, V, sc.bsum, -INFINITY, m, s, u * Z)
+
+
+cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdits* ed,
+                    Scratch* sc, int64_t* token_out) noexcept nogil:
+    """Sample one token from logits x[0:V] (IN) into token_out (OUT). Returns a Status.
+
+    Invariant: on TEP_OK the token is in [0, V) with a finite processed logit. Should a
+    path ever break it, the row's argmax (kept by every filter) is returned instead of an
+    index computed from an empty or stale candidate set."""
+    cdef const float* v = x
+    cdef const uint32_t* lazy = NULL
+    cdef float m
+    cdef int64_t tok
+    if ed.mask != NULL and not ed.has_allowed and not row_has_sparse_edits(kn, ed):
+        # only a bitmask: one read-only pass for the masked block maxima; the draw reads
+        # the mask where it reads a token (see draw_row)
+        lazy = ed.mask
+        m = tep_copy_mask_max(x, lazy, V, NULL, sc.bmax)
+    elif row_has_edits(kn, ed):
+        m = build_work(x, V, kn, ed, sc)
+        v = sc.work
+    else:
+        m = tep_block_max(v, V, sc.bmax)
+    if m == -INFINITY:
+        if (ed.has_allowed or ed.mask != NULL) and tep_block_max(x, V, sc.bmax) > -INFINITY:
+            return TEP_MASKED_ALL
+        return TEP_NO_FINITE
+    if m == INFINITY:
+        return TEP_POS_INF
+    tok = draw_row(v, V, m, kn, sc, lazy)
+    if tok < 0 or tok >= V or not (v[tok] > -INFINITY) or (lazy != NULL and not tep_bit(lazy, tok)):
+        tok = argmax_blocks(v, V, sc.bmax, m, lazy)
+    token_out[0] = tok
     return TEP_OK
 
 
@@ -658,6 +776,8 @@ cdef int raw_logprobs_row(const float32_t* x, intp_t V, int64_t token, int n_top
         return TEP_NO_FINITE
     if m == INFINITY:
         return TEP_POS_INF
+    if token < 0 or token >= V:
+        return TEP_NO_FINITE         # sample_row never hands one out; no read outside x
     lse = m + log(tep_exp_blocks(x, V, m, 1.0, -INFINITY, NULL, NULL))
     xt = x[token]
     if xt != xt:
@@ -676,8 +796,12 @@ cdef int raw_logprobs_row(const float32_t* x, intp_t V, int64_t token, int n_top
             n = collect(x, V, bm, -INFINITY, True, sc.cand)
         qsort(sc.cand, n, sizeof(Cand), cmp_cand_desc)
         for i in range(n_top):
-            top_ids_out[i] = sc.cand[i].idx
-            top_lp_out[i] = <float>(sc.cand[i].v - lse)
+            if i < n:
+                top_ids_out[i] = sc.cand[i].idx
+                top_lp_out[i] = <float>(sc.cand[i].v - lse)
+            else:                    # n_top > V (the wrapper refuses it): no stale reads
+                top_ids_out[i] = -1
+                top_lp_out[i] = -INFINITY
     return TEP_OK
 
 
@@ -716,7 +840,7 @@ cdef int scratch_alloc(Scratch* sc, intp_t V, bint need_work, intp_t max_hist,
     cdef size_t f_v = _carve((V + 1) * sizeof(float))
     cdef size_t c_v = _carve((2 * V + 1) * sizeof(Cand))
     cdef size_t h = _carve(HIST_BINS * sizeof(float64_t))
-    cdef size_t hb = _carve((max_hist + 1) * sizeof(int64_t))
+    cdef size_t hb = _carve((max_hist + 1) * sizeof(int32_t))
     cdef size_t total = f_nb + hb + (f_nb if need_raw else 0) + (f_v if need_work else 0)
     cdef char* p
     cdef int owned = 1
@@ -728,7 +852,7 @@ cdef int scratch_alloc(Scratch* sc, intp_t V, bint need_work, intp_t max_hist,
         return TEP_NO_MEMORY
     sc.block = p if owned else NULL
     sc.bmax = <float*>p; p += f_nb
-    sc.hbuf = <int64_t*>p; p += hb
+    sc.hbuf = <int32_t*>p; p += hb
     if need_raw:
         sc.bmax_raw = <float*>p; p += f_nb
     if need_work:
@@ -772,6 +896,26 @@ cdef enum:
     N_KNOBS = 7
 
 
+cdef struct Ragged:
+    # Row r's items are ids[start[r]:end[r]] (and vals[...] when present); n_ids bounds
+    # every slice (the wrapper checks 0 <= start <= end <= n_ids; the kernel re-checks).
+    const int32_t* ids
+    const float32_t* vals
+    const int64_t* start
+    const int64_t* end
+    intp_t n_ids
+
+
+cdef inline intp_t ragged_row(const Ragged* rg, intp_t r, intp_t* first) noexcept nogil:
+    """Length of row r's slice (0 for a slice outside the id array) and its first index."""
+    cdef int64_t a = rg.start[r], b = rg.end[r]
+    if a < 0 or b < a or b > rg.n_ids:
+        first[0] = 0
+        return 0
+    first[0] = a
+    return b - a
+
+
 cdef struct Batch:
     # Everything sample_batch shares between rows; knobs/seeds/steps broadcast when their
     # column count is 1 (stride 0).
@@ -784,16 +928,13 @@ cdef struct Batch:
     intp_t seed_stride
     const uint64_t* step
     intp_t step_stride
-    const int64_t* p_ids
-    const int64_t* p_off
-    const int64_t* o_ids
-    const int64_t* o_off
-    const int64_t* b_ids
-    const float32_t* b_vals
-    const int64_t* b_off
-    const int64_t* a_ids
-    const int64_t* a_off
+    Ragged prompt
+    Ragged output
+    Ragged bias
+    Ragged allowed
     const uint8_t* has_allowed
+    const uint32_t* mask         # [B, mask_words] or NULL
+    intp_t mask_words
     int n_top
     bint want_lp
     int64_t* out_tok
@@ -809,7 +950,8 @@ cdef void batch_row(intp_t r, const Batch* bt, Scratch* sc) noexcept nogil:
     cdef Knobs kn
     cdef RowEdits ed
     cdef const float64_t* k = bt.knobs + r * bt.knob_stride
-    cdef intp_t c = bt.knob_cols
+    cdef intp_t c = bt.knob_cols, a
+    cdef int st
     kn.temperature = <float>k[K_TEMPERATURE * c]
     kn.top_k = <int64_t>k[K_TOP_K * c]
     kn.top_p = <float>k[K_TOP_P * c]
@@ -819,39 +961,60 @@ cdef void batch_row(intp_t r, const Batch* bt, Scratch* sc) noexcept nogil:
     kn.frequency_penalty = <float>k[K_FREQUENCY * c]
     kn.seed = bt.seed[r * bt.seed_stride]
     kn.step = bt.step[r * bt.step_stride]
-    ed.prompt_ids = bt.p_ids + bt.p_off[r]; ed.n_prompt = bt.p_off[r + 1] - bt.p_off[r]
-    ed.output_ids = bt.o_ids + bt.o_off[r]; ed.n_output = bt.o_off[r + 1] - bt.o_off[r]
-    ed.bias_ids = bt.b_ids + bt.b_off[r]; ed.bias_values = bt.b_vals + bt.b_off[r]
-    ed.n_bias = bt.b_off[r + 1] - bt.b_off[r]
-    ed.allowed_ids = bt.a_ids + bt.a_off[r]; ed.n_allowed = bt.a_off[r + 1] - bt.a_off[r]
+    ed.n_prompt = ragged_row(&bt.prompt, r, &a); ed.prompt_ids = bt.prompt.ids + a
+    ed.n_output = ragged_row(&bt.output, r, &a); ed.output_ids = bt.output.ids + a
+    ed.n_bias = ragged_row(&bt.bias, r, &a)
+    ed.bias_ids = bt.bias.ids + a; ed.bias_values = bt.bias.vals + a
+    ed.n_allowed = ragged_row(&bt.allowed, r, &a); ed.allowed_ids = bt.allowed.ids + a
     ed.has_allowed = bt.has_allowed[r] != 0
-    bt.out_status[r] = finish_row(bt.logits + r * bt.V, bt.V, &kn, &ed, bt.n_top, bt.want_lp,
-                                  sc, &bt.out_tok[r], &bt.out_lp[r], &bt.out_rank[r],
-                                  bt.out_top_ids + r * bt.n_top,
-                                  bt.out_top_lp + r * bt.n_top)
+    ed.mask = NULL
+    if bt.mask != NULL:
+        ed.mask = bt.mask + r * bt.mask_words
+        if tep_mask_all_ones(ed.mask, bt.V):
+            ed.mask = NULL               # an unconstrained row of a mixed batch: no copy
+    bt.out_tok[r] = -1
+    st = finish_row(bt.logits + r * bt.V, bt.V, &kn, &ed, bt.n_top, bt.want_lp,
+                    sc, &bt.out_tok[r], &bt.out_lp[r], &bt.out_rank[r],
+                    bt.out_top_ids + r * bt.n_top, bt.out_top_lp + r * bt.n_top)
+    if st != TEP_OK:
+        bt.out_tok[r] = -1
+    bt.out_status[r] = st
+
+
+cdef inline void set_ragged(Ragged* rg, const int32_t[::1] ids, const float32_t* vals,
+                            const int64_t[::1] start, const int64_t[::1] end) noexcept:
+    rg.ids = &ids[0]; rg.vals = vals; rg.start = &start[0]; rg.end = &end[0]
+    rg.n_ids = ids.shape[0]
 
 
 def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
                  const uint64_t[::1] seed, const uint64_t[::1] step,
-                 const int64_t[::1] prompt_ids, const int64_t[::1] prompt_offsets,
-                 const int64_t[::1] output_ids, const int64_t[::1] output_offsets,
-                 const int64_t[::1] bias_ids, const float32_t[::1] bias_values,
-                 const int64_t[::1] bias_offsets,
-                 const int64_t[::1] allowed_ids, const int64_t[::1] allowed_offsets,
-                 const uint8_t[::1] has_allowed,
+                 const int32_t[::1] prompt_ids, const int64_t[::1] prompt_starts,
+                 const int64_t[::1] prompt_ends,
+                 const int32_t[::1] output_ids, const int64_t[::1] output_starts,
+                 const int64_t[::1] output_ends,
+                 const int32_t[::1] bias_ids, const float32_t[::1] bias_values,
+                 const int64_t[::1] bias_starts, const int64_t[::1] bias_ends,
+                 const int32_t[::1] allowed_ids, const int64_t[::1] allowed_starts,
+                 const int64_t[::1] allowed_ends, const uint8_t[::1] has_allowed,
+                 const uint32_t[:, ::1] bitmask, bint use_bitmask,
                  int n_top, bint want_logprobs, bint need_work, Py_ssize_t max_history,
                  int n_threads,
                  int64_t[::1] out_tokens, int32_t[::1] out_status, float32_t[::1] out_logprobs,
                  int64_t[::1] out_ranks, int64_t[:, ::1] out_top_ids,
                  float32_t[:, ::1] out_top_logprobs):
-    """Sample one token per row of logits [B, V]; the wrapper has validated everything.
+    """Sample one token per row of logits [B, V]; the wrapper has validated the knobs.
 
     knobs [7, 1 or B] float64 rows: temperature, top_k (0 = off), top_p, min_p,
     repetition, presence, frequency penalty; seed and step [1 or B]. A single column
-    applies to every row. Ragged inputs are (values, offsets[B+1]) pairs whose value arrays
-    hold at least one element. out_tokens/out_status [B] are written for every row, and
-    out_logprobs/out_ranks [B] and out_top_* [B, n_top] when want_logprobs. Runs without
-    the GIL, rows over n_threads threads.
+    applies to every row. Each ragged input is (ids int32 [N >= 1], starts, ends int64 [B]):
+    row r's ids are ids[starts[r]:ends[r]]; a slice outside [0, N) counts as empty and ids
+    outside [0, V) are skipped (the kernel guards every read). bias_values is [N] beside
+    bias_ids. bitmask [B, W >= ceil(V/32)] (used when use_bitmask): bit j of row r allows
+    token j; a row whose mask allows every token costs one scan of its words. max_history bounds (prompt + output) per row. out_tokens/out_status [B] are
+    written for every row (token -1 when the status is not 0), out_logprobs/out_ranks [B]
+    and out_top_* [B, n_top] when want_logprobs. Runs without the GIL, rows over
+    n_threads threads.
     """
     cdef intp_t B = logits.shape[0], V = logits.shape[1], r
     cdef Scratch sc
@@ -865,22 +1028,29 @@ def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
     bt.knob_stride = 1 if knobs.shape[1] > 1 else 0
     bt.seed = &seed[0]; bt.seed_stride = 1 if seed.shape[0] > 1 else 0
     bt.step = &step[0]; bt.step_stride = 1 if step.shape[0] > 1 else 0
-    bt.p_ids = &prompt_ids[0]; bt.p_off = &prompt_offsets[0]
-    bt.o_ids = &output_ids[0]; bt.o_off = &output_offsets[0]
-    bt.b_ids = &bias_ids[0]; bt.b_vals = &bias_values[0]; bt.b_off = &bias_offsets[0]
-    bt.a_ids = &allowed_ids[0]; bt.a_off = &allowed_offsets[0]
+    set_ragged(&bt.prompt, prompt_ids, NULL, prompt_starts, prompt_ends)
+    set_ragged(&bt.output, output_ids, NULL, output_starts, output_ends)
+    set_ragged(&bt.bias, bias_ids, &bias_values[0], bias_starts, bias_ends)
+    set_ragged(&bt.allowed, allowed_ids, NULL, allowed_starts, allowed_ends)
+    if bias_values.shape[0] < bias_ids.shape[0]:
+        bt.bias.n_ids = bias_values.shape[0]
     bt.has_allowed = &has_allowed[0]
+    bt.mask = &bitmask[0, 0] if use_bitmask else NULL
+    bt.mask_words = bitmask.shape[1]
     bt.n_top = n_top; bt.want_lp = want_logprobs
     bt.out_tok = &out_tokens[0]; bt.out_status = &out_status[0]
     bt.out_lp = &out_logprobs[0]; bt.out_rank = &out_ranks[0]
     bt.out_top_ids = &out_top_ids[0, 0] if n_top > 0 else NULL
     bt.out_top_lp = &out_top_logprobs[0, 0] if n_top > 0 else NULL
-    if n_threads <= 1 or B == 1:
+    need_work = need_work or use_bitmask
+    n_threads = <int>min(max(n_threads, 1), B)
+    if n_threads <= 1:
         with nogil:
             ok = scratch_alloc(&sc, V, need_work, max_history, want_logprobs)
             for r in range(B):
                 if ok != TEP_OK:
                     out_status[r] = ok
+                    out_tokens[r] = -1
                 else:
                     batch_row(r, &bt, &sc)
             scratch_free(&sc)
@@ -893,6 +1063,7 @@ def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
         for r in prange(B, schedule="static"):
             if ok != TEP_OK:
                 out_status[r] = ok
+                out_tokens[r] = -1
             else:
                 batch_row(r, &bt, psc)
         if psc != NULL:
@@ -901,8 +1072,9 @@ def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
 
 
 def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, float top_p,
-               float min_p, uint64_t seed, uint64_t step):
-    """Fast path for one row [V] with scalar knobs and no edits or logprobs.
+               float min_p, uint64_t seed, uint64_t step, const uint32_t[::1] mask=None):
+    """Fast path for one row [V] with scalar knobs, no edits or logprobs, and optionally a
+    bitmask row [>= ceil(V/32)] words.
 
     Returns the token id (>= 0), or -Status on failure. Arguments are pre-validated."""
     cdef Knobs kn
@@ -915,8 +1087,10 @@ def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, fl
     kn.temperature = temperature; kn.top_k = top_k; kn.top_p = top_p; kn.min_p = min_p
     kn.repetition_penalty = 1.0; kn.presence_penalty = 0.0; kn.frequency_penalty = 0.0
     kn.seed = seed; kn.step = step
+    if mask is not None and not tep_mask_all_ones(&mask[0], V):
+        ed.mask = &mask[0]
     with nogil:
-        st = scratch_alloc(&sc, V, False, 0, False, temperature < GREEDY_T)
+        st = scratch_alloc(&sc, V, ed.mask != NULL, 0, False, temperature < GREEDY_T)
         if st == TEP_OK:
             st = sample_row(&logits[0], V, &kn, &ed, &sc, &tok)
         scratch_free(&sc)
@@ -925,8 +1099,10 @@ def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, fl
 
 def sample_rows(const float32_t[:, ::1] logits, float temperature, int64_t top_k, float top_p,
                 float min_p, const uint64_t[::1] seed, uint64_t step, int n_threads,
-                int64_t[::1] out_tokens, int32_t[::1] out_status):
-    """Rows [B, V] with the same scalar knobs and no edits or logprobs; seed is [1 or B].
+                int64_t[::1] out_tokens, int32_t[::1] out_status,
+                const uint32_t[:, ::1] mask=None):
+    """Rows [B, V] with the same scalar knobs and no edits or logprobs; seed is [1 or B];
+    optionally bitmask rows [B, >= ceil(V/32)].
 
     out_tokens[r] / out_status[r] are written per row. Arguments are pre-validated."""
     cdef intp_t B = logits.shape[0], V = logits.shape[1], r
@@ -935,31 +1111,43 @@ def sample_rows(const float32_t[:, ::1] logits, float temperature, int64_t top_k
     cdef RowEdits ed
     cdef Scratch* psc
     cdef int ok
+    cdef const uint32_t* mp = NULL
+    cdef intp_t mw = 0
     if B == 0:
         return
+    if mask is not None:
+        mp = &mask[0, 0]
+        mw = mask.shape[1]
     memset(&ed, 0, sizeof(RowEdits))
     kn.temperature = temperature; kn.top_k = top_k; kn.top_p = top_p; kn.min_p = min_p
     kn.repetition_penalty = 1.0; kn.presence_penalty = 0.0; kn.frequency_penalty = 0.0
     kn.step = step
-    with nogil, parallel(num_threads=max(n_threads, 1)):
+    with nogil, parallel(num_threads=<int>min(max(n_threads, 1), B)):
         psc = <Scratch*>malloc(sizeof(Scratch))
-        ok = scratch_alloc(psc, V, False, 0, False, temperature < GREEDY_T) if psc != NULL else TEP_NO_MEMORY
+        ok = scratch_alloc(psc, V, mp != NULL, 0, False, temperature < GREEDY_T) \
+            if psc != NULL else TEP_NO_MEMORY
         for r in prange(B, schedule="static"):
+            out_tokens[r] = -1
             if ok != TEP_OK:
                 out_status[r] = ok
             else:
                 out_status[r] = sample_seeded(&logits[r, 0], V, &kn, seed[r * seed_stride],
-                                              &ed, psc, &out_tokens[r])
+                                              mp + r * mw if mp != NULL else NULL,
+                                              psc, &out_tokens[r])
         if psc != NULL:
             scratch_free(psc)
             free(psc)
 
 
 cdef inline int sample_seeded(const float32_t* x, intp_t V, const Knobs* shared, uint64_t seed,
-                              const RowEdits* ed, Scratch* sc, int64_t* tok) noexcept nogil:
+                              const uint32_t* mask, Scratch* sc, int64_t* tok) noexcept nogil:
     cdef Knobs kn = shared[0]
+    cdef RowEdits ed
+    memset(&ed, 0, sizeof(RowEdits))
+    if mask != NULL and not tep_mask_all_ones(mask, V):
+        ed.mask = mask
     kn.seed = seed
-    return sample_row(x, V, &kn, ed, sc, tok)
+    return sample_row(x, V, &kn, &ed, sc, tok)
 
 
 def log_softmax_batch(const float32_t[:, ::1] logits, float32_t[:, ::1] out,
@@ -970,7 +1158,7 @@ def log_softmax_batch(const float32_t[:, ::1] logits, float32_t[:, ::1] out,
     cdef float* bmax
     if B == 0 or V == 0:
         return
-    with nogil, parallel(num_threads=max(n_threads, 1)):
+    with nogil, parallel(num_threads=<int>min(max(n_threads, 1), B)):
         bmax = <float*>malloc((nb + 1) * sizeof(float))
         for r in prange(B, schedule="static"):
             if bmax == NULL:
@@ -978,6 +1166,23 @@ def log_softmax_batch(const float32_t[:, ::1] logits, float32_t[:, ::1] out,
             else:
                 out_status[r] = log_softmax_row(&logits[r, 0], V, bmax, &out[r, 0])
         free(bmax)
+
+
+def apply_bitmask_batch(float32_t[:, ::1] logits, const uint32_t[:, ::1] bitmask,
+                        int n_threads):
+    """logits[r, j] = -inf wherever bit j of bitmask[r] is clear (in place; [B, V] and
+    [B, W >= ceil(V/32)], pre-validated). Allowed tokens are neither read nor written."""
+    cdef intp_t B = logits.shape[0], V = logits.shape[1], r
+    if B == 0 or V == 0:
+        return
+    if n_threads <= 1 or B == 1:
+        with nogil:
+            for r in range(B):
+                tep_mask_inplace(&logits[r, 0], &bitmask[r, 0], V)
+        return
+    with nogil, parallel(num_threads=<int>min(n_threads, B)):
+        for r in prange(B, schedule="static"):
+            tep_mask_inplace(&logits[r, 0], &bitmask[r, 0], V)
 
 
 def max_threads():

@@ -1,11 +1,13 @@
 """Token sampling from logits: the validating wrapper over tep._kernels.sampling.
 
-Semantics (DESIGN.md "Sampling semantics"), per row, in this order:
+Semantics (docs/SAMPLING.md has the full policy), per row, in this order:
 
 1. raw logprobs are the log_softmax of the logits as given (NaN as -inf);
-2. NaN is -inf; a row with no finite logit (or holding +inf) raises ``ValueError``;
-3. ``allowed_token_ids`` masks every other token to -inf, then ``logit_bias`` (clamped to
-   [-100, 100]) is added;
+2. NaN is -inf; a row with no finite logit (or holding +inf) raises ``ValueError`` (or
+   gets a status with ``row_status=True``);
+3. ``allowed_token_ids`` and ``token_bitmask`` mask every other token to -inf, then
+   ``logit_bias`` (clamped to [-100, 100]) is added; edits of finite logits saturate at
+   +-FLT_MAX and never touch non-finite ones;
 4. ``repetition_penalty`` r over the distinct tokens of prompt ∪ output (positive logits
    divided by r, others multiplied), then ``logit -= frequency_penalty*count +
    presence_penalty*(count > 0)`` over output tokens;
@@ -17,9 +19,14 @@ Semantics (DESIGN.md "Sampling semantics"), per row, in this order:
 7. one draw from the renormalised survivors with a uniform from Philox4x32-10 keyed on
    (seed, step) only, so a row samples the same token alone, in any batch, at any position
    and on any number of threads.
+
+Knobs are checked in float32, the kernel's precision (see ``sample``). The kernel guards
+every index it computes: ids outside [0, V) are skipped, and an empty candidate set falls
+back to the row's argmax instead of being read.
 """
 from __future__ import annotations
 
+import enum
 import math
 import numbers
 import os
@@ -29,18 +36,43 @@ import numpy as np
 
 from tep._kernels import sampling as _k
 
-__all__ = ["sample", "SampleResult", "log_softmax"]
+__all__ = ["sample", "SampleResult", "SampledRows", "TokenSpans", "RowStatus", "log_softmax",
+           "apply_token_bitmask"]
 
 _F32 = np.dtype(np.float32)
+_I32 = np.dtype(np.int32)
 _NUM = (float, int)
-_EMPTY_I64 = np.zeros(1, np.int64)    # ragged value arrays hold >= 1 element (kernel ABI)
+_EMPTY_I32 = np.zeros(1, np.int32)    # id arrays hold >= 1 element (kernel ABI)
 _EMPTY_F32 = np.zeros(1, np.float32)
 _NO_LP, _NO_RANK = np.zeros(1, np.float32), np.zeros(1, np.int64)
 _NO_TOP_IDS, _NO_TOP_LPS = np.zeros((1, 0), np.int64), np.zeros((1, 0), np.float32)
 MAX_LOGPROBS = 20
+MAX_THREADS = 2**31 - 1               # OpenMP takes a C int; rows never use more than B
+MAX_VOCAB = 2**31 - 1                 # token ids are int32 in the kernel
 _PARALLEL_MIN_WORK = 1 << 17          # B*V below this stays on one thread
+# The kernel computes in float32: knobs are checked (and rounded) in that precision.
+F32_MAX = float(np.finfo(np.float32).max)     # 3.4028235e+38
+F32_TINY = float(np.finfo(np.float32).tiny)   # 1.1754944e-38, the smallest normal float32
+_F32_OVERFLOW = F32_MAX + 2.0**103            # float64 values from here on round to inf
 
-_NO_FINITE, _POS_INF, _NO_MEMORY = 1, 2, 3
+
+class RowStatus(enum.IntEnum):
+    """Per-row outcome of :func:`sample` (``row_status=True``); 0 is success."""
+
+    OK = 0
+    NO_FINITE = 1      # the row has no finite logit (NaN counts as -inf)
+    POS_INF = 2        # the row holds +inf
+    NO_MEMORY = 3      # scratch allocation failed (never a data error: sample raises)
+    MASKED_ALL = 4     # finite logits exist, but allowed_token_ids / token_bitmask keep none
+
+
+STATUS_MESSAGES = {
+    RowStatus.NO_FINITE: "has no finite value (NaN counts as -inf)",
+    RowStatus.POS_INF: "holds +inf",
+    RowStatus.NO_MEMORY: "could not get scratch memory",
+    RowStatus.MASKED_ALL: ("has finite values, but allowed_token_ids / token_bitmask "
+                           "allow none of them"),
+}
 
 
 class SampleResult(NamedTuple):
@@ -50,6 +82,8 @@ class SampleResult(NamedTuple):
     token), ranks int64[B] (1 = most likely raw logit), top_token_ids int64[B, n] and
     top_logprobs float32[B, n] (the n most likely raw tokens, descending, ties by lower id).
     For [V] logits the leading B axis is dropped (ints/floats and [n] arrays).
+    With ``row_status=True`` a failed row has token -1, logprob NaN, rank 0, top ids -1
+    and top logprobs NaN.
     """
 
     token_ids: Any
@@ -57,6 +91,35 @@ class SampleResult(NamedTuple):
     ranks: Any
     top_token_ids: np.ndarray
     top_logprobs: np.ndarray
+
+
+class SampledRows(NamedTuple):
+    """What ``sample(..., row_status=True)`` returns: one outcome per row, never an
+    exception for a row's data.
+
+    token_ids: int64[B] (``int`` for [V] logits), -1 where status != 0.
+    status: int32[B] (``int`` for [V] logits), :class:`RowStatus` codes; 0 = ok.
+    logprobs: the :class:`SampleResult` when ``logprobs=n`` was asked for, else None.
+    """
+
+    token_ids: Any
+    status: Any
+    logprobs: SampleResult | None
+
+
+class TokenSpans(NamedTuple):
+    """Per-row token histories as slices of one flat buffer, for callers (an engine) that
+    keep histories between steps instead of rebuilding lists.
+
+    ids: int32 [N], C-contiguous (int32 only: the kernel's id type, so nothing is copied).
+    starts, ends: integer [B]; row r's tokens are ``ids[starts[r]:ends[r]]``.
+    ``sample`` checks ``0 <= starts <= ends <= N`` (O(B)) but not the ids themselves
+    (O(N)): the kernel skips any id outside [0, V) when it reads it.
+    """
+
+    ids: np.ndarray
+    starts: np.ndarray
+    ends: np.ndarray
 
 
 # ---- validation helpers -------------------------------------------------------------------
@@ -72,6 +135,9 @@ def _logits_2d(logits: Any, name: str = "logits") -> tuple[np.ndarray, bool]:
     x = logits[None, :] if one else logits
     if x.shape[1] == 0:
         raise ValueError(f"{name} has an empty vocabulary axis (V = 0), shape {logits.shape}")
+    if x.shape[1] > MAX_VOCAB:
+        raise ValueError(f"{name}: vocabulary size {x.shape[1]} exceeds {MAX_VOCAB} "
+                         f"(token ids are int32)")
     return np.ascontiguousarray(x), one
 
 
@@ -79,30 +145,94 @@ def _is_scalar(v: Any) -> bool:
     return isinstance(v, (numbers.Number, np.generic)) and not isinstance(v, (bool, np.bool_))
 
 
-def _float_knob(name: str, value: Any, B: int, lo: float, hi: float, lo_open: bool,
-                hi_open: bool = False) -> np.ndarray:
-    """A float knob (scalar or one per row) as float32[B], checked to lie in its range."""
+class _FloatKnob(NamedTuple):
+    """A float knob's valid range (float64 bounds, open or closed) and what happens to a
+    value that is valid in float64 but not a normal float32 (the kernel's precision):
+    "finite" rejects values that overflow float32; "normal" also rejects values that round
+    to 0 or a denormal; "floor" raises those to the smallest normal float32."""
+
+    name: str
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+    f32: str
+
+
+# the kernel's knob-matrix row order (top_k, row 1, is handled on its own)
+_FLOAT_KNOBS = (_FloatKnob("temperature", 0.0, math.inf, False, True, "finite"),
+                _FloatKnob("top_p", 0.0, 1.0, True, False, "floor"),
+                _FloatKnob("min_p", 0.0, 1.0, False, False, "finite"),
+                _FloatKnob("repetition_penalty", 0.0, math.inf, True, True, "normal"),
+                _FloatKnob("presence_penalty", -math.inf, math.inf, True, True, "finite"),
+                _FloatKnob("frequency_penalty", -math.inf, math.inf, True, True, "finite"))
+
+
+def _range_text(k: _FloatKnob) -> str:
+    return f"{'(' if k.lo_open else '['}{k.lo}, {k.hi}{')' if k.hi_open else ']'}"
+
+
+def _float_values(k: _FloatKnob, arr: np.ndarray) -> np.ndarray:
+    """arr (float64, any shape) checked against k and rounded to float32, as float64."""
+    bad = ~np.isfinite(arr) | (arr <= k.lo if k.lo_open else arr < k.lo) \
+        | (arr >= k.hi if k.hi_open else arr > k.hi)
+    if bad.any():
+        v = arr[bad].flat[0]
+        raise ValueError(f"{k.name} must be finite and in {_range_text(k)}, got {v}")
+    with np.errstate(over="ignore", under="ignore"):
+        f = arr.astype(np.float32)
+    mag = np.abs(f)
+    if (mag > F32_MAX).any():
+        v = arr[mag > F32_MAX].flat[0]
+        raise ValueError(f"{k.name} = {v} overflows float32, the precision the kernel "
+                         f"computes in: |{k.name}| must be <= {F32_MAX:.8g}")
+    small = (mag < F32_TINY) & (arr != 0)
+    if small.any():
+        if k.f32 == "normal":
+            v = arr[small].flat[0]
+            raise ValueError(f"{k.name} = {v} is below float32's normal range: {k.name} "
+                             f"must be in [{F32_TINY:.8g}, {F32_MAX:.8g}] (the kernel "
+                             f"computes in float32)")
+        if k.f32 == "floor":
+            f = np.where(small, np.float32(F32_TINY), f)
+    return f.astype(np.float64)
+
+
+def _float_knob(k: _FloatKnob, value: Any, B: int) -> np.ndarray:
+    """A float knob (scalar or one per row) as float64[B] holding float32 values."""
     if isinstance(value, (bool, np.bool_)) or isinstance(value, (str, bytes)):
-        raise TypeError(f"{name} must be a number or one number per row, got {value!r}")
+        raise TypeError(f"{k.name} must be a number or one number per row, got {value!r}")
     try:
         arr = np.asarray(value, dtype=np.float64)
     except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a number or one number per row, got {value!r}") from None
+        raise TypeError(f"{k.name} must be a number or one number per row, "
+                        f"got {value!r}") from None
     if np.iscomplexobj(np.asarray(value)):
-        raise TypeError(f"{name} must be real, got {value!r}")
+        raise TypeError(f"{k.name} must be real, got {value!r}")
     if arr.ndim == 0:
         arr = np.full(B, arr, np.float64)
     elif arr.shape != (B,):
-        raise ValueError(f"{name} must be a scalar or have one value per row ({B}), "
+        raise ValueError(f"{k.name} must be a scalar or have one value per row ({B}), "
                          f"got shape {arr.shape}")
-    if arr.size:
-        bad = ~np.isfinite(arr) | (arr <= lo if lo_open else arr < lo) | (arr >= hi if hi_open else arr > hi)
-        if bad.any():
-            v = arr[bad][0]
-            lo_s = "(" if lo_open else "["
-            hi_s = ")" if hi_open else "]"
-            raise ValueError(f"{name} must be finite and in {lo_s}{lo}, {hi}{hi_s}, got {v}")
-    return arr.astype(np.float32)
+    return _float_values(k, arr)
+
+
+def _float_scalar(k: _FloatKnob, v: Any) -> float:
+    """One scalar knob, checked like _float_values (same messages) without numpy arrays:
+    a decode loop pays this per knob per call."""
+    if type(v) not in (float, int) and (isinstance(v, (bool, np.bool_))
+                                        or not isinstance(v, numbers.Real)):
+        raise TypeError(f"{k.name} must be a number or one number per row, got {v!r}")
+    try:
+        f = float(v)
+    except OverflowError:      # an int beyond float64
+        raise ValueError(f"{k.name} must be finite and in {_range_text(k)}, got {v}") from None
+    if not math.isfinite(f) or (f <= k.lo if k.lo_open else f < k.lo) \
+            or (f >= k.hi if k.hi_open else f > k.hi):
+        raise ValueError(f"{k.name} must be finite and in {_range_text(k)}, got {v}")
+    if abs(f) < _F32_OVERFLOW and (f == 0.0 or F32_TINY <= abs(f) <= F32_MAX):
+        return float(np.float32(f))           # the common case: a normal float32
+    return float(_float_values(k, np.array([f]))[0])
 
 
 def _int_knob(name: str, value: Any, B: int, lo: int, hi: int, dtype) -> np.ndarray:
@@ -116,6 +246,14 @@ def _int_knob(name: str, value: Any, B: int, lo: int, hi: int, dtype) -> np.ndar
     arr = np.asarray(value)
     if arr.size == 0 and arr.ndim == 1:
         arr = arr.astype(dtype)                    # [] for an empty batch
+    if arr.dtype == object and arr.ndim == 1 and all(
+            isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+            for v in arr):
+        vals = [int(v) for v in arr]               # Python ints beyond int64
+        bad = [v for v in vals if not lo <= v <= hi]
+        if bad:
+            raise ValueError(f"{name} must be in [{lo}, {hi}], got {bad[0]}")
+        arr = np.array(vals, dtype)
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         raise TypeError(f"{name} must be an integer or one integer per row, got dtype {arr.dtype}")
     if arr.ndim == 0:
@@ -129,45 +267,39 @@ def _int_knob(name: str, value: Any, B: int, lo: int, hi: int, dtype) -> np.ndar
     return arr.astype(dtype)
 
 
-# name, low, high, low open, high open (the order is the kernel's knob-matrix row order;
-# top_k, row 1, is handled on its own)
-_FLOAT_KNOBS = (("temperature", 0.0, math.inf, False, True),
-                ("top_p", 0.0, 1.0, True, False),
-                ("min_p", 0.0, 1.0, False, False),
-                ("repetition_penalty", 0.0, math.inf, True, True),
-                ("presence_penalty", -math.inf, math.inf, True, True),
-                ("frequency_penalty", -math.inf, math.inf, True, True))
+_TOP_K_BIG = 2**63 - 1      # any top_k >= V is off; larger values are clamped here first
 
 
-def _float_scalar(name: str, v: Any, lo: float, hi: float, lo_open: bool, hi_open: bool) -> float:
-    if type(v) not in (float, int) and (isinstance(v, (bool, np.bool_))
-                                        or not isinstance(v, numbers.Real)):
-        raise TypeError(f"{name} must be a number or one number per row, got {v!r}")
-    f = float(v)
-    if not math.isfinite(f) or (f <= lo if lo_open else f < lo) or (f >= hi if hi_open else f > hi):
-        lo_s, hi_s = "(" if lo_open else "[", ")" if hi_open else "]"
-        raise ValueError(f"{name} must be finite and in {lo_s}{lo}, {hi}{hi_s}, got {v}")
-    return f
+def _top_k(value: Any, B: int, V: int):
+    """top_k as float64 (scalar or [B]): 0 = off for -1, 0 and anything >= V, however large."""
+    if _is_scalar(value):
+        if not isinstance(value, numbers.Integral):
+            raise TypeError(f"top_k must be an integer, got {value!r}")
+        tk = int(value)
+        if tk < -1:
+            raise ValueError(f"top_k must be >= -1 (0, -1 or >= V = off), got {tk}")
+        return float(tk if 0 < tk < V else 0)
+    if isinstance(value, np.ndarray) and value.dtype == np.uint64:
+        value = np.minimum(value, np.uint64(_TOP_K_BIG)).astype(np.int64)
+    elif isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray)
+                                               and value.dtype == object):
+        value = [min(int(v), _TOP_K_BIG) if isinstance(v, numbers.Integral)
+                 and not isinstance(v, (bool, np.bool_)) else v for v in list(value)]
+    k = _int_knob("top_k", value, B, -1, _TOP_K_BIG, np.int64)
+    return np.where((k > 0) & (k < V), k, 0).astype(np.float64)
 
 
 def _knob_matrix(B: int, V: int, values: dict) -> np.ndarray:
     """float64 [7, 1] when every knob is a scalar, else [7, B] (the kernel's layout)."""
     tk = values["top_k"]
-    scalar = _is_scalar(tk) and all(_is_scalar(values[n]) for n, *_ in _FLOAT_KNOBS)
-    if scalar:
-        if not isinstance(tk, numbers.Integral):
-            raise TypeError(f"top_k must be an integer, got {tk!r}")
-        tk = int(tk)
-        if not -1 <= tk < 2**62:
-            raise ValueError(f"top_k must be >= -1 (0 or -1 = off), got {tk}")
-        col = [_float_scalar(n, values[n], *spec) for n, *spec in _FLOAT_KNOBS]
-        col.insert(1, float(tk if 0 < tk < V else 0))
+    if _is_scalar(tk) and all(_is_scalar(values[k.name]) for k in _FLOAT_KNOBS):
+        col = [_float_scalar(k, values[k.name]) for k in _FLOAT_KNOBS]
+        col.insert(1, _top_k(tk, B, V))
         return np.array(col, np.float64).reshape(7, 1)
     out = np.empty((7, B), np.float64)
-    for i, (n, *spec) in zip((0, 2, 3, 4, 5, 6), _FLOAT_KNOBS):
-        out[i] = _float_knob(n, values[n], B, *spec)
-    k = _int_knob("top_k", tk, B, -1, 2**62, np.int64)
-    out[1] = np.where((k > 0) & (k < V), k, 0)
+    for i, k in zip((0, 2, 3, 4, 5, 6), _FLOAT_KNOBS):
+        out[i] = _float_knob(k, values[k.name], B)
+    out[1] = _top_k(tk, B, V)
     return out
 
 
@@ -188,7 +320,7 @@ def _per_row(name: str, value: Any, B: int, one: bool) -> list:
 def _ids(name: str, seq: Any, V: int) -> np.ndarray:
     arr = np.asarray(seq)
     if arr.size == 0:
-        return np.zeros(0, np.int64)
+        return np.zeros(0, np.int32)
     if arr.dtype.kind not in "iu" or arr.dtype == np.bool_:
         raise TypeError(f"{name} must hold integer token IDs, got dtype {arr.dtype}")
     if arr.ndim != 1:
@@ -197,11 +329,59 @@ def _ids(name: str, seq: Any, V: int) -> np.ndarray:
     if arr.min() < 0 or arr.max() >= V:
         bad = arr[(arr < 0) | (arr >= V)][0]
         raise ValueError(f"{name} holds token ID {bad} outside [0, {V})")
-    return arr.astype(np.int64, copy=False)
+    return arr.astype(np.int32, copy=False)
 
 
-def _ragged_ids(name: str, value: Any, B: int, V: int, one: bool):
-    """(values int64[>=1], offsets int64[B+1], present uint8[B]) for per-row ID lists."""
+class _Ragged(NamedTuple):
+    """One ragged kernel input: row r's items are ids[starts[r]:ends[r]]."""
+
+    ids: np.ndarray          # int32 [N >= 1]
+    starts: np.ndarray       # int64 [B]
+    ends: np.ndarray         # int64 [B]
+    present: np.ndarray      # uint8 [B]: the row gave a list (None = absent)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return self.ends - self.starts
+
+
+def _from_offsets(ids: np.ndarray, offsets: np.ndarray, present: np.ndarray) -> _Ragged:
+    return _Ragged(ids if ids.size else _EMPTY_I32, offsets[:-1], offsets[1:], present)
+
+
+def _spans(name: str, sp: TokenSpans, B: int) -> _Ragged:
+    """A TokenSpans checked in O(B): dtypes, shapes and 0 <= starts <= ends <= len(ids)."""
+    ids, starts, ends = sp
+    if not isinstance(ids, np.ndarray) or ids.dtype != _I32 or ids.ndim != 1:
+        raise TypeError(f"{name}: TokenSpans.ids must be a 1-D numpy int32 array, got "
+                        f"{getattr(ids, 'dtype', type(ids).__name__)} "
+                        f"{getattr(ids, 'shape', '')}")
+    if not ids.flags.c_contiguous:
+        raise ValueError(f"{name}: TokenSpans.ids must be C-contiguous")
+    out = []
+    for what, a in (("starts", starts), ("ends", ends)):
+        a = np.asarray(a)
+        if a.dtype.kind not in "iu" or a.dtype == np.bool_:
+            raise TypeError(f"{name}: TokenSpans.{what} must be integers, got dtype {a.dtype}")
+        if a.shape != (B,):
+            raise ValueError(f"{name}: TokenSpans.{what} must have one entry per row ({B}), "
+                             f"got shape {a.shape}")
+        if a.dtype == np.uint64 and B and a.max() > np.iinfo(np.int64).max:
+            raise ValueError(f"{name}: TokenSpans.{what} holds {a.max()} beyond len(ids)")
+        out.append(np.ascontiguousarray(a, dtype=np.int64))
+    st, en = out
+    bad = (st < 0) | (st > en) | (en > ids.size)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        raise ValueError(f"{name}: TokenSpans row {r} spans [{st[r]}, {en[r]}), which is not "
+                         f"within 0 <= start <= end <= len(ids) = {ids.size}")
+    return _Ragged(ids if ids.size else _EMPTY_I32, st, en, np.ones(B, np.uint8))
+
+
+def _ragged_ids(name: str, value: Any, B: int, V: int, one: bool) -> _Ragged:
+    """Per-row ID lists (or a TokenSpans) in the kernel's ragged layout."""
+    if isinstance(value, TokenSpans):
+        return _spans(name, value, B)
     rows = _per_row(name, value, B, one)
     parts, present = [], np.zeros(B, np.uint8)
     offsets = np.zeros(B + 1, np.int64)
@@ -213,11 +393,12 @@ def _ragged_ids(name: str, value: Any, B: int, V: int, one: bool):
             offsets[r + 1] = offsets[r] + a.size
         else:
             offsets[r + 1] = offsets[r]
-    vals = np.concatenate(parts) if offsets[-1] else _EMPTY_I64
-    return vals, offsets, present
+    ids = np.concatenate(parts) if offsets[-1] else _EMPTY_I32
+    return _from_offsets(ids, offsets, present)
 
 
-def _ragged_bias(value: Any, B: int, V: int, one: bool):
+def _ragged_bias(value: Any, B: int, V: int, one: bool) -> tuple[_Ragged, np.ndarray]:
+    """(ragged token ids, float32 values beside them) for per-row logit_bias dicts."""
     rows = _per_row("logit_bias", value, B, one)
     ids, vals = [], []
     offsets = np.zeros(B + 1, np.int64)
@@ -240,9 +421,37 @@ def _ragged_bias(value: Any, B: int, V: int, one: bool):
                 vals.append(float(b))
                 n += 1
         offsets[r + 1] = offsets[r] + n
+    present = np.zeros(B, np.uint8)
     if not ids:
-        return _EMPTY_I64, _EMPTY_F32, offsets
-    return np.asarray(ids, np.int64), np.asarray(vals, np.float32), offsets
+        return _from_offsets(_EMPTY_I32, offsets, present), _EMPTY_F32
+    # values beyond float32 become +-inf here; the kernel clamps them to +-100 first
+    with np.errstate(over="ignore"):
+        fv = np.asarray(vals, np.float32)
+    return _from_offsets(np.asarray(ids, np.int32), offsets, present), fv
+
+
+_NO_MASK = np.zeros((1, 1), np.uint32)
+
+
+def _bitmask(value: Any, B: int, V: int, one: bool) -> np.ndarray:
+    """token_bitmask checked (int32 [B, W >= ceil(V/32)]) and viewed as uint32 words."""
+    W = (V + 31) // 32
+    if not isinstance(value, np.ndarray):
+        raise ValueError(f"token_bitmask must be a numpy int32 array [B, ceil(V/32)], "
+                         f"got {type(value).__name__}")
+    if value.dtype not in (np.dtype(np.int32), np.dtype(np.uint32)):
+        raise ValueError(f"token_bitmask must have dtype int32 (bit j allows token j), "
+                         f"got {value.dtype}")
+    m = value[None, :] if one and value.ndim == 1 else value
+    if m.ndim != 2 or m.shape[0] != B:
+        raise ValueError(f"token_bitmask must have shape [{B}, >= {W}] for logits with "
+                         f"B = {B}, V = {V}; got {value.shape}")
+    if m.shape[1] < W:
+        raise ValueError(f"token_bitmask has {m.shape[1]} words per row; V = {V} needs "
+                         f"at least ceil(V/32) = {W}")
+    if B == 0:
+        return _NO_MASK
+    return np.ascontiguousarray(m).view(np.uint32)
 
 
 def _seeds(seed: Any, B: int) -> np.ndarray:
@@ -268,22 +477,27 @@ def _threads(n_threads: Any, B: int, V: int) -> int:
         return max(1, min(B, _k.max_threads()))
     if isinstance(n_threads, (bool, np.bool_)) or not isinstance(n_threads, numbers.Integral):
         raise TypeError(f"n_threads must be a positive integer or None, got {n_threads!r}")
-    if n_threads < 1:
-        raise ValueError(f"n_threads must be >= 1, got {n_threads}")
-    return int(n_threads)
+    if not 1 <= n_threads <= MAX_THREADS:
+        raise ValueError(f"n_threads must be in [1, {MAX_THREADS}], got {n_threads}")
+    return int(min(n_threads, max(B, 1)))     # more threads than rows would idle
+
+
+def _status_error(status: np.ndarray) -> Exception | None:
+    """The exception for the first failed row of status, or None."""
+    bad = np.flatnonzero(status)
+    if bad.size == 0:
+        return None
+    r, st = int(bad[0]), int(status[bad[0]])
+    if st == RowStatus.NO_MEMORY:
+        return MemoryError(f"sample: scratch allocation failed for row {r}")
+    what = STATUS_MESSAGES.get(st, f"failed with status {st}")  # type: ignore[call-overload]
+    return ValueError(f"logits: row {r} {what}")
 
 
 def _raise_status(status: np.ndarray) -> None:
-    bad = np.flatnonzero(status)
-    if bad.size == 0:
-        return
-    r, st = int(bad[0]), int(status[bad[0]])
-    if st == _NO_FINITE:
-        raise ValueError(f"logits: row {r} has no finite value (NaN counts as -inf; "
-                         f"allowed_token_ids may have masked every finite token)")
-    if st == _POS_INF:
-        raise ValueError(f"logits: row {r} holds +inf (after logit edits)")
-    raise MemoryError(f"sample: scratch allocation failed for row {r}")
+    err = _status_error(status)
+    if err is not None:
+        raise err
 
 
 # ---- public API --------------------------------------------------------------------------
@@ -294,47 +508,73 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
            repetition_penalty: float | Sequence[float] = 1.0,
            presence_penalty: float | Sequence[float] = 0.0,
            frequency_penalty: float | Sequence[float] = 0.0,
-           prompt_token_ids: Sequence | None = None, output_token_ids: Sequence | None = None,
+           prompt_token_ids: Sequence | TokenSpans | None = None,
+           output_token_ids: Sequence | TokenSpans | None = None,
            logit_bias: Mapping[int, float] | Sequence[Mapping[int, float] | None] | None = None,
            allowed_token_ids: Sequence | None = None,
            seed: int | Sequence[int] | None = None, step: int | Sequence[int] = 0,
-           logprobs: int | None = None, n_threads: int | None = None):
+           token_bitmask: np.ndarray | None = None,
+           logprobs: int | None = None, n_threads: int | None = None,
+           row_status: bool = False):
     """Sample one token ID per row of ``logits`` (float32 ``[B, V]`` or ``[V]``).
 
     Knobs (``temperature``, ``top_k``, ``top_p``, ``min_p``, the three penalties, ``seed``,
     ``step``) are scalars or one value per row. ``prompt_token_ids``, ``output_token_ids``
     and ``allowed_token_ids`` are a sequence of IDs for ``[V]`` logits, or a list of B such
-    sequences (None = empty / unrestricted); ``logit_bias`` is a ``{token_id: bias}`` dict,
-    or a list of B of them. ``top_k`` 0 or -1 (or >= V) is off; ``top_p`` in (0, 1];
-    ``min_p`` in [0, 1]; ``seed=None`` draws fresh OS entropy per row.
+    sequences (None = empty / unrestricted); ``prompt_token_ids`` and ``output_token_ids``
+    may also be a :class:`TokenSpans` (row r = ``ids[starts[r]:ends[r]]``, checked in O(B);
+    ids outside [0, V) are skipped by the kernel). ``logit_bias`` is a ``{token_id: bias}``
+    dict, or a list of B of them. ``token_bitmask`` (structured output) is int32
+    ``[B, W]`` (``[W]`` or ``[1, W]`` for ``[V]`` logits) with W >= ceil(V / 32): bit
+    ``j % 32`` of word ``j // 32`` allows token j (the llguidance / xgrammar layout; bits
+    past V are ignored); it is applied with ``allowed_token_ids`` before bias and penalties,
+    inside the kernel's pass over the row, and a row whose words are all ones costs nothing
+    more. ``top_k`` 0 or -1 (or >= V, however large) is off;
+    ``top_p`` in (0, 1]; ``min_p`` in [0, 1]; ``seed=None`` draws fresh OS entropy per row.
+
+    Float knobs are checked in float32, the kernel's precision: a value that overflows
+    float32 is a ``ValueError``; a ``repetition_penalty`` below the smallest normal float32
+    (1.1754944e-38) is a ``ValueError``; a ``top_p`` below it is raised to it (which keeps
+    the most likely token and its ties, as any top_p below that token's probability does);
+    a ``min_p`` that rounds to 0 is off. ``temperature`` is greedy when its float32 value
+    is below float32(1e-5).
 
     Returns the token IDs (``int`` for ``[V]``, ``int64[B]`` for ``[B, V]``), or with
     ``logprobs=n`` (0 <= n <= 20) a :class:`SampleResult` that adds raw logprobs, ranks and
-    the top-n tokens. The kernel releases the GIL; rows run on ``n_threads`` threads
-    (None = automatic). Invalid input raises ``TypeError``/``ValueError`` naming the argument.
+    the top-n tokens (always the raw model logprobs, before any mask). A row with no finite
+    logit, holding +inf, or whose allowed set / bitmask keeps no finite logit raises ``ValueError`` — unless ``row_status=True``: then the call returns
+    a :class:`SampledRows` (tokens, an int32 :class:`RowStatus` per row, the SampleResult or
+    None) and failed rows get token -1 instead of failing the batch. The kernel releases
+    the GIL; rows run on ``n_threads`` threads (None = automatic, at most B are used).
+    Invalid arguments raise ``TypeError``/``ValueError`` naming the argument.
     """
     # Scalar knobs that are all in range, no penalties, nothing sparse, no logprobs: the
     # kernel needs no per-row arrays. Checked with plain comparisons because a decode loop
     # calls this once per token and the kernel itself takes microseconds.
     plain = (logprobs is None and prompt_token_ids is None and output_token_ids is None
-             and logit_bias is None and allowed_token_ids is None
+             and logit_bias is None and allowed_token_ids is None and row_status is False
              and type(temperature) in _NUM and type(top_k) is int and type(top_p) in _NUM
              and type(min_p) in _NUM and type(step) is int
              and type(repetition_penalty) in _NUM and type(presence_penalty) in _NUM
              and type(frequency_penalty) in _NUM
              and repetition_penalty == 1.0 and presence_penalty == 0.0
              and frequency_penalty == 0.0
-             and 0.0 <= temperature < math.inf and 0.0 < top_p <= 1.0
-             and 0.0 <= min_p <= 1.0 and -1 <= top_k < 2**62 and 0 <= step < 2**64)
+             and 0.0 <= temperature <= F32_MAX and F32_TINY <= top_p <= 1.0
+             and 0.0 <= min_p <= 1.0 and -1 <= top_k and 0 <= step < 2**64
+             and (n_threads is None or (type(n_threads) is int
+                                        and 1 <= n_threads <= MAX_THREADS)))
     # One row, as [V] or [1, V] (a decode loop with batch 1): straight to the one-row entry.
     if (plain and type(logits) is np.ndarray and logits.dtype == _F32
-            and logits.flags.c_contiguous and logits.size > 0
+            and logits.flags.c_contiguous and 0 < logits.size <= MAX_VOCAB
             and (logits.ndim == 1 or (logits.ndim == 2 and logits.shape[0] == 1))
-            and (n_threads is None or (type(n_threads) is int and n_threads >= 1))
             and (seed is None or (type(seed) is int and 0 <= seed < 2**64))):
         s = int.from_bytes(os.urandom(8), "little") if seed is None else seed
         row = logits if logits.ndim == 1 else logits[0]
-        tok = _k.sample_one(row, temperature, max(top_k, 0), top_p, min_p, s, step)
+        mrow = None if token_bitmask is None else \
+            _bitmask(token_bitmask, 1, row.size, logits.ndim == 1)[0]
+        # top_k >= V is off in the kernel: clamp what int64 cannot hold
+        tok = _k.sample_one(row, temperature, min(max(top_k, 0), _TOP_K_BIG), top_p, min_p,
+                            s, step, mrow)
         if tok < 0:
             _raise_status(np.array([-tok], np.int32))
         return tok if logits.ndim == 1 else np.array([tok], np.int64)
@@ -346,9 +586,14 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
         nt = _threads(n_threads, B, V)
         tokens = np.empty(B, np.int64)
         status = np.zeros(B, np.int32)
-        _k.sample_rows(x, temperature, max(top_k, 0), top_p, min_p, sd, step, nt, tokens, status)
+        mask = None if token_bitmask is None else _bitmask(token_bitmask, B, V, one)
+        if B:
+            _k.sample_rows(x, temperature, min(max(top_k, 0), _TOP_K_BIG), top_p, min_p, sd,
+                           step, nt, tokens, status, mask)
         _raise_status(status)
         return int(tokens[0]) if one else tokens
+    if not isinstance(row_status, (bool, np.bool_)):
+        raise TypeError(f"row_status must be a bool, got {row_status!r}")
     if logprobs is not None:
         if isinstance(logprobs, (bool, np.bool_)) or not isinstance(logprobs, numbers.Integral):
             raise TypeError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
@@ -368,17 +613,17 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
         st = np.array([int(step)], np.uint64)
     else:
         st = _int_knob("step", step, B, 0, 2**64 - 1, np.uint64)
-    p_ids, p_off, _ = _ragged_ids("prompt_token_ids", prompt_token_ids, B, V, one)
-    o_ids, o_off, _ = _ragged_ids("output_token_ids", output_token_ids, B, V, one)
-    a_ids, a_off, has_a = _ragged_ids("allowed_token_ids", allowed_token_ids, B, V, one)
-    b_ids, b_vals, b_off = _ragged_bias(logit_bias, B, V, one)
+    pr = _ragged_ids("prompt_token_ids", prompt_token_ids, B, V, one)
+    ou = _ragged_ids("output_token_ids", output_token_ids, B, V, one)
+    al = _ragged_ids("allowed_token_ids", allowed_token_ids, B, V, one)
+    bi, b_vals = _ragged_bias(logit_bias, B, V, one)
+    mask = _NO_MASK if token_bitmask is None else _bitmask(token_bitmask, B, V, one)
     nt = _threads(n_threads, B, V)
 
     n_top = int(logprobs or 0)
     want_lp = logprobs is not None
-    hist = p_off[1:] - p_off[:-1] + o_off[1:] - o_off[:-1]
-    max_hist = int(hist.max()) if B else 0
-    need_work = bool(has_a.any() or b_off[-1] or max_hist)
+    max_hist = int((pr.lengths + ou.lengths).max()) if B else 0
+    need_work = bool(al.present.any() or bi.ends[-1:].any() or max_hist)
 
     tokens = np.empty(B, np.int64)
     status = np.zeros(B, np.int32)
@@ -388,15 +633,53 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
     else:  # never written by the kernel
         lps, ranks, top_ids, top_lps = _NO_LP, _NO_RANK, _NO_TOP_IDS, _NO_TOP_LPS
     if B:
-        _k.sample_batch(x, knobs, sd, st, p_ids, p_off, o_ids, o_off, b_ids, b_vals, b_off,
-                        a_ids, a_off, has_a, n_top, want_lp, need_work, max_hist, nt,
+        _k.sample_batch(x, knobs, sd, st, pr.ids, pr.starts, pr.ends, ou.ids, ou.starts,
+                        ou.ends, bi.ids, b_vals, bi.starts, bi.ends, al.ids, al.starts,
+                        al.ends, al.present, mask, token_bitmask is not None, n_top,
+                        want_lp, need_work, max_hist, nt,
                         tokens, status, lps, ranks, top_ids, top_lps)
-        _raise_status(status)
+        err = _status_error(status)
+        if err is not None and (not row_status or isinstance(err, MemoryError)):
+            raise err
+        if err is not None and want_lp:
+            failed = status != 0
+            lps[failed], ranks[failed] = np.nan, 0
+            top_ids[failed], top_lps[failed] = -1, np.nan
+    result: Any
     if not want_lp:
-        return int(tokens[0]) if one else tokens
-    if one:
-        return SampleResult(int(tokens[0]), float(lps[0]), int(ranks[0]), top_ids[0], top_lps[0])
-    return SampleResult(tokens, lps, ranks, top_ids, top_lps)
+        result = None
+    elif one:
+        result = SampleResult(int(tokens[0]), float(lps[0]), int(ranks[0]), top_ids[0], top_lps[0])
+    else:
+        result = SampleResult(tokens, lps, ranks, top_ids, top_lps)
+    if row_status:
+        if one:
+            return SampledRows(int(tokens[0]), int(status[0]), result)
+        return SampledRows(tokens, status, result)
+    if result is not None:
+        return result
+    return int(tokens[0]) if one else tokens
+
+
+def apply_token_bitmask(logits: np.ndarray, bitmask: np.ndarray, *,
+                        n_threads: int | None = None) -> None:
+    """Set ``logits[r, j] = -inf`` in place wherever bit j of ``bitmask[r]`` is clear.
+
+    For backends that sample elsewhere. ``logits``: writeable C-contiguous float32 ``[B, V]``
+    (or ``[V]``); ``bitmask``: int32 ``[B, W]`` (``[W]`` / ``[1, W]`` for ``[V]``) with
+    W >= ceil(V / 32), bit ``j % 32`` of word ``j // 32`` allowing token j - the layout
+    llguidance and xgrammar fill. Bits past V are ignored; allowed logits are neither read
+    nor written. Rows run on ``n_threads`` threads (None = automatic). Returns None.
+    """
+    x, one = _logits_2d(logits)
+    if x is not logits and not (one and x.base is logits):
+        raise ValueError("logits must be C-contiguous to be masked in place")
+    if not logits.flags.writeable:
+        raise ValueError("logits must be writeable to be masked in place")
+    B, V = x.shape
+    mask = _bitmask(bitmask, B, V, one)
+    if B:
+        _k.apply_bitmask_batch(x, mask, _threads(n_threads, B, V))
 
 
 def log_softmax(logits: np.ndarray, *, n_threads: int | None = None) -> np.ndarray:
