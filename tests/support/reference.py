@@ -1,7 +1,7 @@
 """Plain-numpy float64 reference for tep.kernels, written from the contract.
 
-Written from ``notes/KERNEL_API.md`` and DESIGN.md ("Sampling semantics", "Pooling
-semantics"), independently of the Cython kernels. Everything here is deliberately naive:
+Written from the semantics in docs/SAMPLING.md and :func:`tep.kernels.pool`'s docstring,
+independently of the Cython kernels. Everything here is deliberately naive:
 float64, full sorts, Python loops over rows. It is a test oracle, not a fast path.
 
 Single-row sampling helpers take the same keyword names as ``tep.kernels.sample`` (scalar,
@@ -36,7 +36,7 @@ __all__ = [
 
 
 def clean_logits(row) -> np.ndarray:
-    """float64 copy of ``row`` with NaN -> -inf (DESIGN.md step 2)."""
+    """float64 copy of ``row`` with NaN -> -inf (docs/SAMPLING.md, step 2)."""
     x = np.array(row, dtype=np.float64, copy=True)
     x[np.isnan(x)] = -np.inf
     return x
