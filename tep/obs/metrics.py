@@ -111,6 +111,36 @@ class Metrics:
         if self.enabled:
             self._child(self.itl, endpoint).observe(seconds)
 
+    def attach_engine(self, stats: Any) -> None:
+        """Export an engine's counters (``stats()`` returns a
+        :class:`tep.engine.EngineStats`), read at scrape time: ``tep_engine_steps_total``,
+        ``tep_engine_tokens_fed_total``, ``tep_engine_tokens_sampled_total``,
+        ``tep_prefix_cache_hit_tokens_total`` / ``..._miss_tokens_total`` and the hit rate
+        ``tep_prefix_cache_hit_rate`` (hit / (hit + miss) prompt tokens). Per process."""
+        if not self.enabled:
+            return
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
+        class _EngineCollector:
+            def collect(self) -> Any:
+                s = stats()
+                for name, doc, v in (
+                        ("tep_engine_steps", "Engine steps (one forward each)", s.steps),
+                        ("tep_engine_tokens_fed", "Tokens fed to forward", s.tokens_fed),
+                        ("tep_engine_tokens_sampled", "Tokens sampled", s.tokens_sampled),
+                        ("tep_prefix_cache_hit_tokens", "Prompt tokens found in the cache",
+                         s.prefix_hit_tokens),
+                        ("tep_prefix_cache_miss_tokens", "Prompt tokens evaluated",
+                         s.prefix_miss_tokens)):
+                    yield CounterMetricFamily(name, doc, value=v)
+                total = s.prefix_hit_tokens + s.prefix_miss_tokens
+                yield GaugeMetricFamily("tep_prefix_cache_hit_rate", "Share of prompt "
+                                        "tokens found in the prefix cache",
+                                        value=s.prefix_hit_tokens / total if total else 0.0)
+
+        self.registry.register(_EngineCollector())
+        self._engine_collector = _EngineCollector()
+
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         P = _prom
@@ -119,6 +149,8 @@ class Metrics:
 
             reg = P.CollectorRegistry()
             multiprocess.MultiProcessCollector(reg)
+            if getattr(self, "_engine_collector", None) is not None:
+                reg.register(self._engine_collector)  # this worker's engine
             return P.generate_latest(reg), P.CONTENT_TYPE_LATEST
         return P.generate_latest(self.registry), P.CONTENT_TYPE_LATEST
 

@@ -31,6 +31,9 @@ class ServerState:
         self._lock = threading.Lock()
         self.keys = KeyChecker(config.all_api_keys())
         self.metrics = Metrics(config.metrics)
+        engine_stats = getattr(backend, "stats", None)
+        if engine_stats is not None and hasattr(engine_stats, "prefix_hit_tokens"):
+            self.metrics.attach_engine(lambda: backend.stats)  # an EngineBackend
         self.events = EventLog(resolve_path(config.events_jsonl) if config.events_jsonl
                                else None)
         self.admission = Admission(config.max_concurrency, config.max_queue,

@@ -96,3 +96,27 @@ def test_endpoint_label():
     assert endpoint_label("/v1/completions") == "/v1/completions"
     assert endpoint_label("/v1/models/a/b") == "/v1/models/{model_id}"
     assert endpoint_label("/random") == "other"
+
+
+async def test_engine_counters_and_prefix_hit_rate_are_exported():
+    from support.engine_models import HashModel
+    from support.http import client_for, post_json
+
+    from tep.engine import EngineBackend
+
+    class Cached(HashModel):
+        def reuse_prefix(self, seq_id, prompt):  # as if the first 2 tokens were cached
+            self.last[seq_id] = prompt[0], prompt[1]
+            self.length[seq_id] = 2
+            return 2
+
+    async with client_for(EngineBackend(Cached(4), max_num_seqs=4)) as c:
+        st, _ = await post_json(c, "/v1/completions", {"model": Cached(4).list_models()[0],
+                                                        "prompt": [1, 2, 3, 4, 5],
+                                                        "max_tokens": 2})
+        assert st == 200
+        samples = parse((await (await c.get("/metrics")).get_data()).decode())
+    assert samples[("tep_prefix_cache_hit_tokens_total", ())] == 2
+    assert samples[("tep_prefix_cache_miss_tokens_total", ())] == 3
+    assert samples[("tep_prefix_cache_hit_rate", ())] == 0.4
+    assert samples[("tep_engine_steps_total", ())] >= 2
