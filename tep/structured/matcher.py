@@ -131,7 +131,8 @@ def fill_bitmasks(constraints: Sequence[Constraint], rows: Sequence[int],
                   bitmask: np.ndarray) -> None:
     """Fill row ``rows[i]`` of ``bitmask`` (int32 ``[B, ceil(V/32)]``, C-contiguous) for
     ``constraints[i]``, all rows in parallel on llguidance's thread pool, GIL released.
-    Rows not named are left as they are (all -1 = unconstrained)."""
+    Rows not named are left as they are (all -1 = unconstrained). A constraint that is
+    not a :class:`Constraint` fills its own row with ``fill_bitmask(row)``."""
     if len(constraints) != len(rows):
         raise ValueError(f"{len(constraints)} constraints but {len(rows)} rows")
     if not constraints:
@@ -142,18 +143,27 @@ def fill_bitmasks(constraints: Sequence[Constraint], rows: Sequence[int],
         raise ValueError("bitmask must be a writable C-contiguous int32 [B, ceil(V/32)]")
     B, W = bitmask.shape
     pairs = []
+    ours = []
     for c, r in zip(constraints, rows):
+        if not isinstance(c, Constraint):  # any object with fill_bitmask(int32 row)
+            if not 0 <= r < B:
+                raise ValueError(f"row {r} is outside the bitmask's {B} rows")
+            c.fill_bitmask(bitmask[r])
+            continue
+        ours.append((c, r))
         if c.words != W:
             raise ValueError(f"bitmask has {W} words per row, the constraint's vocabulary "
                              f"(V = {c.vocab_size}) needs {c.words}")
         if not 0 <= r < B:
             raise ValueError(f"row {r} is outside the bitmask's {B} rows")
         pairs.append((c._m, int(r)))
-    if len(pairs) == 1:
-        constraints[0].fill_bitmask(bitmask[rows[0]])
+    if not ours:
+        return
+    if len(ours) == 1:
+        ours[0][0].fill_bitmask(bitmask[ours[0][1]])
         return
     _llg_executor().unsafe_compute_mask_ptr(pairs, bitmask.ctypes.data, W * 4, B)
-    for c, r in zip(constraints, rows):
+    for c, r in ours:
         if c._m.is_error():
             bitmask[r] = c._eos_row
 

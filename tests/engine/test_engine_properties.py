@@ -249,8 +249,10 @@ def test_constraint_seam_restricts_rows():
         def __init__(self):
             self.seen = []
 
-        def fill_bitmask(self, mask):
-            mask[ord("0"):ord("9") + 1] = True
+        def fill_bitmask(self, row):  # int32 words: bit j of the row allows token j
+            row[:] = 0
+            for t in range(ord("0"), ord("9") + 1):
+                row[t >> 5] |= np.int32(1 << (t & 31))
 
         def accept(self, tok):
             self.seen.append(tok)

@@ -114,7 +114,7 @@ def test_wheel_builds_with_compiled_kernels_and_pxd(tmp_path):
         capture_output=True, text=True, timeout=900,
         env={**os.environ, "PIP_NO_INPUT": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
-    wheels = list(out.glob("tep-*.whl"))
+    wheels = list(out.glob("tep_serve-*.whl"))  # the distribution is tep-serve
     assert len(wheels) == 1
     names = zipfile.ZipFile(wheels[0]).namelist()
     for mod in ("sampling", "pooling"):
