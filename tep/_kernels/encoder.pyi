@@ -1,0 +1,43 @@
+"""Stub for the compiled BERT encoder (tep/_kernels/encoder.pyx).
+
+Use :class:`tep.backends._bert_encoder.BertEncoder`, which loads the weights and builds
+:class:`Encoder`.
+"""
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from numpy.typing import NDArray
+
+ACTIVATIONS: dict[str, int]
+"""``hidden_act`` name -> kernel code (erf GELU, tanh GELU, ReLU)."""
+HAVE_OPENMP: bool
+"""True when the module was compiled with OpenMP (otherwise every call runs serially)."""
+SIMD_AVX2: bool
+"""True when the row kernels use their AVX2+FMA path (``TEP_SIMD=scalar`` turns it off)."""
+
+def max_threads() -> int:
+    """Threads an OpenMP region may use (honours OMP_NUM_THREADS); 1 without OpenMP."""
+
+class Encoder:
+    """BERT forward pass over float32 C-contiguous weights.
+
+    Keyword arguments: ``word_emb`` [V, D]; ``pos_emb`` [P, D] (token type 0 folded in);
+    ``ln_g``, ``ln_b`` [D] (embedding LayerNorm); ``layers``: one mapping per layer with
+    ``n_heads`` and the arrays ``w_qkv`` [D, 3D] (Q columns pre-scaled by 1/sqrt(D/H)),
+    ``b_qkv`` [3D], ``w_o`` [D, D], ``b_o``, ``ln1_g``, ``ln1_b`` [D], ``w_i`` [D, I],
+    ``b_i`` [I], ``w_out`` [I, D], ``b_out``, ``ln2_g``, ``ln2_b`` [D]; ``eps``; ``act``
+    (a key of :data:`ACTIVATIONS`); ``sgemm``: ``scipy.linalg.cython_blas.__pyx_capi__["sgemm"]``.
+    """
+
+    def __init__(self, *, word_emb: NDArray[np.float32], pos_emb: NDArray[np.float32],
+                 ln_g: NDArray[np.float32], ln_b: NDArray[np.float32],
+                 layers: Sequence[Mapping[str, Any]], eps: float, act: str, sgemm: object) -> None: ...
+    @property
+    def hidden_size(self) -> int: ...
+    def encode(self, ids_n: NDArray[np.int64], offsets_b1: NDArray[np.int64],
+               out_nd: NDArray[np.float32], n_threads: int = 1) -> None:
+        """Last hidden states of a ragged batch into ``out_nd`` (OUT, float32 [N, D]).
+
+        Raises ValueError for bad offsets, a sequence longer than the position table or an
+        ID outside the vocabulary. Releases the GIL.
+        """
