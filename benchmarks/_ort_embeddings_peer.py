@@ -8,6 +8,7 @@ stdin/stdout, so the two contenders can be timed in interleaved rounds:
   <- {"ok": true, "versions": {...}, "exported": bool, "providers": [...]}
   -> {"cmd": "round", "batch": b, "threads": t, "n_sent": k}
   <- {"seconds": total, "calls": [seconds per call, ...]}
+  -> {"cmd": "one", "index": i, "threads": t, "reps": r}   <- {"calls": [...]}  (sentence i alone)
   -> {"cmd": "vectors", "n_sent": k}                        (float32 [k, 384], base64)
   -> {"cmd": "quit"}
 
@@ -131,6 +132,14 @@ def main() -> int:
                 reply = {"ok": True, "versions": peer.versions, "exported": peer.exported}
             elif cmd == "round":
                 reply = peer.round(int(msg["batch"]), int(msg["threads"]), int(msg["n_sent"]))
+            elif cmd == "one":
+                text, t = peer.sentences[int(msg["index"])], int(msg["threads"])
+                calls = []
+                for _ in range(int(msg.get("reps", 1))):
+                    t0 = time.perf_counter()
+                    peer.embed([text], t)
+                    calls.append(time.perf_counter() - t0)
+                reply = {"calls": calls}
             elif cmd == "vectors":
                 v = peer.embed(peer.sentences[:int(msg["n_sent"])], min(peer.sessions))
                 reply = {"shape": list(v.shape),

@@ -24,7 +24,6 @@ score block per thread) is one buffer that the Python object keeps and reuses be
 calls; concurrent calls each take their own.
 """
 from cpython.pycapsule cimport PyCapsule_GetName, PyCapsule_GetPointer, PyCapsule_IsValid
-from cython.parallel cimport prange
 from libc.stdlib cimport free, malloc
 from libc.string cimport memcpy
 
@@ -32,7 +31,6 @@ import os
 
 import numpy as np
 
-from tep._kernels._openmp cimport TEP_OPENMP, omp_get_max_threads, omp_get_thread_num
 from tep._kernels._typedefs cimport float32_t, int64_t, intp_t
 
 
@@ -50,10 +48,20 @@ cdef extern from "_encoder_rows.h" nogil:
     int tep_enc_rows_init(int allow_avx2)
 
 
+cdef extern from "_encoder_gemm.h" nogil:
+    int TEP_PANEL
+    void tep_pack_panels(const float32_t* w, intp_t k, intp_t n, float32_t* out)
+    void tep_gemm_small(const float32_t* a, intp_t lda, intp_t m, intp_t k,
+                        const float32_t* packed, intp_t n, float32_t* c, intp_t ldc,
+                        intp_t p0, intp_t p1)
+    int tep_gemm_small_ok(int allow)
+
+
 ACTIVATIONS = {"gelu": TEP_ACT_GELU_ERF, "gelu_new": TEP_ACT_GELU_TANH,
                "gelu_pytorch_tanh": TEP_ACT_GELU_TANH, "relu": TEP_ACT_RELU}
-HAVE_OPENMP = bool(TEP_OPENMP)
 SIMD_AVX2 = bool(tep_enc_rows_init(os.environ.get("TEP_SIMD", "") != "scalar"))
+SMALL_GEMM = bool(tep_gemm_small_ok(os.environ.get("TEP_SIMD", "") != "scalar"))
+"""True when few-token products may use the packed-panel AVX-512 kernel."""
 
 cdef enum:
     _POST_BIAS = 0    # C += b
@@ -64,11 +72,11 @@ cdef enum:
     # column split has each thread pack only its columns.
     _ROW_SPLIT_MIN = 48
     _ALIGN = 16       # floats (64 bytes): column-split and buffer boundaries
+    _POOLS = 17       # thread counts 1..16 per call
 
 
-def max_threads() -> int:
-    """Threads an OpenMP region may use (honours OMP_NUM_THREADS); 1 without OpenMP."""
-    return omp_get_max_threads()
+MAX_THREADS = _POOLS - 1
+"""Most threads one call may use (the caller plus its pool's workers)."""
 
 
 cdef inline intp_t _round_up(intp_t x) noexcept nogil:
@@ -90,14 +98,20 @@ cdef inline void _gemm(sgemm_fn f, char ta, char tb, int m, int n, int k, const 
 
 
 cdef void _dense_part(const EncModel* m, const float32_t* a, intp_t k, const float32_t* w,
-                      intp_t n_out, const float32_t* bias, float32_t* c, int post,
-                      float32_t* x, const float32_t* g, const float32_t* beta,
+                      const float32_t* packed, intp_t n_out, const float32_t* bias, float32_t* c,
+                      int post, float32_t* x, const float32_t* g, const float32_t* beta,
                       intp_t r0, intp_t r1, intp_t c0, intp_t c1) noexcept nogil:
-    """C[r0:r1, c0:c1] = A[r0:r1] @ W[:, c0:c1], then its post-op (LN only with all columns)."""
+    """C[r0:r1, c0:c1] = A[r0:r1] @ W[:, c0:c1], then its post-op (LN only with all columns).
+
+    With ``packed`` (few rows), c0 and c1 are multiples of TEP_PANEL (c1 may be n_out)."""
     if r1 <= r0 or c1 <= c0:
         return
-    _gemm(m.gemm, b'N', b'N', <int>(r1 - r0), <int>(c1 - c0), <int>k, a + r0 * k, <int>k,
-          w + c0, <int>n_out, 0.0, c + r0 * n_out + c0, <int>n_out)
+    if packed != NULL:
+        tep_gemm_small(a + r0 * k, k, r1 - r0, k, packed, n_out, c + r0 * n_out, n_out,
+                       c0 // TEP_PANEL, (c1 + TEP_PANEL - 1) // TEP_PANEL)
+    else:
+        _gemm(m.gemm, b'N', b'N', <int>(r1 - r0), <int>(c1 - c0), <int>k, a + r0 * k, <int>k,
+              w + c0, <int>n_out, 0.0, c + r0 * n_out + c0, <int>n_out)
     if post == _POST_BIAS:
         tep_enc_bias_add(c + r0 * n_out + c0, n_out, bias + c0, r1 - r0, c1 - c0)
     elif post == _POST_ACT:
@@ -107,42 +121,99 @@ cdef void _dense_part(const EncModel* m, const float32_t* a, intp_t k, const flo
                        n_out, m.eps)
 
 
+cdef struct _DenseJob:
+    const EncModel* m
+    const float32_t* a
+    intp_t n_rows
+    intp_t k
+    const float32_t* w
+    const float32_t* packed
+    intp_t n_out
+    const float32_t* bias
+    float32_t* c
+    int post
+    float32_t* x
+    const float32_t* g
+    const float32_t* beta
+    bint by_rows
+    intp_t n_items
+    intp_t unit          # columns per item (column split); 0 with by_rows
+
+
+cdef void _dense_item(void* ctx, intp_t item, int worker) noexcept nogil:
+    cdef _DenseJob* j = <_DenseJob*>ctx
+    cdef intp_t r0, r1, c0, c1
+    if j.by_rows:
+        r0 = j.n_rows * item // j.n_items
+        r1 = j.n_rows * (item + 1) // j.n_items
+        _dense_part(j.m, j.a, j.k, j.w, j.packed, j.n_out, j.bias, j.c, j.post, j.x, j.g,
+                    j.beta, r0, r1, 0, j.n_out)
+    else:
+        c0 = item * j.unit
+        c1 = c0 + j.unit
+        if c1 > j.n_out:
+            c1 = j.n_out
+        _dense_part(j.m, j.a, j.k, j.w, j.packed, j.n_out, j.bias, j.c, j.post, j.x, j.g,
+                    j.beta, 0, j.n_rows, c0, c1)
+
+
+cdef void _ln_item(void* ctx, intp_t item, int worker) noexcept nogil:
+    """Residual + bias + LayerNorm over rows [8 item, 8 item + 8) (after a column split)."""
+    cdef _DenseJob* j = <_DenseJob*>ctx
+    cdef intp_t r0 = item * 8, r1 = r0 + 8
+    if r1 > j.n_rows:
+        r1 = j.n_rows
+    tep_enc_add_ln(j.x + r0 * j.n_out, j.n_out, j.c + r0 * j.n_out, j.n_out, j.bias, j.g,
+                   j.beta, r1 - r0, j.n_out, j.m.eps)
+
+
 cdef void _dense(const EncModel* m, const float32_t* a, intp_t n_rows, intp_t k,
-                 const float32_t* w, intp_t n_out, const float32_t* bias, float32_t* c, int post,
+                 const float32_t* w, const float32_t* packed, intp_t n_out,
+                 const float32_t* bias, float32_t* c, int post,
                  float32_t* x, const float32_t* g, const float32_t* beta,
-                 int nt) noexcept nogil:
-    """C [n_rows, n_out] = A [n_rows, k] @ W [k, n_out] + post-op, over nt threads."""
-    cdef int t
-    cdef intp_t r0, r1, c0, c1, n_units
-    cdef bint by_rows = n_rows >= _ROW_SPLIT_MIN * nt
+                 tep_pool* pool, int nt) noexcept nogil:
+    """C [n_rows, n_out] = A [n_rows, k] @ W [k, n_out] + post-op, over nt threads.
+
+    Few rows (<= m.small_rows, with packed panels): the packed-panel kernel, one item per
+    panel. Otherwise BLAS: with many rows one item per thread's share of rows (each BLAS
+    call packs the whole weight, so fewer, larger items); with few, shares of columns."""
+    cdef _DenseJob j
+    j.m = m
+    j.a = a
+    j.n_rows = n_rows
+    j.k = k
+    j.w = w
+    j.packed = packed if (packed != NULL and n_rows <= m.small_rows) else NULL
+    j.n_out = n_out
+    j.bias = bias
+    j.c = c
+    j.post = post
+    j.x = x
+    j.g = g
+    j.beta = beta
+    j.by_rows = j.packed == NULL and n_rows >= _ROW_SPLIT_MIN * nt
     if nt <= 1:
-        _dense_part(m, a, k, w, n_out, bias, c, post, x, g, beta, 0, n_rows, 0, n_out)
-        return
-    if by_rows:
-        for t in prange(nt, num_threads=nt, schedule="static"):
-            r0 = n_rows * t // nt
-            r1 = n_rows * (t + 1) // nt
-            _dense_part(m, a, k, w, n_out, bias, c, post, x, g, beta, r0, r1, 0, n_out)
-        return
-    n_units = (n_out + _ALIGN - 1) // _ALIGN
-    for t in prange(nt, num_threads=nt, schedule="static"):
-        c0 = n_units * t // nt * _ALIGN
-        c1 = n_units * (t + 1) // nt * _ALIGN
-        if c1 > n_out:
-            c1 = n_out
-        _dense_part(m, a, k, w, n_out, bias, c, post, x, g, beta, 0, n_rows, c0, c1)
-    if post == _POST_LN:  # a LayerNorm needs whole rows: a second pass, split by rows
-        for t in prange(nt, num_threads=nt, schedule="static"):
-            r0 = n_rows * t // nt
-            r1 = n_rows * (t + 1) // nt
-            if r1 > r0:
-                tep_enc_add_ln(x + r0 * n_out, n_out, c + r0 * n_out, n_out, bias, g, beta,
-                               r1 - r0, n_out, m.eps)
+        j.by_rows = True
+        j.n_items = 1
+        j.unit = 0
+    elif j.by_rows:
+        j.n_items = nt
+        j.unit = 0
+    elif j.packed != NULL:
+        j.unit = TEP_PANEL
+        j.n_items = (n_out + TEP_PANEL - 1) // TEP_PANEL
+    else:
+        j.unit = ((n_out + nt - 1) // nt + _ALIGN - 1) // _ALIGN * _ALIGN
+        j.n_items = (n_out + j.unit - 1) // j.unit
+    tep_pool_run(pool, nt - 1, _dense_item, &j, j.n_items)
+    if post == _POST_LN and not j.by_rows:  # a LayerNorm needs whole rows: a second pass
+        tep_pool_run(pool, nt - 1, _ln_item, &j, (n_rows + 7) // 8)
 
 
 cdef void _attend_one(const EncModel* m, const float32_t* qkv, float32_t* ctx, intp_t row0,
                       intp_t length, intp_t h, float32_t* scores) noexcept nogil:
-    """ctx[rows, head h] = softmax(Q K^T) V for one sequence (scores: L x L scratch)."""
+    """ctx[rows, head h] = softmax(Q K^T) V for one sequence (scores: its own L x L block,
+    never a padded one)."""
     cdef intp_t d = m.d, dh = m.head_dim
     cdef const float32_t* q = qkv + row0 * 3 * d + h * dh
     cdef int L = <int>length, ld3 = <int>(3 * d)
@@ -152,30 +223,42 @@ cdef void _attend_one(const EncModel* m, const float32_t* qkv, float32_t* ctx, i
           ctx + row0 * d + h * dh, <int>d)
 
 
+cdef struct _AttnJob:
+    const EncModel* m
+    const int64_t* offsets_b1
+    const float32_t* qkv
+    float32_t* ctx
+    float32_t* scores
+    intp_t score_stride
+
+
+cdef void _attn_item(void* ctx, intp_t item, int worker) noexcept nogil:
+    cdef _AttnJob* j = <_AttnJob*>ctx
+    cdef intp_t s = item // j.m.n_heads
+    cdef intp_t row0 = j.offsets_b1[s], length = j.offsets_b1[s + 1] - j.offsets_b1[s]
+    if length > 0:
+        _attend_one(j.m, j.qkv, j.ctx, row0, length, item % j.m.n_heads,
+                    j.scores + worker * j.score_stride)
+
+
 cdef void _attention(const EncModel* m, const int64_t* offsets_b1, intp_t b,
                      const float32_t* qkv, float32_t* ctx, float32_t* scores,
-                     intp_t score_stride, int nt) noexcept nogil:
-    cdef intp_t item, s, h, n_items = b * m.n_heads
-    if nt <= 1:
-        for item in range(n_items):
-            s = item // m.n_heads
-            if offsets_b1[s + 1] > offsets_b1[s]:
-                _attend_one(m, qkv, ctx, offsets_b1[s], offsets_b1[s + 1] - offsets_b1[s],
-                            item % m.n_heads, scores)
-        return
-    for item in prange(n_items, num_threads=nt, schedule="dynamic"):
-        s = item // m.n_heads
-        h = item % m.n_heads
-        if offsets_b1[s + 1] > offsets_b1[s]:
-            _attend_one(m, qkv, ctx, offsets_b1[s], offsets_b1[s + 1] - offsets_b1[s], h,
-                        scores + omp_get_thread_num() * score_stride)
+                     intp_t score_stride, tep_pool* pool, int nt) noexcept nogil:
+    cdef _AttnJob j
+    j.m = m
+    j.offsets_b1 = offsets_b1
+    j.qkv = qkv
+    j.ctx = ctx
+    j.scores = scores
+    j.score_stride = score_stride
+    tep_pool_run(pool if nt > 1 else NULL, nt - 1, _attn_item, &j, b * m.n_heads)
 
 
 cdef int c_encode(const EncModel* m, const int64_t* ids_n, intp_t n, const int64_t* offsets_b1,
                   intp_t b, float32_t* out_nd, float32_t* work, intp_t work_floats,
-                  int n_threads) noexcept nogil:
+                  tep_pool* pool, int n_threads) noexcept nogil:
     cdef intp_t i, s, p, max_len = 0, d = m.d
-    cdef int nt = n_threads if n_threads > 1 else 1
+    cdef int nt = n_threads if (n_threads > 1 and pool != NULL) else 1
     cdef const EncLayer* w
     # -- validate (cheap next to the forward pass, and the kernel never trusts its caller)
     if offsets_b1[0] != 0 or offsets_b1[b] != n:
@@ -212,12 +295,15 @@ cdef int c_encode(const EncModel* m, const int64_t* ids_n, intp_t n, const int64
 
     for i in range(m.n_layers):
         w = &m.layers[i]
-        _dense(m, out_nd, n, d, w.w_qkv, 3 * d, w.b_qkv, qkv, _POST_BIAS, NULL, NULL, NULL, nt)
-        _attention(m, offsets_b1, b, qkv, ctx, scores, score_stride, nt)
-        _dense(m, ctx, n, d, w.w_o, d, w.b_o, proj, _POST_LN, out_nd, w.ln1_g, w.ln1_b, nt)
-        _dense(m, out_nd, n, d, w.w_i, m.inter, w.b_i, inter, _POST_ACT, NULL, NULL, NULL, nt)
-        _dense(m, inter, n, m.inter, w.w_out, d, w.b_out, proj, _POST_LN, out_nd, w.ln2_g,
-               w.ln2_b, nt)
+        _dense(m, out_nd, n, d, w.w_qkv, w.p_qkv, 3 * d, w.b_qkv, qkv, _POST_BIAS,
+               NULL, NULL, NULL, pool, nt)
+        _attention(m, offsets_b1, b, qkv, ctx, scores, score_stride, pool, nt)
+        _dense(m, ctx, n, d, w.w_o, w.p_o, d, w.b_o, proj, _POST_LN, out_nd, w.ln1_g, w.ln1_b,
+               pool, nt)
+        _dense(m, out_nd, n, d, w.w_i, w.p_i, m.inter, w.b_i, inter, _POST_ACT,
+               NULL, NULL, NULL, pool, nt)
+        _dense(m, inter, n, m.inter, w.w_out, w.p_out, d, w.b_out, proj, _POST_LN, out_nd,
+               w.ln2_g, w.ln2_b, pool, nt)
     return ENC_OK
 
 
@@ -272,11 +358,15 @@ cdef class Encoder:
     cdef EncLayer* layers
     cdef object _keep
     cdef list _free_work
+    cdef tep_pool* pools[_POOLS]   # pools[nt]: nt - 1 workers, made on first use
 
     def __cinit__(self):
         self.layers = NULL
+        for i in range(_POOLS):
+            self.pools[i] = NULL
 
-    def __init__(self, *, word_emb, pos_emb, ln_g, ln_b, layers, float eps, str act, sgemm):
+    def __init__(self, *, word_emb, pos_emb, ln_g, ln_b, layers, float eps, str act, sgemm,
+                 int small_rows=64):
         cdef const float32_t[:, ::1] we = word_emb
         cdef const float32_t[:, ::1] pe = pos_emb
         cdef const float32_t[::1] g = ln_g
@@ -324,6 +414,13 @@ cdef class Encoder:
             self.layers[i].b_out = _ptr(row["b_out"])
             self.layers[i].ln2_g = _ptr(row["ln2_g"])
             self.layers[i].ln2_b = _ptr(row["ln2_b"])
+            self.layers[i].p_qkv = self.layers[i].p_o = NULL
+            self.layers[i].p_i = self.layers[i].p_out = NULL
+            if SMALL_GEMM and small_rows > 0:
+                self.layers[i].p_qkv = _packed(row["w_qkv"], keep)
+                self.layers[i].p_o = _packed(row["w_o"], keep)
+                self.layers[i].p_i = _packed(row["w_i"], keep)
+                self.layers[i].p_out = _packed(row["w_out"], keep)
         self.model.vocab = we.shape[0]
         self.model.d = d
         self.model.n_heads = n_heads
@@ -333,6 +430,7 @@ cdef class Encoder:
         self.model.max_pos = pe.shape[0]
         self.model.eps = eps
         self.model.act = ACTIVATIONS[act]
+        self.model.small_rows = small_rows if SMALL_GEMM else 0
         self.model.word_emb = &we[0, 0]
         self.model.pos_emb = &pe[0, 0]
         self.model.ln_g = &g[0]
@@ -343,6 +441,9 @@ cdef class Encoder:
         self._free_work = []
 
     def __dealloc__(self):
+        for i in range(_POOLS):
+            if self.pools[i] != NULL:
+                tep_pool_free(self.pools[i])
         free(self.layers)
 
     @property
@@ -355,7 +456,8 @@ cdef class Encoder:
 
         ``ids_n`` int64 [N]; ``offsets_b1`` int64 [B+1]. Raises ValueError for bad offsets,
         a sequence longer than the position table or an ID outside the vocabulary.
-        Releases the GIL; ``n_threads`` >= 1 OpenMP threads (capped at what OpenMP allows).
+        Releases the GIL; ``n_threads``: the caller plus n_threads - 1 pool workers (capped
+        at MAX_THREADS); several threads only with a thread pool (POSIX).
         """
         cdef intp_t n = ids_n.shape[0], b = offsets_b1.shape[0] - 1
         cdef int nt = n_threads if n_threads > 1 else 1
@@ -367,10 +469,12 @@ cdef class Encoder:
         if out_nd.shape[0] != n or out_nd.shape[1] != self.model.d:
             raise ValueError(f"out_nd has shape ({out_nd.shape[0]}, {out_nd.shape[1]}), "
                              f"expected ({n}, {self.model.d})")
-        if not TEP_OPENMP:
-            nt = 1
-        elif nt > omp_get_max_threads():
-            nt = omp_get_max_threads()
+        if nt >= _POOLS:
+            nt = _POOLS - 1
+        if nt > 1 and self.pools[nt] == NULL:  # under the GIL: made once
+            self.pools[nt] = tep_pool_new(nt - 1)
+            if self.pools[nt] == NULL:
+                raise MemoryError("encoder thread pool")
         for i in range(b):
             if offsets_b1[i + 1] - offsets_b1[i] > max_len:
                 max_len = offsets_b1[i + 1] - offsets_b1[i]
@@ -385,11 +489,23 @@ cdef class Encoder:
             work.reserve(need)
             with nogil:
                 status = c_encode(&self.model, &ids_n[0] if n else NULL, n, &offsets_b1[0], b,
-                                  &out_nd[0, 0] if n else NULL, work.buf, work.size, nt)
+                                  &out_nd[0, 0] if n else NULL, work.buf, work.size,
+                                  self.pools[nt], nt)
         finally:
             self._free_work.append(work)
         if status != ENC_OK:
             raise ValueError(_ERRORS.get(status, f"encoder status {status}"))
+
+
+cdef const float32_t* _packed(object w, list keep):
+    """W [K, N] packed in 32-column panels (kept alive in ``keep``)."""
+    cdef const float32_t[:, ::1] wv = w
+    cdef intp_t k = wv.shape[0], n = wv.shape[1]
+    out = np.empty(((n + TEP_PANEL - 1) // TEP_PANEL, k, TEP_PANEL), np.float32)
+    cdef float32_t[:, :, ::1] ov = out
+    tep_pack_panels(&wv[0, 0], k, n, &ov[0, 0, 0])
+    keep.append(out)
+    return &ov[0, 0, 0]
 
 
 cdef const float32_t* _ptr(object a):

@@ -222,15 +222,16 @@ def blas_threads() -> str:
 
 
 def default_threads() -> int:
-    """Encoder threads when none are asked for: ``TEP_BERT_THREADS``, else what OpenMP
-    allows (``OMP_NUM_THREADS``, else the usable CPUs)."""
+    """Encoder threads when none are asked for: ``TEP_BERT_THREADS``, else the CPUs this
+    process may run on (at most :data:`tep._kernels.encoder.MAX_THREADS`)."""
     env = os.environ.get("TEP_BERT_THREADS")
     if env:
         n = int(env)
         if n < 1:
             raise ValueError(f"TEP_BERT_THREADS must be >= 1, got {env!r}")
         return n
-    return max(1, _kernel.max_threads())
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(_kernel.MAX_THREADS, cpus or 1))
 
 
 # --- weights ------------------------------------------------------------------------------
