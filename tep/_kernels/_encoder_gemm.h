@@ -11,7 +11,7 @@
  * panel p = W[:, 32p : 32p + 32] stored k-major ([K][32]), the last one zero-padded.
  *
  * Kernel: C[M, N] (row-major, ldc) = A[M, K] (row-major, lda) @ W for panels [p0, p1).
- * Blocks of up to 6 rows x 32 columns live in 12 AVX-512 registers across the K loop.
+ * Blocks of up to 12 rows x 32 columns live in 24 AVX-512 registers across the K loop.
  * Only an AVX-512F path exists; tep_gemm_small_ok() says whether it can be used (the
  * caller falls back to BLAS otherwise).
  */
@@ -40,6 +40,9 @@ static void tep_pack_panels(const float *w, ptrdiff_t k, ptrdiff_t n, float *out
 #include <immintrin.h>
 #define TEP_HAVE_AVX512_PATH 1
 #define TEP_AVX512 __attribute__((target("avx512f,fma")))
+#ifndef TEP_PF
+#define TEP_PF (TEP_PANEL * 16)  /* prefetch distance in floats: 16 k-rows (2 KiB) ahead */
+#endif
 
 /* R rows (R a compile-time constant after inlining) x one 32-column panel. */
 #define TEP_MK_BODY(R)                                                                      \
@@ -48,6 +51,8 @@ static void tep_pack_panels(const float *w, ptrdiff_t k, ptrdiff_t n, float *out
         for (int r = 0; r < R; r++) { c0[r] = _mm512_setzero_ps(); c1[r] = _mm512_setzero_ps(); } \
         const float *pk = panel;                                                            \
         for (ptrdiff_t kk = 0; kk < k; kk++, pk += TEP_PANEL) {                             \
+            _mm_prefetch((const char *)(pk + TEP_PF), _MM_HINT_T0);                          \
+            _mm_prefetch((const char *)(pk + TEP_PF + 16), _MM_HINT_T0);                     \
             __m512 b0 = _mm512_loadu_ps(pk), b1 = _mm512_loadu_ps(pk + 16);                 \
             for (int r = 0; r < R; r++) {                                                   \
                 __m512 av = _mm512_set1_ps(a[r * lda + kk]);                                \
@@ -61,6 +66,10 @@ static void tep_pack_panels(const float *w, ptrdiff_t k, ptrdiff_t n, float *out
         }                                                                                   \
     } while (0)
 
+TEP_AVX512 static void tep_mk12(const float *a, ptrdiff_t lda, ptrdiff_t k, const float *panel,
+                                float *c, ptrdiff_t ldc, __mmask16 m0, __mmask16 m1) {
+    TEP_MK_BODY(12);
+}
 TEP_AVX512 static void tep_mk6(const float *a, ptrdiff_t lda, ptrdiff_t k, const float *panel,
                                float *c, ptrdiff_t ldc, __mmask16 m0, __mmask16 m1) {
     TEP_MK_BODY(6);
@@ -88,6 +97,7 @@ TEP_AVX512 static void tep_gemm_small(const float *a, ptrdiff_t lda, ptrdiff_t m
                      : cols > 16 ? (__mmask16)((1u << (cols - 16)) - 1u) : (__mmask16)0;
         const float *panel = packed + p * k * TEP_PANEL;
         ptrdiff_t r = 0;
+        for (; r + 12 <= m; r += 12) tep_mk12(a + r * lda, lda, k, panel, c + r * ldc + col, ldc, m0, m1);
         for (; r + 6 <= m; r += 6) tep_mk6(a + r * lda, lda, k, panel, c + r * ldc + col, ldc, m0, m1);
         for (; r + 4 <= m; r += 4) tep_mk4(a + r * lda, lda, k, panel, c + r * ldc + col, ldc, m0, m1);
         for (; r + 2 <= m; r += 2) tep_mk2(a + r * lda, lda, k, panel, c + r * ldc + col, ldc, m0, m1);
