@@ -280,7 +280,26 @@ async def _streams(port: int, path: str, body: bytes, token: "re.Pattern[bytes]"
 
 # ---- 3. litserve ---------------------------------------------------------------------------
 
-def bench_litserve(cs: list[int], n_tokens: int, rounds: int, repeats: int) -> list[dict]:
+def _engine_thread_cost(B: int, steps: int = 300) -> dict:
+    """The engine's own cost per token for the toy instant model at B sequences."""
+    from tep.backends.toy import ToyBackend, ToyModel
+
+    eng = Engine(ToyModel(ToyBackend(instant=True), max_num_seqs=B), max_num_seqs=B,
+                 max_batch_tokens=8 * B)
+    for i in range(B):
+        s = Sampling(max_tokens=10**9, temperature=0.0, seed=i)
+        eng.add_request(list(b"Hello"), s, StreamSink(s, on_delta=lambda t, lp: None),
+                        lambda e: None)
+    eng.run_until_idle(max_steps=3)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        eng.step()
+    dt = (time.perf_counter() - t0) / steps
+    return {"B": B, "us_per_step": dt * 1e6, "us_per_token": dt * 1e6 / B}
+
+
+def bench_litserve(cs: list[int], n_tokens: int, rounds: int, repeats: int,
+                   out_extra: dict) -> list[dict]:
     py = sys.executable
     batch = max(cs)
     tep_cmd = [py, "-m", "tep", "serve", "--toy-instant", "--port", "{port}",
@@ -291,6 +310,7 @@ def bench_litserve(cs: list[int], n_tokens: int, rounds: int, repeats: int) -> l
                            "temperature": 0.0, "stream": True}).encode()
     ls_body = json.dumps({"max_tokens": n_tokens}).encode()
     rows = []
+    out_extra["engine_thread_toy"] = _engine_thread_cost(batch)
     with Server(tep_cmd) as tep, Server(ls_cmd) as lit:
         for C in cs:
             res: dict[str, list] = {"tep": [], "litserve": []}
@@ -422,6 +442,8 @@ def plot(out: dict, path: Path) -> bool:
         c = [r["streams"] for r in sc]
         ax[1].plot(c, [r["tokens_per_s"] for r in sc], "o-", label="engine")
         ax[1].plot(c, [r["ideal_tokens_per_s"] for r in sc], "k--", label="ideal C/(a+b·C)")
+        ax[1].plot(c, [1e3 * r["streams"] / r["forward_ms_per_step"] for r in sc], "k:",
+                   label="C / measured forward (the sleeps overshoot)")
         ax[1].set_xscale("log", base=2)
         ax[1].set_xlabel("concurrent streams")
         ax[1].set_ylabel("tokens/s")
@@ -449,8 +471,9 @@ def markdown(out: dict, checks: list[dict]) -> str:
     m = out["machine"]
     L = ["## Engine (continuous batching)", "",
          f"`python benchmarks/bench_engine.py{' --quick' if out.get('quick') else ''}`; "
-         f"load average {m.get('loadavg_1_5_15')} -> {m.get('loadavg_end')} (shared cores: "
-         "noisy; compare within a table).", ""]
+         f"1-minute load average {m['loadavg_1_5_15'][0]:.1f} -> {m['loadavg_end'][0]:.1f} "
+         f"on {m.get('logical_cpus')} logical CPUs (shared cores: noisy; compare within a "
+         "table).", ""]
     L += ["| check | measured | target | |", "|---|---|---|---|"]
     for c in checks:
         L.append(f"| {c['name']} | {c['value']:.2f} | {c['op']} {c['target']} | "
@@ -483,6 +506,13 @@ def markdown(out: dict, checks: list[dict]) -> str:
         for r in out["litserve"]:
             L.append(f"| {r['server']} | {r['streams']} | {r['tokens_per_s']:.0f} | "
                      f"{r['ttft_p50_ms']:.1f} | {r['ttft_p99_ms']:.1f} |")
+    if out.get("engine_thread_toy"):
+        e = out["engine_thread_toy"]
+        L += ["", f"The tep server's engine thread alone (same toy instant model, B="
+              f"{e['B']}, in-process, sinks without a client) costs {e['us_per_token']:.1f} "
+              f"µs per token, i.e. it could feed about {1e6 / e['us_per_token']:,.0f} "
+              "tokens/s: over HTTP the per-token cost is the server's (SSE events, writes), "
+              "not the engine's."]
     if out.get("embeddings"):
         L += ["", "MiniLM embeddings, one 12-word sentence per request, keep-alive clients:",
               "", "| mode | clients | requests/s |", "|---|---|---|"]
@@ -517,7 +547,7 @@ def main(argv: list[str] | None = None) -> dict:
         print("3. tep engine vs LitServe ContinuousBatchingLoop (HTTP, instant model)")
         try:
             import litserve  # noqa: F401
-            out["litserve"] = bench_litserve([16, 64], 64, 2 if q else 4, 1 if q else 3)
+            out["litserve"] = bench_litserve([16, 64], 64, 2 if q else 4, 1 if q else 3, out)
         except ImportError:
             print("  skipped: litserve is not installed")
     if "embeddings" in args.only:

@@ -336,30 +336,46 @@ class ToyModel:
         return self.toy._decode_bytes([int(t) for t in token_ids])
 
     def forward(self, batch: Any) -> np.ndarray:
-        """Append each token to its sequence's 3-token window; for each logits row compute
+        """Append each sequence's tokens to its 3-token window (numpy over the batch; a
+        position that is not the next one is a ValueError); for each logits row compute
         ``hidden(window) @ W + b`` one row at a time (so a row never depends on the
         batch). Instant mode returns a row peaked on the next lorem-ipsum byte."""
-        toks, pos, sids, want = (batch.token_ids, batch.positions, batch.seq_ids,
-                                 batch.logits)
-        n_rows = int(np.count_nonzero(want))
-        out = np.empty((n_rows, self.vocab_size), np.float32)
-        r = 0
+        toks = batch.token_ids.astype(np.int64)
+        pos = batch.positions.astype(np.int64)
+        sids = batch.seq_ids.astype(np.int64)
+        want = batch.logits
+        n = toks.shape[0]
         last, length = self._last, self._len
-        for i in range(toks.shape[0]):
-            s, t, p = int(sids[i]), int(toks[i]), int(pos[i])
-            if p != length[s]:
-                raise ValueError(f"sequence {s}: token at position {p}, expected "
-                                 f"{int(length[s])}")
-            last[s, 0], last[s, 1], last[s, 2] = last[s, 1], last[s, 2], t
-            length[s] = p + 1
-            if want[i]:
-                if self.toy.instant:
-                    out[r] = self._instant_rows[p % len(_LOREM)]
-                else:
-                    w = last[s]
-                    ctx = [int(x) for x in w[3 - min(3, p + 1):]]
-                    out[r] = self.toy._hidden(ctx, len(ctx) - 1) @ self.toy._w + self.toy._b
-                r += 1
+        if n == 0:
+            return np.empty((0, self.vocab_size), np.float32)
+        # runs: each sequence's tokens are contiguous and in order
+        idx = np.arange(n)
+        starts = np.flatnonzero(np.r_[True, sids[1:] != sids[:-1]])
+        run_start = np.repeat(starts, np.diff(np.r_[starts, n]))
+        expected = length[sids] + (idx - run_start)
+        if not np.array_equal(expected, pos):
+            k = int(np.flatnonzero(expected != pos)[0])
+            raise ValueError(f"sequence {int(sids[k])}: token at position {int(pos[k])}, "
+                             f"expected {int(expected[k])}")
+        ends = np.r_[starts[1:], n] - 1
+        rs = sids[starts]
+        single = ends == starts
+        if single.all():   # decoding: one token per sequence
+            last[rs, 0], last[rs, 1], last[rs, 2] = last[rs, 1], last[rs, 2], toks[ends]
+        else:
+            for b, e, sq in zip(starts.tolist(), ends.tolist(), rs.tolist()):
+                w = np.concatenate([last[sq], toks[b:e + 1]])[-3:]
+                last[sq] = w
+        length[rs] = pos[ends] + 1
+        rows = np.flatnonzero(want)
+        if self.toy.instant:
+            return self._instant_rows[pos[rows] % len(_LOREM)]
+        out = np.empty((rows.shape[0], self.vocab_size), np.float32)
+        toy = self.toy
+        for r, i in enumerate(rows.tolist()):
+            sq, p = int(sids[i]), int(pos[i])
+            ctx = [int(x) for x in last[sq, 3 - min(3, p + 1):]]
+            out[r] = toy._hidden(ctx, len(ctx) - 1) @ toy._w + toy._b
         return out
 
     def release(self, seq_id: int) -> None:

@@ -11,6 +11,7 @@ import asyncio
 import contextvars
 import threading
 import time
+import weakref
 from concurrent.futures import Executor, Future
 from typing import Any, AsyncIterator, Callable, NamedTuple, Union
 
@@ -100,6 +101,54 @@ def _settle(fut: asyncio.Future, cf: Future) -> None:
         fut.set_result(cf.result())
 
 
+class _LoopWaker:
+    """Drains many bridges in one loop callback: an engine thread that hands a token to
+    each of 64 streams per step then costs the loop one wake-up (one self-pipe write)
+    per step instead of 64, and none while the loop has not yet run the last one."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._lock = threading.Lock()
+        self._ready: list["StreamBridge"] = []
+        self._scheduled = False
+
+    def request(self, bridge: "StreamBridge") -> None:
+        """(any thread) Drain ``bridge`` on the loop soon."""
+        with self._lock:
+            self._ready.append(bridge)
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._loop.call_soon_threadsafe(self._run)
+        except RuntimeError:
+            with self._lock:
+                self._scheduled = False
+            raise
+
+    def _run(self) -> None:
+        with self._lock:
+            ready, self._ready = self._ready, []
+            self._scheduled = False
+        for bridge in ready:
+            bridge._drain()
+
+
+_WAKERS: "weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopWaker]" = \
+    weakref.WeakKeyDictionary()
+_WAKERS_LOCK = threading.Lock()
+
+
+def _waker(loop: asyncio.AbstractEventLoop) -> _LoopWaker:
+    w = _WAKERS.get(loop)
+    if w is None:
+        with _WAKERS_LOCK:
+            w = _WAKERS.get(loop)
+            if w is None:
+                w = _WAKERS[loop] = _LoopWaker(loop)
+    return w
+
+
 class StreamBridge:
     """Runs one backend call per choice in the pool and yields their events in order.
 
@@ -146,7 +195,10 @@ class StreamBridge:
             self._wake_scheduled = True
         if wake:
             try:
-                self._loop.call_soon_threadsafe(self._drain)
+                if wait:
+                    self._loop.call_soon_threadsafe(self._drain)
+                else:  # an engine thread: one loop wake-up for all its streams
+                    _waker(self._loop).request(self)
             except RuntimeError:  # loop closed: the server is gone, stop generating
                 self.cancel.set()
                 return
