@@ -31,6 +31,8 @@ BENCHES = {
     "server": "bench_server.py",
     "engine": "bench_engine.py",     # renders its own section (results/engine.md)
 }
+# Sections rendered by their own benchmark (or written with its JSON): included as they are.
+SECTIONS = ("engine", "llm", "structured", "bitmask", "embeddings", "layout")
 TIMEOUT_S = {"kernels": 480, "peers_sampling": 360, "peers_pooling": 240, "server": 480,
              "engine": 600}
 
@@ -315,9 +317,11 @@ def render(errors: dict[str, str], quick: bool) -> str:
                       f"64 streams {r['stream64'].get('client_cpu_frac', float('nan')):.0%}"
                       for n, r in sv["results"].items() if "stream1" in r)]
         L.append("")
-    engine_md = RESULTS / "engine.md"
-    if engine_md.exists():
-        L += [engine_md.read_text(), ""]
+    # benchmarks that render their own section (results/<name>.md), in this order
+    for name in SECTIONS:
+        md = RESULTS / f"{name}.md"
+        if md.exists():
+            L += [md.read_text().rstrip(), ""]
     L += ["## Reproduce", "", "```", ". /work/venv/bin/activate   # or any env with tep built",
           "pip install -r benchmarks/requirements-peers.txt   # optional peers",
           "python setup.py build_ext --inplace", "python benchmarks/run_all.py [--quick]", "```",

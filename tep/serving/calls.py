@@ -158,7 +158,7 @@ async def admit(state: ServerState, rec: RequestRecord) -> threading.Event:
     except QueueFull:
         rec.outcome = "rejected"
         raise E.RateLimitError(
-            f"The server is at capacity ({state.config.max_concurrency} running, "
+            f"The server is at capacity ({state.admission.max_running} running, "
             f"{state.config.max_queue} waiting); retry after {state.config.retry_after}s",
             retry_after=state.config.retry_after) from None
     except asyncio.CancelledError:

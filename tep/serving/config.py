@@ -92,9 +92,11 @@ class ServerConfig:
     def from_env(cls, **overrides: Any) -> "ServerConfig":
         """Defaults, then ``TEP_<FIELD>`` variables, then ``overrides`` (None = unset)."""
         cfg = cls()
+        cfg.explicit = set()   # the settings given (by environment or argument), not defaults
         for f in fields(cls):
             env = os.environ.get("TEP_" + f.name.upper())
             if env not in (None, ""):
+                cfg.explicit.add(f.name)
                 try:
                     setattr(cfg, f.name, cls._PARSE.get(f.name, int)(env))
                 except ValueError as e:
@@ -104,6 +106,7 @@ class ServerConfig:
             raise TypeError(f"unknown tep setting(s): {', '.join(sorted(unknown))}")
         for k, v in overrides.items():
             if v is not None:
+                cfg.explicit.add(k)
                 setattr(cfg, k, tuple(v) if k == "api_keys" else v)
         if cfg.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")

@@ -36,7 +36,13 @@ class ServerState:
             self.metrics.attach_engine(lambda: backend.stats)  # an EngineBackend
         self.events = EventLog(resolve_path(config.events_jsonl) if config.events_jsonl
                                else None)
-        self.admission = Admission(config.max_concurrency, config.max_queue,
+        running = config.max_concurrency
+        engine = getattr(backend, "engine", None)
+        if "max_concurrency" not in getattr(config, "explicit", ()) and engine is not None:
+            # an engine batches every admitted request in one thread: by default admit as
+            # many as it has sequence slots, not the thread pool's size
+            running = max(running, int(getattr(engine.sched, "max_num_seqs", running)))
+        self.admission = Admission(running, config.max_queue,
                                    on_change=self._queue_changed)
 
     def _queue_changed(self, running: int, queued: int) -> None:

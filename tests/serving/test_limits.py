@@ -196,3 +196,14 @@ async def test_generation_timeout_ends_with_length(tmp_path):
              if e["event"] == "eval"]
     assert [e["outcome"] for e in evals] == ["timeout", "timeout", "timeout", "ok"]
     assert all(e["completion_tokens"] > 0 for e in evals)
+
+
+def test_an_engine_backend_admits_as_many_requests_as_it_has_sequence_slots():
+    import tep
+    from tep.backends.toy import ToyEngineBackend
+
+    # one engine thread batches them all, so the default is its slots, not the pool size
+    assert tep.create_app(ToyEngineBackend(max_num_seqs=64)).extensions[
+        "tep"].admission.max_running == 64
+    assert tep.create_app(ToyEngineBackend(max_num_seqs=64), max_concurrency=4).extensions[
+        "tep"].admission.max_running == 4
