@@ -18,7 +18,7 @@ from tep.backends.llamacpp import default_model_path  # noqa: E402
 
 SPEC = "tep.backends.llamacpp:LlamaCppBackend"
 CTX = 512
-THREADS = 2
+THREADS = 1
 
 
 def _last_logits(llm) -> np.ndarray:

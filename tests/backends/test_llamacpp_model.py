@@ -15,7 +15,7 @@ from tep.engine.chat_template import render_chat  # noqa: E402
 from tep.engine.model import StepBatch  # noqa: E402
 
 CTX = 512
-THREADS = 2
+THREADS = 1
 N_NEW = 64
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.",
@@ -97,7 +97,11 @@ def greedy(model, prompts: list[list[int]], n_new: int, *, reuse: bool = False):
 
 @pytest.fixture(scope="module")
 def alone(model, prompts):
-    return [greedy(model, [p], N_NEW) for p in prompts]
+    out = []
+    for p in prompts:
+        toks, rows = greedy(model, [p], N_NEW)
+        out.append((toks[0], rows[0]))
+    return out
 
 
 def _first_divergence(a_tokens, a_rows, b_tokens, b_rows) -> str:
