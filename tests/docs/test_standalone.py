@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-# a path-like mention of a markdown file: docs/X.md, ../shared/X.md, X.md
+# a path-like mention of a markdown file (a folder path, then a name ending in .md)
 _MD = re.compile(r"(?<![\w/.-])((?:\.\./|[\w.-]+/)*[\w.-]+\.md)\b")
 
 
