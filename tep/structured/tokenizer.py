@@ -46,17 +46,6 @@ def tokenizer_from_pieces(tokens: list[bytes], eos_ids: Sequence[int],
     return llguidance.LLTokenizer(wrapper, n_vocab=len(tokens), eos_token=eos_ids)
 
 
-def _toy_word(token_id: int) -> bytes:
-    # the toy backend's word for an id >= 257 (tep.backends.toy._word), as bytes
-    n, letters = token_id, []
-    while True:
-        n, r = divmod(n, 26)
-        letters.append(chr(ord("a") + r))
-        if n == 0:
-            break
-    return (" " + "".join(reversed(letters))).encode("ascii")
-
-
 @lru_cache(maxsize=8)
 def byte_tokenizer(vocab_size: int = 257, eos_id: int = 256) -> Any:
     """The toy vocabulary: ids 0..255 are bytes, ``eos_id`` (256) is ``<|endoftext|>``,
@@ -65,7 +54,9 @@ def byte_tokenizer(vocab_size: int = 257, eos_id: int = 256) -> Any:
         raise ValueError(f"the byte vocabulary needs vocab_size >= 257 and EOS 256, got "
                          f"{vocab_size}, {eos_id}")
     tokens = [bytes([i]) for i in range(256)] + [b"<|endoftext|>"]
-    tokens += [_toy_word(t) for t in range(257, vocab_size)]
+    from tep.backends.toy import _word  # the toy's spelling of ids >= 257, one source
+
+    tokens += [_word(t).encode("ascii") for t in range(257, vocab_size)]
     return tokenizer_from_pieces(tokens, [eos_id], [eos_id], lambda s: list(bytes(s)))
 
 
