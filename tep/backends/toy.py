@@ -45,7 +45,7 @@ import numpy as np
 from tep.backend import Backend, ChatStreamSink, StreamSink, TokenLogprob
 from tep.errors import BadRequestError
 from tep.backend import Sampling
-from tep.wire.chat import ChatRequest
+from tep.wire.chat import ChatRequest, text_message
 
 __all__ = ["ToyBackend", "ToyModel", "ToyEngineBackend", "EOS", "chat_template",
            "CHAT_TEMPLATE"]
@@ -74,16 +74,7 @@ def chat_template(messages: list[dict]) -> str:
     ``<|assistant|>\\n``. Non-text content parts are a 400."""
     out = []
     for i, m in enumerate(messages):
-        c = m.get("content")
-        if isinstance(c, list):
-            parts = []
-            for part in c:
-                if not isinstance(part, dict) or part.get("type") != "text" or \
-                        not isinstance(part.get("text"), str):
-                    raise BadRequestError("the toy backend only takes text content parts",
-                                          param=f"messages[{i}].content")
-                parts.append(part["text"])
-            c = "".join(parts)
+        c = text_message(i, m, "the toy backend").get("content")
         out.append(f"<|{m['role']}|>\n{c or ''}\n")
     out.append("<|assistant|>\n")
     return "".join(out)
@@ -405,9 +396,11 @@ class ToyEngineBackend:
                 max_batch_tokens: int | None = None, **kw: Any) -> Any:
         from tep.engine import EngineBackend
 
-        seqs = max_num_seqs if max_num_seqs is not None else _env_int("TEP_MAX_NUM_SEQS", 256)
-        toks = max_batch_tokens if max_batch_tokens is not None else \
-            _env_int("TEP_MAX_BATCH_TOKENS", 2048)
+        from tep.serving.config import ServerConfig
+
+        cfg = ServerConfig.from_env()  # --max-num-seqs / --max-batch-tokens, one source
+        seqs = max_num_seqs if max_num_seqs is not None else cfg.max_num_seqs
+        toks = max_batch_tokens if max_batch_tokens is not None else cfg.max_batch_tokens
         toy_kw = {k: kw.pop(k) for k in ("vocab_size", "dim", "instant", "weights_seed")
                   if k in kw}
         m = ToyModel(ToyBackend(model, **toy_kw), max_num_seqs=seqs, **kw)

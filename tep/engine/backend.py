@@ -19,26 +19,11 @@ from tep.backend import Backend, ChatStreamSink, StreamSink
 from tep.engine.embed_batcher import EmbedBatcher
 from tep.engine.engine import Engine, EngineStats
 from tep.errors import BadRequestError
+from tep.wire.chat import text_message
 
 __all__ = ["EngineBackend"]
 
 OnDone = Callable[[BaseException | None], None]
-
-
-def _flat_content(i: int, m: dict) -> dict:
-    """A message whose content is a list of text parts, as one string (templates expect
-    strings); other part types are a 400."""
-    c = m.get("content")
-    if not isinstance(c, list):
-        return m
-    parts = []
-    for part in c:
-        if not isinstance(part, dict) or part.get("type") != "text" or \
-                not isinstance(part.get("text"), str):
-            raise BadRequestError("this model only takes text content parts",
-                                  param=f"messages[{i}].content")
-        parts.append(part["text"])
-    return {**m, "content": "".join(parts)}
 
 
 class EngineBackend(Backend):
@@ -138,7 +123,7 @@ class EngineBackend(Backend):
     def chat_prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
         """The chat prompt's token IDs: the model's chat template (or ``chat_prompt``)
         rendered with a generation prompt, then tokenized."""
-        msgs = [_flat_content(i, m) for i, m in enumerate(messages)]
+        msgs = [text_message(i, m) for i, m in enumerate(messages)]
         if self._chat_prompt is not None:
             text = self._chat_prompt(msgs)
         else:

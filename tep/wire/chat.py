@@ -11,7 +11,7 @@ from tep.wire.fields import CHAT_FIELDS, CHAT_PASSTHROUGH, F
 from tep.wire.sampling import WireOptions, parse_sampling
 from tep.wire.values import log_unknown, read
 
-__all__ = ["ChatRequest", "parse_chat_request"]
+__all__ = ["ChatRequest", "parse_chat_request", "text_message"]
 
 
 @dataclass
@@ -87,3 +87,19 @@ def parse_chat_request(body: dict, request_id: str, *, default_max_tokens: int) 
                                   code="invalid_type")
     return ChatRequest(model=model, messages=messages, sampling=s, wire=w, raw=body,
                        request_id=request_id)
+
+
+def text_message(i: int, m: dict, who: str = "this model") -> dict:
+    """Message ``i`` with a content list of text parts joined into one string (chat
+    templates expect strings); any other part type is a 400 naming ``who``."""
+    c = m.get("content")
+    if not isinstance(c, list):
+        return m
+    parts = []
+    for part in c:
+        if not isinstance(part, dict) or part.get("type") != "text" or \
+                not isinstance(part.get("text"), str):
+            raise BadRequestError(f"{who} only takes text content parts",
+                                  param=f"messages[{i}].content")
+        parts.append(part["text"])
+    return {**m, "content": "".join(parts)}
