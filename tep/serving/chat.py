@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from dataclasses import dataclass
 from typing import Any, Awaitable, Callable, Iterable
 
 from tep import errors as E
@@ -22,21 +23,50 @@ from tep.structured.tool_calls import (ToolCallStream, chunk_deltas, finish_reas
                                        parse_tool_calls)
 from tep.wire.values import parse_json_body
 
-__all__ = ["chat"]
+__all__ = ["chat", "prepare_chat", "run_chat", "stream_chat", "ChatChoice", "ChatOutcome",
+           "calls_tools"]
 
 
 async def chat(state: ServerState, rec: RequestRecord,
                read_body: Callable[[], Awaitable[bytes]]) -> Reply | StreamReply:
     """``POST /v1/chat/completions``."""
+    rid = rec.request_id = new_id("chatcmpl")
+    body = parse_json_body(await read_body())
+    req = prepare_chat(state, rec, body, rid)
+    cancel = await C.admit(state, rec)
+    try:
+        if req.stream:
+            return await stream_chat(state, rec, req, rid, cancel, _Chunks(req, rid))
+        out = await run_chat(state, rec, req, rid, cancel)
+    except BaseException:
+        C.release(state, cancel)
+        raise
+    s = req.sampling
+    choices = [{
+        "index": j,
+        "message": ch.message,
+        "logprobs": chat_logprobs(ch.completion.logprobs or []) if s.logprobs is not None
+        else None,
+        "finish_reason": ch.finish_reason,
+    } for j, ch in enumerate(out.choices)]
+    return json_reply({"id": rid, "object": "chat.completion", "created": now(),
+                       "model": req.model, "choices": choices,
+                       "usage": usage(out.prompt_tokens, out.completion_tokens)})
+
+
+def prepare_chat(state: ServerState, rec: RequestRecord, body: dict, rid: str,
+                 endpoint: str = "chat") -> ChatRequest:
+    """A chat-completions-shaped ``body`` validated into the one request model (400s name
+    the field): the model exists, the constraint and tools parse, ``max_tokens`` is
+    within the limit. The Responses and Messages APIs translate their bodies into this
+    shape and come through here too."""
     if not state.backend.supports_chat():
         raise E.NotSupportedError("This backend does not support chat completions",
                                   param=None, code="chat_not_supported")
-    rid = rec.request_id = new_id("chatcmpl")
-    body = parse_json_body(await read_body())
     req = parse_chat_request(body, rid, default_max_tokens=state.config.chat_max_tokens)
     rec.model, rec.sampling = req.model, req.sampling
     C.check_model(state, req.model)
-    req.structured = C.parse_structure(state, body, "chat")
+    req.structured = C.parse_structure(state, body, endpoint)
     if body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None:
         C.check_max_tokens(state, req.model, req.sampling.max_tokens,
                            "max_completion_tokens" if body.get("max_completion_tokens")
@@ -44,18 +74,34 @@ async def chat(state: ServerState, rec: RequestRecord,
     else:  # the server's default answer length, within the model's limit
         req.sampling.max_tokens = min(req.sampling.max_tokens,
                                       C.max_tokens_limit(state, req.model))
-    cancel = await C.admit(state, rec)
-    try:
-        if req.stream:
-            return await _stream(state, rec, req, rid, cancel)
-        return await _complete(state, rec, req, rid, cancel)
-    except BaseException:
-        C.release(state, cancel)
-        raise
+    return req
 
 
-async def _complete(state: ServerState, rec: RequestRecord, req: ChatRequest, rid: str,
-                    cancel: threading.Event) -> Reply:
+@dataclass
+class ChatChoice:
+    """One finished choice: the backend's completion, the assistant message (``content``
+    and, with tools, ``tool_calls`` parsed out of the text) and the finish reason
+    (``stop``, ``length`` or ``tool_calls``)."""
+
+    completion: Completion
+    message: dict
+    finish_reason: str
+    tool_calls: Any = None  # the parsed calls (tep.structured.tool_calls), or None
+
+
+@dataclass
+class ChatOutcome:
+    """A non-streamed chat generation: its choices and token counts."""
+
+    choices: list[ChatChoice]
+    prompt_tokens: int
+    completion_tokens: int
+
+
+async def run_chat(state: ServerState, rec: RequestRecord, req: ChatRequest, rid: str,
+                   cancel: threading.Event) -> ChatOutcome:
+    """Generate every choice of an admitted chat request (the one generation path of chat
+    completions, Responses and Messages) and give its slot back."""
     backend, s = state.backend, req.sampling
     submit = getattr(backend, "submit_chat", None)   # a non-blocking entry (tep.engine)
     own = submit is None and _overrides(backend, "chat_completion")
@@ -88,23 +134,16 @@ async def _complete(state: ServerState, rec: RequestRecord, req: ChatRequest, ri
         completion_tokens += c.completion_tokens if c.completion_tokens is not None \
             else len(c.token_ids)
         prompt_tokens = max(prompt_tokens, c.prompt_tokens or 0)
-        message, finish = {"role": "assistant", "content": c.text}, c.finish_reason
-        if _calls_tools(req):
+        message, finish, parsed = {"role": "assistant", "content": c.text}, c.finish_reason, None
+        if calls_tools(req):
             parsed = parse_tool_calls(c.text)
             message, finish = parsed.message(), finish_reason(c.finish_reason, parsed)
-        choices.append({
-            "index": j,
-            "message": message,
-            "logprobs": chat_logprobs(c.logprobs or []) if s.logprobs is not None else None,
-            "finish_reason": finish,
-        })
+        choices.append(ChatChoice(c, message, finish, parsed))
     rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
-    return json_reply({"id": rid, "object": "chat.completion", "created": now(),
-                       "model": req.model, "choices": choices,
-                       "usage": usage(prompt_tokens, completion_tokens)})
+    return ChatOutcome(choices, prompt_tokens, completion_tokens)
 
 
-def _calls_tools(req: ChatRequest) -> bool:
+def calls_tools(req: ChatRequest) -> bool:
     """Whether the answer may hold tool calls (tools given, ``tool_choice`` not none)."""
     st = req.structured
     return st is not None and st.tools is not None and st.tools.choice != "none"
@@ -127,7 +166,7 @@ class _Chunks(ChunkRenderer):
         self._want_lp = req.sampling.logprobs is not None
         self._role_sent = [False] * self.n_choices
         self._calls = [ToolCallStream() for _ in range(self.n_choices)] \
-            if _calls_tools(req) else None
+            if calls_tools(req) else None
         # the common chunk (a token's text, no logprobs) from a byte template
         self._plain = None if self._want_lp else sse_text_template(
             lambda j, text: self._payload(j, {"content": text}, None, None))
@@ -174,8 +213,11 @@ class _Chunks(ChunkRenderer):
                     "usage": usage(prompt_tokens, completion_tokens)})
 
 
-async def _stream(state: ServerState, rec: RequestRecord, req: ChatRequest, rid: str,
-                  cancel: threading.Event) -> StreamReply:
+async def stream_chat(state: ServerState, rec: RequestRecord, req: ChatRequest, rid: str,
+                      cancel: threading.Event, render: ChunkRenderer) -> StreamReply:
+    """Start every choice of an admitted chat request and stream it through ``render``
+    (chat chunks, Responses events or Messages events: one driver, one renderer per wire
+    format). The slot is given back when the stream ends."""
     backend, s = state.backend, req.sampling
     token_text = backend._token_text_fn(req.model)
     bridge = StreamBridge(state.pool(), cancel, rid)
@@ -195,6 +237,5 @@ async def _stream(state: ServerState, rec: RequestRecord, req: ChatRequest, rid:
         else:
             bridge.start(j, make, lambda sink, rj=rj: backend.chat_completion_stream(rj, sink))
     events, first = await first_event(state, bridge, C.deadline(state), "chat completion")
-    render = _Chunks(req, rid)
     return stream_reply(state, rec, bridge, events, first, render, "chat completion",
                         C.step_recorder(state, rid, render.n_choices, s.logprobs))

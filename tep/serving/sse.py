@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any, Callable
 
-__all__ = ["sse", "sse_text_template", "DONE"]
+__all__ = ["sse", "sse_event", "sse_text_template", "DONE"]
 
 
 def sse(obj: Any) -> bytes:
@@ -13,6 +13,13 @@ def sse(obj: Any) -> bytes:
     if isinstance(obj, str):
         return f"data: {obj}\n\n".encode()
     return b"data: " + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n"
+
+
+def sse_event(name: str, obj: Any) -> bytes:
+    """One named server-sent event: ``event: <name>\ndata: <json>\n\n`` (the Responses
+    and Messages APIs name every event; OpenAI's chat streams do not)."""
+    return (f"event: {name}\ndata: ".encode()
+            + json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n\n")
 
 
 _INDEX_MARK, _TEXT_MARK = 918273645, "\u2063tep-text\u2063"

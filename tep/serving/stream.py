@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from typing import AsyncIterator, Callable, Iterable
 
+from tep.errors import APIError
 from tep.obs.telemetry import RequestRecord
 from tep.serving.bridge import (DeltaEvent, ErrorEvent, FinishEvent, RoleEvent, StreamBridge,
                                 StreamEvent, TimeoutEvent)
@@ -60,6 +61,16 @@ class ChunkRenderer:
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         """The final usage chunk."""
         raise NotImplementedError
+
+    def done(self, prompt_tokens: int, completion_tokens: int) -> Iterable[bytes]:
+        """What ends a stream that finished (OpenAI chat/completions: ``data: [DONE]``;
+        other wire formats send their own closing events here)."""
+        return (DONE,)
+
+    def error(self, err: APIError) -> Iterable[bytes]:
+        """What a failure after the stream started becomes (OpenAI: the error envelope
+        as a ``data:`` event, then ``[DONE]``)."""
+        return (sse(err.body()), DONE)
 
 
 async def first_event(state: ServerState, bridge: StreamBridge, deadline: float | None,
@@ -146,12 +157,13 @@ def stream_reply(state: ServerState, rec: RequestRecord, bridge: StreamBridge,
                                 yield b
                 elif t is ErrorEvent:
                     rec.outcome = "error"
-                    yield sse(backend_failure(ev.exc, what, rid).body())
-                    yield DONE
+                    for b in render.error(backend_failure(ev.exc, what, rid)):
+                        yield b
                     return
             if render.include_usage:
                 yield render.usage(prompt_tokens, completion_tokens)
-            yield DONE
+            for b in render.done(prompt_tokens, completion_tokens):
+                yield b
         finally:
             state.streams.discard(bridge)
             release(state, bridge.cancel)
