@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import random
-import socket
 import statistics
 import subprocess
 import sys
@@ -147,20 +146,20 @@ def run_st(python: str | None, model_dir: str, sentences: list[str], batches: li
 
 # --------------------------------------------------------------------------- tep over HTTP
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LiveServer:
-    """``tep serve --backend tep.backends.bert:MiniLMBackend`` in a subprocess, with a client."""
+    """``tep serve --backend tep.backends.bert:MiniLMBackend`` in a subprocess, with a client
+    (``skipped`` says why not when it cannot start)."""
 
     def __init__(self, model_dir: str) -> None:
-        self.model_dir = model_dir
-        self.proc: subprocess.Popen | None = None
+        from _harness import Server
+
         self.client = None
         self.skipped: str | None = None
+        self.server = Server([sys.executable, "-m", "tep", "serve", "--backend",
+                              "tep.backends.bert:MiniLMBackend", "--port", "{port}",
+                              "--max-concurrency", "1", "--log-level", "warning"],
+                             {"TEP_BERT_MODEL_DIR": model_dir, "HF_HUB_OFFLINE": "1"},
+                             name="tep serve", timeout_s=60.0)
 
     def __enter__(self) -> "LiveServer":
         try:
@@ -168,38 +167,17 @@ class LiveServer:
         except ImportError as e:
             self.skipped = f"openai client not installed: {e}"
             return self
-        import urllib.request
-
-        port = _free_port()
-        env = dict(os.environ, TEP_BERT_MODEL_DIR=self.model_dir, HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tep", "serve", "--backend", "tep.backends.bert:MiniLMBackend",
-             "--port", str(port), "--max-concurrency", "1", "--log-level", "warning"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while True:
-            if self.proc.poll() is not None:
-                self.skipped = f"tep serve exited: {self.proc.stderr.read().decode()[-300:]}"
-                return self
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1):
-                    break
-            except OSError:
-                if time.monotonic() > deadline:
-                    self.skipped = "tep serve did not come up in 60 s"
-                    return self
-                time.sleep(0.2)
-        self.client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x",
+        try:
+            self.server.start()
+        except RuntimeError as e:
+            self.skipped = str(e)[:300]
+            return self
+        self.client = openai.OpenAI(base_url=self.server.url + "/v1", api_key="x",
                                     max_retries=0, timeout=600)
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self.proc is not None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        self.server.__exit__(*exc)
 
 
 # --------------------------------------------------------------------------- main

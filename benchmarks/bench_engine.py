@@ -28,13 +28,9 @@ import json
 import os
 import random
 import re
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +41,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from _machine import describe  # noqa: E402
+from _harness import Server  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
 from tep.backend import StreamSink  # noqa: E402
@@ -182,54 +179,6 @@ def bench_scaling(cs: list[int], a: float, b: float, n_tokens: int) -> list[dict
 
 
 # ---- servers and clients -------------------------------------------------------------------
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """A server subprocess in its own session; waits for GET /health."""
-
-    def __init__(self, cmd: list[str], env: dict | None = None, timeout_s: float = 90) -> None:
-        self.port = free_port()
-        self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
-        self.env = {**os.environ, **(env or {})}
-        self.timeout_s = timeout_s
-        self.log = tempfile.TemporaryFile()
-
-    def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + self.timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.cmd} exited: {self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health",
-                                            timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"{self.cmd} did not come up: {self.tail()}")
-
-    def tail(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-2000:]
-
-    def __exit__(self, *exc) -> None:
-        try:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, 9)
-            except ProcessLookupError:
-                pass
-        self.log.close()
-
 
 async def _post_stream(port: int, path: str, body: bytes, token: "re.Pattern[bytes]"
                        ) -> tuple[float, int]:

@@ -31,14 +31,14 @@ import argparse
 import json
 import os
 import platform
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.request
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Server  # noqa: E402
 
 TOY = "tep.backends.toy:ToyBackend"
 KERNEL_SHAPES = ((1, 128256), (64, 32000))
@@ -76,49 +76,6 @@ def kernels(tree: Path, reps: int) -> dict:
     if not out.pop("tep_file").startswith(str(tree)):
         raise RuntimeError(f"{tree}: imported tep from elsewhere")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class Server:
-    """``tep serve`` from ``tree`` as its own process group; waits for GET /health."""
-
-    def __init__(self, tree: Path, backend: str) -> None:
-        self.tree, self.backend, self.port = tree, backend, free_port()
-        self.log = tempfile.TemporaryFile()
-
-    def __enter__(self) -> "Server":
-        cmd = [sys.executable, "-m", "tep", "serve", "--backend", self.backend, "--toy-instant",
-               "--host", "127.0.0.1", "--port", str(self.port), "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, cwd=self.tree, env=env_for(self.tree),
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.time() + 60
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                self.log.seek(0)
-                raise RuntimeError(f"server exited: {self.log.read()[-2000:]!r}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=1):
-                    return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError("server did not come up")
-
-    def __exit__(self, *exc) -> None:
-        try:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, 9)
-            except ProcessLookupError:
-                pass
-        self.log.close()
 
 
 async def _rps(port: int, duration: float, conns: int) -> float:
@@ -172,7 +129,9 @@ async def _stream1(port: int, n_tokens: int) -> float:
 def serve_measure(tree: Path, backend: str, duration: float, conns: int,
                   stream_reps: int) -> dict:
     import asyncio
-    with Server(tree, backend) as s:
+    cmd = [sys.executable, "-m", "tep", "serve", "--backend", backend, "--toy-instant",
+           "--host", "127.0.0.1", "--port", "{port}", "--log-level", "warning"]
+    with Server(cmd, env_for(tree), cwd=tree, timeout_s=60.0) as s:
         rps = asyncio.run(_rps(s.port, duration, conns))
         tps = statistics.median(asyncio.run(_stream1(s.port, 2000)) for _ in range(stream_reps))
     return {"rps": rps, "stream1_tok_s": tps}

@@ -32,11 +32,8 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -47,6 +44,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from _machine import describe  # noqa: E402
+from _harness import Server, run_clients  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
 SERVERS = ("tep", "llama-server", "llama-cpp-python")
@@ -63,12 +61,6 @@ QUESTIONS = [
     "How many legs does a spider have?", "What is the boiling point of water?",
     "Suggest a name for a dog.",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def default_model() -> Path | None:
@@ -116,106 +108,41 @@ def server_cmd(name: str, port: int, args: argparse.Namespace) -> tuple[list[str
     raise ValueError(name)
 
 
-class Server:
-    """A server subprocess in its own process group; ``start()`` waits until a chat
-    request answers."""
+def start_server(name: str, args: argparse.Namespace) -> Server:
+    """``name`` started and answering a chat request (the peers have no common health
+    route, and a model is only ready once it answers)."""
+    srv = Server(["{port}"], name=name, timeout_s=180.0, ready=_answers_chat)
+    srv.cmd, env = server_cmd(name, srv.port, args)
+    srv.env = env
+    return srv.start()
 
-    def __init__(self, name: str, args: argparse.Namespace) -> None:
-        self.name, self.port = name, free_port()
-        self.cmd, self.env = server_cmd(name, self.port, args)
-        self.log = tempfile.TemporaryFile()
-        self.url = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 180.0) -> "Server":
-        self.proc = subprocess.Popen(self.cmd, cwd=ROOT, env=self.env, stdout=self.log,
-                                     stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + timeout_s
-        body = json.dumps({"model": MODEL_ID[0], "messages": [{"role": "user", "content": "hi"}],
-                           "max_tokens": 2}).encode()
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.tail()}")
-            try:
-                req = urllib.request.Request(self.url + "/v1/chat/completions", data=body,
-                                             headers={"Content-Type": "application/json"})
-                with urllib.request.urlopen(req, timeout=30) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.5)
-        raise RuntimeError(f"{self.name} did not come up in {timeout_s}s: {self.tail()}")
-
-    def tail(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-1500:]
-
-    def stop(self) -> None:
-        try:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=20)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, 9)
-            except ProcessLookupError:
-                pass
+def _answers_chat(url: str) -> bool:
+    body = json.dumps({"model": MODEL_ID[0], "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 2}).encode()
+    try:
+        req = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            return r.status == 200
+    except OSError:
+        return False
 
 
 # ------------------------------------------------------------------------------ client
 
 MODEL_ID = ["m"]   # the model name sent in requests (set from the GGUF file in main)
 
-async def one_stream(client, url: str, question: str, bias: dict[str, float]) -> dict:
-    body = {"model": MODEL_ID[0], "messages": [{"role": "user", "content": question}],
-            "max_tokens": MAX_TOKENS, "temperature": 0.8, "top_p": 0.95,
-            "logit_bias": bias, "stream": True,
-            "stream_options": {"include_usage": True}}
-    t0 = time.perf_counter()
-    times: list[float] = []
-    usage = None
-    async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
-        if r.status_code != 200:
-            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
-        async for line in r.aiter_lines():
-            if not line.startswith("data: ") or line == "data: [DONE]":
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("usage"):
-                usage = chunk["usage"]
-            for c in chunk.get("choices") or ():
-                if (c.get("delta") or {}).get("content"):
-                    times.append(time.perf_counter())
-    n = usage["completion_tokens"] if usage else len(times)
-    return {"t0": t0, "times": times, "tokens": n, "end": time.perf_counter()}
-
-
 async def run_level(url: str, clients: int, per_client: int, bias: dict[str, float]) -> dict:
-    import httpx
-
-    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
-        async def worker(k: int) -> list[dict]:
-            return [await one_stream(client, url, QUESTIONS[(k * per_client + i) % len(QUESTIONS)], bias)
-                    for i in range(per_client)]
-        t = time.perf_counter()
-        results = [r for rs in await asyncio.gather(*(worker(k) for k in range(clients))) for r in rs]
-        wall = max(r["end"] for r in results) - t
-    ttft = [r["times"][0] - r["t0"] for r in results if r["times"]]
-    itl = [b - a for r in results for a, b in zip(r["times"], r["times"][1:])]
-    tokens = sum(r["tokens"] for r in results)
-    return {"tokens": tokens, "requests": len(results), "wall_s": wall,
-            "tokens_per_s": tokens / wall, "short": sum(r["tokens"] < MAX_TOKENS for r in results),
-            "ttft_p50": _pct(ttft, 50), "ttft_p99": _pct(ttft, 99),
-            "itl_p50": _pct(itl, 50), "itl_p99": _pct(itl, 99)}
-
-
-def _pct(xs: list[float], q: float) -> float | None:
-    if not xs:
-        return None
-    xs = sorted(xs)
-    k = (len(xs) - 1) * q / 100
-    lo = int(k)
-    hi = min(lo + 1, len(xs) - 1)
-    return xs[lo] + (xs[hi] - xs[lo]) * (k - lo)
+    """One load level: ``clients`` users streaming ``per_client`` chats each."""
+    def body(k: int, i: int) -> dict:
+        return {"model": MODEL_ID[0], "max_tokens": MAX_TOKENS, "temperature": 0.8,
+                "top_p": 0.95, "logit_bias": bias,
+                "messages": [{"role": "user",
+                              "content": QUESTIONS[(k * per_client + i) % len(QUESTIONS)]}]}
+    level, results = await run_clients(url, clients, per_client, body)
+    level["short"] = sum(r.tokens < MAX_TOKENS for r in results)
+    return level
 
 
 # ------------------------------------------------------------------------------ profile
@@ -294,7 +221,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         for name in args.servers:
             try:
-                running[name] = Server(name, args).start()
+                running[name] = start_server(name, args)
                 print(f"{name}: up on port {running[name].port}", flush=True)
             except Exception as e:  # noqa: BLE001 - a peer that cannot start is reported
                 out["skipped"][name] = str(e).splitlines()[0][:300]

@@ -36,7 +36,6 @@ import argparse
 import base64
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -114,43 +113,28 @@ class OrtPeer:
 
 # --------------------------------------------------------------------------- tep over HTTP
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TepServer:
-    """``tep serve --backend tep.backends.bert:MiniLMBackend`` with ``TEP_BERT_THREADS``."""
+    """``tep serve --backend tep.backends.bert:MiniLMBackend`` with ``TEP_BERT_THREADS``
+    (``error`` says why not when it cannot start)."""
 
     def __init__(self, model_dir: str, threads: int) -> None:
-        self.url = ""
-        self.error: str | None = None
-        port = _free_port()
-        env = dict(os.environ, TEP_BERT_MODEL_DIR=model_dir, TEP_BERT_THREADS=str(threads),
-                   OMP_NUM_THREADS=str(threads), HF_HUB_OFFLINE="1")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "tep", "serve", "--backend", "tep.backends.bert:MiniLMBackend",
-             "--port", str(port), "--max-concurrency", "1", "--log-level", "warning",
-             "--no-metrics"],
-            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         import httpx
+        from _harness import Server
 
-        deadline = time.monotonic() + 90
-        while True:
-            if self.proc.poll() is not None:
-                self.error = f"tep serve exited: {self.proc.stderr.read().decode()[-300:]}"
-                return
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                self.error = "tep serve did not come up in 90 s"
-                return
-            time.sleep(0.2)
-        self.url = f"http://127.0.0.1:{port}/v1/embeddings"
+        self.url, self.error, self.client = "", None, None
+        self.server = Server([sys.executable, "-m", "tep", "serve", "--backend",
+                              "tep.backends.bert:MiniLMBackend", "--port", "{port}",
+                              "--max-concurrency", "1", "--log-level", "warning",
+                              "--no-metrics"],
+                             {"TEP_BERT_MODEL_DIR": model_dir, "TEP_BERT_THREADS": str(threads),
+                              "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1"},
+                             name="tep serve", timeout_s=90.0)
+        try:
+            self.server.start()
+        except RuntimeError as e:
+            self.error = str(e)[:300]
+            return
+        self.url = self.server.url + "/v1/embeddings"
         self.client = httpx.Client(timeout=60)
 
     def one_pass(self, model: str, sentences: list[str]) -> list[float]:
@@ -166,13 +150,9 @@ class TepServer:
         return out
 
     def close(self) -> None:
-        if getattr(self, "client", None) is not None:
+        if self.client is not None:
             self.client.close()
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        self.server.__exit__(None, None, None)
 
 
 # --------------------------------------------------------------------------- helpers

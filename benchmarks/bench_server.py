@@ -38,13 +38,11 @@ import json
 import os
 import re
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -52,6 +50,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _machine import describe  # noqa: E402
+from _harness import Server  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
 MODEL = "tep-toy"
@@ -59,12 +58,6 @@ RPS_TARGET_VS_LITSERVE = 20.0
 RPS_TARGET_VS_FLOOR = 0.6
 STREAM_TPS_TARGET = 20000.0
 TTFT_TARGET_S = 0.005
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def server_cmd(name: str, port: int) -> list[str]:
@@ -78,47 +71,6 @@ def server_cmd(name: str, port: int) -> list[str]:
     if name == "floor":
         return [py, str(HERE / "_floor_app.py"), str(port)]
     raise ValueError(name)
-
-
-class Server:
-    """A server subprocess; ``with Server(name) as s:`` waits for GET /health."""
-
-    def __init__(self, name: str, timeout_s: float = 60.0) -> None:
-        self.name, self.port, self.timeout_s = name, free_port(), timeout_s
-        self.log = tempfile.TemporaryFile()
-
-    def __enter__(self) -> "Server":
-        self.proc = subprocess.Popen(server_cmd(self.name, self.port), cwd=ROOT,
-                                     stdout=self.log, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
-        deadline = time.time() + self.timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.tail()}")
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health",
-                                            timeout=1) as r:
-                    if r.status == 200:
-                        return self
-            except OSError:
-                time.sleep(0.2)
-        raise RuntimeError(f"{self.name} did not come up in {self.timeout_s}s: {self.tail()}")
-
-    def tail(self) -> str:
-        self.log.seek(0)
-        return self.log.read().decode(errors="replace")[-2000:]
-
-    def __exit__(self, *exc) -> None:
-        # the server's own process group only (litserve forks workers into it)
-        try:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=15)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(self.proc.pid, 9)
-            except ProcessLookupError:
-                pass
-        self.log.close()
 
 
 def chat_body(max_tokens: int, stream: bool) -> bytes:
@@ -289,7 +241,7 @@ async def streams(port: int, n_streams: int, n_tokens: int) -> dict:
 def bench_server(name: str, args: argparse.Namespace, use_wrk: bool) -> dict:
     """All measurements against one server."""
     out: dict = {"server": name}
-    with Server(name) as s:
+    with Server(server_cmd(name, "{port}"), name=name, timeout_s=60.0) as s:
         # one correct answer first: the numbers below measure a server that works
         st, body = asyncio.run(_one_post(s.port))
         if st != 200 or content_chars(body, False) != 16:

@@ -1,0 +1,220 @@
+"""The one benchmark harness: server processes, a streaming load client, rounds,
+percentiles, tables. Every script in benchmarks/ that starts a server or drives HTTP load
+takes these instead of its own copy (``_timing`` times in-process calls, ``_report``
+writes the targets and the JSON file, ``_machine`` describes the box).
+
+    with Server([sys.executable, "-m", "tep", "serve", "--port", "{port}"]) as s:
+        level = asyncio.run(run_clients(s.url, clients=4, per_client=2, make_body=...))
+        print_table(["clients", "tok/s"], [[4, level["tokens_per_s"]]])
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+__all__ = ["ROOT", "free_port", "Server", "pct", "StreamResult", "stream_chat",
+           "run_clients", "summarize", "print_table", "interleaved_rounds"]
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """A server subprocess in its own process group (so forked workers go with it).
+
+    ``cmd`` may hold ``{port}``, replaced by a free port. ``ready`` is the path polled
+    with GET until it answers 200 (``/health``), or a callable ``(url) -> bool`` for
+    servers that have no health route. Use as a context manager or ``start()``/``stop()``.
+
+    Attributes:
+        port, url: where it listens (``http://127.0.0.1:<port>``).
+    """
+
+    def __init__(self, cmd: Sequence[str], env: dict | None = None, *, name: str = "",
+                 cwd: Path | str = ROOT, ready: str | Callable[[str], bool] = "/health",
+                 timeout_s: float = 120.0) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.cmd = [c.replace("{port}", str(self.port)) for c in cmd]
+        self.env = {**os.environ, **(env or {})}
+        self.name = name or Path(self.cmd[0]).name
+        self.cwd, self.ready, self.timeout_s = cwd, ready, timeout_s
+        self.log = tempfile.TemporaryFile()
+        self.proc: subprocess.Popen | None = None
+
+    def _is_ready(self) -> bool:
+        if callable(self.ready):
+            return self.ready(self.url)
+        try:
+            with urllib.request.urlopen(self.url + self.ready, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def start(self) -> "Server":
+        """Start the process and wait until it is ready (RuntimeError with its log tail
+        when it exits or does not come up in ``timeout_s``)."""
+        self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self.log,
+                                     stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.time() + self.timeout_s
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited: {self.tail()}")
+            if self._is_ready():
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise RuntimeError(f"{self.name} did not come up in {self.timeout_s}s: {self.tail()}")
+
+    def tail(self, n: int = 2000) -> str:
+        """The last ``n`` characters of the server's output."""
+        self.log.seek(0)
+        return self.log.read().decode(errors="replace")[-n:]
+
+    def stop(self) -> None:
+        """SIGTERM the process group, SIGKILL after 15 s."""
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, 15)
+            self.proc.wait(timeout=15)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            try:
+                os.killpg(self.proc.pid, 9)
+            except ProcessLookupError:
+                pass
+        self.proc = None
+
+    def __enter__(self) -> "Server":
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+        self.log.close()
+
+
+def pct(xs: Sequence[float], q: float) -> float | None:
+    """The ``q``-th percentile (linear interpolation, numpy's default); None if empty."""
+    if not xs:
+        return None
+    s = sorted(xs)
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+@dataclass
+class StreamResult:
+    """One streamed request: send time, arrival time of each content chunk, completion
+    tokens (the usage chunk's count, else chunks seen), end time (perf_counter seconds),
+    and the concatenated text."""
+
+    t0: float
+    times: list[float] = field(default_factory=list)
+    tokens: int = 0
+    end: float = 0.0
+    text: str = ""
+
+
+async def stream_chat(client: Any, url: str, body: dict,
+                      path: str = "/v1/chat/completions") -> StreamResult:
+    """POST a streaming chat (or completions) request with an ``httpx.AsyncClient`` and
+    time every content chunk. Asks for the usage chunk so ``tokens`` is exact."""
+    body = {**body, "stream": True, "stream_options": {"include_usage": True}}
+    res = StreamResult(t0=time.perf_counter())
+    parts: list[str] = []
+    usage = None
+    async with client.stream("POST", url + path, json=body) as r:
+        if r.status_code != 200:
+            raise RuntimeError(f"HTTP {r.status_code}: {(await r.aread())[:300]!r}")
+        async for line in r.aiter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+            for c in chunk.get("choices") or ():
+                piece = (c.get("delta") or {}).get("content") or c.get("text")
+                if piece:
+                    res.times.append(time.perf_counter())
+                    parts.append(piece)
+    res.tokens = usage["completion_tokens"] if usage else len(res.times)
+    res.end, res.text = time.perf_counter(), "".join(parts)
+    return res
+
+
+def summarize(results: list[StreamResult], wall_s: float) -> dict:
+    """Aggregate tokens/s over the wall time, TTFT and inter-token latency percentiles
+    (seconds) of a set of streams."""
+    ttft = [r.times[0] - r.t0 for r in results if r.times]
+    itl = [b - a for r in results for a, b in zip(r.times, r.times[1:])]
+    tokens = sum(r.tokens for r in results)
+    return {"tokens": tokens, "requests": len(results), "wall_s": wall_s,
+            "tokens_per_s": tokens / wall_s if wall_s > 0 else 0.0,
+            "ttft_p50": pct(ttft, 50), "ttft_p99": pct(ttft, 99),
+            "itl_p50": pct(itl, 50), "itl_p99": pct(itl, 99)}
+
+
+async def run_clients(url: str, clients: int, per_client: int,
+                      make_body: Callable[[int, int], dict],
+                      path: str = "/v1/chat/completions") -> tuple[dict, list[StreamResult]]:
+    """``clients`` concurrent users, each sending ``per_client`` streaming requests one
+    after another (``make_body(client, i)`` builds each). Returns :func:`summarize`'s dict
+    (wall time from the start to the last byte) and the per-request results."""
+    import httpx
+
+    limits = httpx.Limits(max_connections=clients + 4, max_keepalive_connections=clients + 4)
+    async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+        async def user(k: int) -> list[StreamResult]:
+            return [await stream_chat(client, url, make_body(k, i), path)
+                    for i in range(per_client)]
+        t = time.perf_counter()
+        results = [r for rs in await asyncio.gather(*(user(k) for k in range(clients)))
+                   for r in rs]
+        wall = max(r.end for r in results) - t
+    return summarize(results, wall), results
+
+
+def interleaved_rounds(rounds: int, cases: Sequence[Any], run: Callable[[Any], dict]
+                       ) -> dict[Any, list[dict]]:
+    """Run every case once per round, in turn, so drift in machine load hits all cases
+    alike (this box is 2 shared cores): ``{case: [result of each round]}``."""
+    out: dict[Any, list[dict]] = {c: [] for c in cases}
+    for _ in range(rounds):
+        for c in cases:
+            out[c].append(run(c))
+    return out
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> None:
+    """A plain-text table: floats with 3 significant decimals, None as '-'."""
+    def fmt(v: Any) -> str:
+        if v is None:
+            return "-"
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
+        return str(v)
+    cells = [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
+              for i, h in enumerate(header)]
+    if title:
+        print(title)
+    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
+    for r in cells:
+        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
