@@ -53,6 +53,7 @@ def _need_browser() -> None:
 
 # --------------------------------------------------------------------- without a browser
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("fast_path", [True, False])
 async def test_page_served_self_contained(fast_path):
     app = tep.create_app("toy", fast_path=fast_path)
@@ -79,6 +80,7 @@ async def test_page_served_self_contained(fast_path):
         assert "text/html" in doc["paths"]["/"]["get"]["responses"]["200"]["content"]
 
 
+@pytest.mark.anyio
 @pytest.mark.parametrize("how", ["argument", "env"])
 async def test_no_ui_is_a_404_in_the_envelope(how, monkeypatch):
     if how == "env":
