@@ -235,7 +235,7 @@ def test_browser_streams_stops_and_keeps_the_conversation(servers, browser):
 
     # turn 2: a long stream, stopped in the middle
     before = _metrics(url)
-    _set(browser, "max-tokens", "200000")
+    _set(browser, "max-tokens", "1000000")
     _send(browser, "Now talk for a long time")
     lengths: list[int] = []
     deadline = time.monotonic() + 30
@@ -265,7 +265,7 @@ def test_browser_streams_stops_and_keeps_the_conversation(servers, browser):
     time.sleep(0.5)
     s2 = _sampled(_metrics(url))
     assert s1 == s2, "the engine kept sampling after the page stopped"
-    assert 0 < s2 - _sampled(before) < 200000
+    assert 0 < s2 - _sampled(before) < 1000000
 
     # turn 3: the conversation so far goes back with the next message
     _set(browser, "max-tokens", "5")
