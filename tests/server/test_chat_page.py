@@ -93,14 +93,14 @@ async def test_no_ui_is_a_404_in_the_envelope(how, monkeypatch):
         r = await c.get("/")
         assert r.status_code == 404
         err = (await r.get_json())["error"]
-        assert err["type"] == "invalid_request_error" and "/" in err["message"]
+        assert err["type"] == "invalid_request_error" and "GET '/'" in err["message"]
         assert (await c.get("/health")).status_code == 200
         r = await c.post(CHAT, json={"model": "tep-toy", "max_tokens": 3,
                                      "messages": [{"role": "user", "content": "hi"}]})
         assert r.status_code == 200
 
 
-def test_cli_no_ui_option():
+def test_cli_no_ui_option(monkeypatch):
     from tep.server.cli import _config_env, _parser
     from tep.serving.config import ServerConfig
 
@@ -109,6 +109,8 @@ def test_cli_no_ui_option():
     assert env["TEP_UI"] == "False"
     assert "TEP_UI" not in _config_env(_parser().parse_args(["serve"]))
     assert ServerConfig.from_env().ui is True
+    monkeypatch.setenv("TEP_UI", env["TEP_UI"])   # how the option reaches the app
+    assert ServerConfig.from_env().ui is False
     with pytest.raises(SystemExit):
         _parser().parse_args(["serve", "--ui"])   # only the negative spelling exists
 
