@@ -28,6 +28,7 @@ from tep import errors as E
 from tep.backend import Backend
 from tep.obs.events import EventLog
 from tep.obs.telemetry import SCOPE_KEY, RequestRecord, TelemetryMiddleware
+from tep.server.chat_page import PAGE_HEADERS, chat_page
 from tep.server.fastpath import FastPath
 from tep.server.prelude import BODY_TIMEOUT_S, begin, http_error
 from tep.serving.calls import check_model, release
@@ -199,6 +200,15 @@ def _register(app: Quart, state: ServerState) -> None:
     @app.errorhandler(Exception)
     async def _unexpected(err: Exception) -> Response:
         return _response(unexpected_reply(err, _rec().request_id))
+
+    # ---- the chat page (off: "/" is an unknown path, a 404 in the envelope)
+    if state.config.ui:
+        @app.get("/")
+        async def chat() -> Response:
+            resp = Response(chat_page(), status=200, content_type="text/html; charset=utf-8")
+            for k, v in PAGE_HEADERS:
+                resp.headers[k] = v
+            return resp
 
     # ---- metadata
     @app.get("/health")

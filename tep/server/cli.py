@@ -6,7 +6,7 @@
               [--api-key KEY ...] [--events-jsonl PATH] [--no-metrics]
               [--graceful-timeout 60] [--log-level info]
               [--max-num-seqs 256] [--max-batch-tokens 2048]
-              [--toy-vocab-size V] [--toy-instant]
+              [--toy-vocab-size V] [--toy-instant] [--no-ui]
 
 Serves on hypercorn. Settings travel to worker processes as ``TEP_*`` environment
 variables, so every worker sees the same configuration as a single process.
@@ -64,6 +64,11 @@ def _parser() -> argparse.ArgumentParser:
     # one option per ServerConfig setting: its type, default and help come from there
     for f in fields(ServerConfig):
         if not f.metadata.get("cli", True):
+            continue
+        if f.metadata.get("cli") == "negate":  # a setting on by default: --no-<name>
+            s.add_argument("--no-" + f.name.replace("_", "-"), dest=f.name,
+                           action="store_false", default=argparse.SUPPRESS,
+                           help=f.metadata.get("help", ""))
             continue
         parse = ServerConfig._PARSE.get(f.name, int)
         default = f.default if f.default is not MISSING else None

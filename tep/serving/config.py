@@ -54,6 +54,8 @@ class ServerConfig:
             Quart (:mod:`tep.server.fastpath`; same answers, less overhead). Quart's own
             ``before_request``/``after_request`` hooks and extensions do not see those
             requests; False routes them through Quart.
+        ui: serve the chat page (``tep/server/static/chat.html``) at ``GET /``; off,
+            ``/`` is a 404 like any unknown path (``--no-ui``, ``TEP_UI=0``).
     """
 
     max_concurrency: int = field(default=8, metadata={
@@ -80,13 +82,16 @@ class ServerConfig:
         "help": "engine backends: most tokens fed per model step, prompt chunks included"})
     metrics: bool = field(default=True, metadata={"cli": False})
     fast_path: bool = field(default=True, metadata={"cli": False})
+    # "negate": the CLI option is --no-<name>, which sets it False
+    ui: bool = field(default=True, metadata={
+        "cli": "negate", "help": "do not serve the chat page at / (it is then a 404)"})
 
     DEFAULT_MAX_TOKENS_LIMIT = 1 << 20
 
     # how each field is read from its TEP_<NAME> variable
     _PARSE = {"api_keys": _keys, "events_jsonl": str,
               "generation_timeout": float, "metrics": _bool,
-              "fast_path": _bool}
+              "fast_path": _bool, "ui": _bool}
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerConfig":

@@ -66,6 +66,11 @@ def openapi_document() -> dict[str, Any]:
         "info": {"title": "tep", "version": __version__,
                  "description": "An OpenAI-compatible API served by tep."},
         "paths": {
+            "/": {"get": {"summary": "The chat page (HTML; absent with --no-ui)",
+                          "responses": {"200": {"description": "OK", "content": {
+                              "text/html": {"schema": {"type": "string"}}}},
+                              "404": {**_error_responses(404)["404"],
+                                      "description": "The page is off (--no-ui)"}}}},
             "/health": {"get": {"summary": "Liveness", "responses": {
                 "200": {"description": "OK", "content": {"application/json": {
                     "schema": {"type": "object"}}}}}}},

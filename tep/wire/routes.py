@@ -26,6 +26,7 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("GET", "/health", False),
     RouteSpec("GET", "/metrics", False),
     RouteSpec("GET", "/openapi.json", False),
+    RouteSpec("GET", "/", False),            # the chat page (ServerConfig.ui)
 )
 INFERENCE_PATHS = frozenset(r.path for r in ROUTES if r.inference)
 KNOWN_PATHS = frozenset(r.path for r in ROUTES if "{" not in r.path)

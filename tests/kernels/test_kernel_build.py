@@ -123,6 +123,7 @@ def test_wheel_builds_with_compiled_kernels_and_pxd(tmp_path):
         assert f"tep/_kernels/{mod}.pxd" in names
         assert f"tep/_kernels/{mod}.pyi" in names
     assert "tep/_kernels/_typedefs.pxd" in names
+    assert "tep/server/static/chat.html" in names   # the chat page at GET /
     assert not [n for n in names if n.endswith(".c")], "generated C shipped in the wheel"
     # the unpacked wheel imports and samples on its own
     site = tmp_path / "site"
