@@ -113,11 +113,14 @@ class Backend:
     # ---- text hooks (optional)
     def tokenize(self, model: str, text: str) -> list[int]:
         """Text -> token IDs. Without it, text prompts are a 400 ("this server takes
-        token IDs")."""
+        token IDs"). May take a keyword ``add_special: bool`` (add BOS and the like), which
+        ``/tokenize`` then passes when a client sets it."""
         raise NotImplementedError
 
     def detokenize(self, model: str, token_ids: list[int]) -> str:
-        """Token IDs -> text (for ``echo`` and logprob alternatives given as IDs)."""
+        """Token IDs -> text (for ``echo``, logprob alternatives given as IDs and
+        ``/detokenize``). May take a keyword ``special: bool`` (spell out special tokens),
+        which ``/detokenize`` passes as True."""
         raise NotImplementedError
 
     def token_bytes(self, model: str, token_ids: list[int]) -> list[bytes]:

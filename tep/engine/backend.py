@@ -26,6 +26,16 @@ __all__ = ["EngineBackend"]
 OnDone = Callable[[BaseException | None], None]
 
 
+def _takes(fn: Any, name: str) -> bool:
+    """Whether ``fn`` has a parameter ``name`` (optional model hooks' extras)."""
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class EngineBackend(Backend):
     """Serve ``model`` with continuous batching.
 
@@ -121,20 +131,22 @@ class EngineBackend(Backend):
         return [int(t) for t in self.model.tokenize(text)]
 
     def _tokenize_takes_special(self) -> bool:
-        import inspect
+        return _takes(self.model.tokenize, "add_special")
 
-        try:
-            return "add_special" in inspect.signature(self.model.tokenize).parameters
-        except (TypeError, ValueError):
-            return False
-
-    def detokenize(self, model: str, token_ids: list[int]) -> str:
+    def detokenize(self, model: str, token_ids: list[int], special: bool = False) -> str:
+        """``special``: spell out special tokens (passed to a model whose ``detokenize``
+        takes it; generated text never shows them)."""
         self._check_ids(token_ids, "prompt")
-        return bytes(self.model.detokenize(list(token_ids))).decode("utf-8", errors="replace")
+        return self._detok(list(token_ids), special).decode("utf-8", errors="replace")
+
+    def _detok(self, ids: list[int], special: bool) -> bytes:
+        if special and _takes(self.model.detokenize, "special"):
+            return bytes(self.model.detokenize(ids, special=True))
+        return bytes(self.model.detokenize(ids))
 
     def token_bytes(self, model: str, token_ids: list[int]) -> list[bytes]:
         self._check_ids(token_ids, "tokens")
-        return [bytes(self.model.detokenize([int(t)])) for t in token_ids]
+        return [self._detok([int(t)], True) for t in token_ids]
 
     def supports_chat_template(self) -> bool:
         return self.supports_chat()

@@ -47,6 +47,14 @@ async def run_text_job(state: ServerState, rec: RequestRecord, what: str,
         C.release(state, cancel)
 
 
+def _takes(fn: Any, name: str) -> bool:
+    """Whether a backend method has the optional parameter ``name``."""
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 def _need(ok: bool, what: str, code: str) -> None:
     if not ok:
         raise E.NotSupportedError(f"This backend has no {what}", code=code)
@@ -85,11 +93,7 @@ async def tokenize(state: ServerState, rec: RequestRecord,
     elif req.add_special is None:
         ids_of = lambda: backend.tokenize(model, req.text)  # noqa: E731
     else:
-        try:
-            takes = "add_special" in inspect.signature(backend.tokenize).parameters
-        except (TypeError, ValueError):
-            takes = False
-        if not takes:
+        if not _takes(backend.tokenize, "add_special"):
             raise E.BadRequestError("this backend's tokenizer takes no 'add_special'",
                                     param="add_special", code="unsupported_parameter")
         ids_of = lambda: backend.tokenize(model, req.text,  # noqa: E731
@@ -112,9 +116,11 @@ async def detokenize(state: ServerState, rec: RequestRecord,
     backend = state.backend
     model = rec.model = default_model(state, name)
     _need(backend.supports_detokenize(), "detokenizer", "detokenize_not_supported")
+    # special tokens spelled out where the backend can (text with <|im_start|> round-trips)
+    kw = {"special": True} if _takes(backend.detokenize, "special") else {}
     try:
         text = await run_text_job(state, rec, "detokenize",
-                                  lambda: backend.detokenize(model, ids))
+                                  lambda: backend.detokenize(model, ids, **kw))
     except E.BadRequestError as e:  # e.g. an ID outside the vocabulary
         raise E.BadRequestError(e.message, param="tokens", code=e.code) from None
     return json_reply({"content": text, "prompt": text})

@@ -11,7 +11,8 @@ Shapes::
     request  {model, max_tokens, messages: [{role: user|assistant, content: str | [block]}],
               system?: str | [text block], stop_sequences?, temperature?, top_p?, top_k?,
               tools?: [{name, description?, input_schema}], tool_choice?: {type: auto|any|
-              tool|none, name?, disable_parallel_tool_use?}, stream?, seed? (tep)}
+              tool|none, name?, disable_parallel_tool_use?}, output_config?: {format?:
+              {type: json_schema, schema}}, stream?, seed? (tep)}
     block    {type: text, text} | {type: tool_use, id, name, input: {}}  (assistant)
              | {type: tool_result, tool_use_id, content?: str | [text block], is_error?}
     answer   {id: msg_..., type: message, role: assistant, model, content: [block],
@@ -41,7 +42,7 @@ MAX_BLOCKS = 4096
 # Every top-level field the parser reads; others are logged and ignored, as in chat.
 MESSAGES_FIELDS = ("model", "max_tokens", "messages", "system", "stop_sequences",
                    "temperature", "top_p", "top_k", "tools", "tool_choice", "stream",
-                   "metadata", "seed")
+                   "metadata", "output_config", "seed")
 
 # chat field (what prepare_chat names in its errors) -> the Messages field it came from
 _RENAMES = {
@@ -49,6 +50,7 @@ _RENAMES = {
     "parallel_tool_calls": "tool_choice.disable_parallel_tool_use",
     "tool_choice.function.name": "tool_choice.name",
     "max_completion_tokens": "max_tokens",
+    "response_format.json_schema.schema": "output_config.format.schema",
 }
 
 
@@ -284,6 +286,25 @@ def _tool_choice(v: Any, chat: dict) -> None:
         chat["parallel_tool_calls"] = not dp
 
 
+def _output_config(v: Any, chat: dict) -> None:
+    """``output_config.format`` ``{"type": "json_schema", "schema"}`` -> the chat
+    ``response_format`` (the same constrained decoding); ``effort`` has no meaning here."""
+    if not isinstance(v, dict):
+        raise _bad("'output_config' must be an object", "output_config", "invalid_type")
+    fmt = v.get("format")
+    if fmt is None:
+        return
+    p = "output_config.format"
+    if not isinstance(fmt, dict) or fmt.get("type") != "json_schema":
+        raise _bad(f"'{p}' must be {{\"type\": \"json_schema\", \"schema\": {{...}}}}", p,
+                   "invalid_type")
+    if not isinstance(fmt.get("schema"), dict):
+        raise _bad(f"'{p}.schema' must be a JSON Schema object", f"{p}.schema",
+                   "invalid_type")
+    chat["response_format"] = {"type": "json_schema",
+                               "json_schema": {"name": "output", "schema": fmt["schema"]}}
+
+
 def parse_messages_request(body: dict, request_id: str, *, count_only: bool = False
                            ) -> MessagesRequest:
     """Validate a Messages body and translate it into a chat-shaped body (400 naming the
@@ -330,6 +351,8 @@ def parse_messages_request(body: dict, request_id: str, *, count_only: bool = Fa
         raise _bad("'metadata' must be an object", "metadata", "invalid_type")
     if isinstance(meta, dict) and isinstance(meta.get("user_id"), str):
         chat["user"] = meta["user_id"]
+    if body.get("output_config") is not None:
+        _output_config(body["output_config"], chat)
     if body.get("tools") is not None:
         chat["tools"] = _tools(body["tools"])
     if body.get("tool_choice") is not None:

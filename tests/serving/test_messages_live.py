@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import json
 import threading
+from typing import Literal
 
 import httpx
 import jsonschema
 import pytest
+from pydantic import BaseModel
 
 anthropic = pytest.importorskip("anthropic")
 
@@ -181,6 +183,29 @@ def test_streamed_tool_use_equals_create(live_server):
     assert len(partial) > 1 and json.loads("".join(partial)) == final.content[-1].input
 
 
+class Shirt(BaseModel):
+    # enums and booleans: the client moves length and range limits into descriptions
+    # (Anthropic's structured outputs do not take them), and unbounded strings from the
+    # toy model's random text rarely close within max_tokens
+    colour: Literal["red", "green", "blue"]
+    size: Literal["s", "m", "l", "xl"]
+    in_stock: bool
+
+
+def test_parse_with_output_format(live_server):
+    c = client(live_server(TOY))
+    for seed in (1, 2):   # messages.parse sends output_config.format (a JSON schema)
+        m = c.messages.parse(model=MODEL, max_tokens=300, messages=ASK, output_format=Shirt,
+                             extra_body={"seed": seed})
+        assert m.stop_reason == "end_turn"
+        assert isinstance(m.parsed_output, Shirt)
+        Shirt.model_validate_json(m.content[0].text)
+    with pytest.raises(anthropic.BadRequestError) as e:
+        c.messages.create(model=MODEL, max_tokens=3, messages=ASK, output_config={
+            "format": {"type": "json_schema", "schema": {"type": "strange"}}})
+    assert "output_config.format.schema" in e.value.message
+
+
 def test_count_tokens_equals_rendered_prompt(live_server):
     url = live_server(TOY)
     c = client(url)
@@ -339,6 +364,9 @@ HOSTILE = [
     {"messages": [{"role": "user", "content": "hi"}] * 10_000},
     {"model": 5},
     {"stream": "yes"},
+    {"output_config": {"format": {"type": "json_object"}}},
+    {"output_config": {"format": {"type": "json_schema", "schema": []}}},
+    {"output_config": "json"},
 ]
 
 
