@@ -11,6 +11,8 @@ from support.http import client_for
 
 from tep.backends.toy import ToyEngineBackend
 from tep.errors import BadRequestError
+from tep.serving.messages import text_delta_event
+from tep.serving.sse import sse_event
 from tep.wire.messages import (error_type, parse_messages_request, rename_param,
                                stop_reason)
 
@@ -60,6 +62,14 @@ def test_translation_of_a_tool_round_trip():
     assert e.param == "tools[0].input_schema"
     e = rename_param(BadRequestError("'stop' must be short", param="stop"), r)
     assert (e.param, e.message) == ("stop_sequences", "'stop_sequences' must be short")
+
+
+@pytest.mark.parametrize("text", ["plain", "", 'quote " back \\ slash', "naïve 東京 🚀",
+                                  "\n\t\u2028 ctrl \x00"])
+def test_text_delta_bytes_equal_the_generic_event(text):
+    want = sse_event("content_block_delta", {"type": "content_block_delta", "index": 3,
+                                             "delta": {"type": "text_delta", "text": text}})
+    assert text_delta_event(3, text) == want
 
 
 def test_stop_reasons_and_error_types():
