@@ -113,12 +113,36 @@ class Backend:
     # ---- text hooks (optional)
     def tokenize(self, model: str, text: str) -> list[int]:
         """Text -> token IDs. Without it, text prompts are a 400 ("this server takes
-        token IDs")."""
+        token IDs"). May take a keyword ``add_special: bool`` (add BOS and the like), which
+        ``/tokenize`` then passes when a client sets it."""
         raise NotImplementedError
 
     def detokenize(self, model: str, token_ids: list[int]) -> str:
-        """Token IDs -> text (for ``echo`` and logprob alternatives given as IDs)."""
+        """Token IDs -> text (for ``echo``, logprob alternatives given as IDs and
+        ``/detokenize``). May take a keyword ``special: bool`` (spell out special tokens),
+        which ``/detokenize`` passes as True."""
         raise NotImplementedError
+
+    def token_bytes(self, model: str, token_ids: list[int]) -> list[bytes]:
+        """Each token's own bytes (``/tokenize`` with ``with_pieces``; a byte-level token
+        may hold part of a UTF-8 character). Default: :meth:`detokenize` of each token
+        alone, UTF-8 encoded."""
+        return [self.detokenize(model, [t]).encode("utf-8") for t in token_ids]
+
+    def apply_chat_template(self, req: "ChatRequest") -> str:
+        """The prompt text a chat request renders to, exactly as chat generation would
+        tokenize it: ``req.messages`` through the backend's chat template with the
+        generation prompt, and the tools of ``req.structured`` as the chat path shows them
+        to the model. Answers ``/apply-template`` and is what ``/v1/messages/count_tokens``
+        and ``/tokenize`` (with ``messages``) count. Default: 501."""
+        from tep.errors import NotSupportedError
+
+        raise NotSupportedError("This backend does not expose its chat template",
+                                code="chat_template_not_supported")
+
+    def supports_chat_template(self) -> bool:
+        """True when :meth:`apply_chat_template` is implemented."""
+        return _overrides(self, "apply_chat_template")
 
     def prompt_logprobs(self, model: str, token_ids: list[int],
                         top_n: int) -> list[TokenLogprob]:

@@ -42,6 +42,8 @@ class Completion:
             (chat backends should set it).
         completion_tokens: generated token count; None means ``len(token_ids)``.
         logprobs: one entry per generated token when logprobs were requested, else None.
+        stop_sequence: the stop string that ended the text (set by the server's sink),
+            else None.
     """
 
     text: str = ""
@@ -50,3 +52,4 @@ class Completion:
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     logprobs: list[TokenLogprob] | None = None
+    stop_sequence: str | None = None

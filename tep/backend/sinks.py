@@ -67,6 +67,7 @@ class StreamSink:
         self.logprobs: list[TokenLogprob] | None = [] if self._want_lp else None
         self._pending_lp: list[TokenLogprob] = []
         self._final_reason: str | None = None    # stop string / stop token / emit_finish
+        self.stop_sequence: str | None = None    # the stop string that ended the text
         self._limit_hit = False
         self._closed = False
 
@@ -180,7 +181,7 @@ class StreamSink:
         reason = self.close()
         return Completion(text=self.text, token_ids=list(self.token_ids), finish_reason=reason,
                           prompt_tokens=self.prompt_tokens, completion_tokens=self.n_tokens,
-                          logprobs=self.logprobs)
+                          logprobs=self.logprobs, stop_sequence=self.stop_sequence)
 
     # ---- internals
     def _record_logprob(self, piece: str, token_id: int | None, logprob: float | None,
@@ -220,6 +221,8 @@ class StreamSink:
         cut = self._stops.find(self.text)
         if cut == -1:
             return False
+        # which one (Anthropic's answers name it): the first listed that starts there
+        self.stop_sequence = next(s for s in self._stops.stops if self.text.startswith(s, cut))
         self.text = self.text[:cut]
         self._final_reason = "stop"
         return True

@@ -209,6 +209,7 @@ class LlamaCppModel:
             else:
                 pieces.append(buf.raw[:n])
         self._pieces = pieces
+        self._special: dict[int, bytes] = {}   # special tokens' spelled-out text, by id
 
     def list_models(self) -> list[str]:
         """The one model id served."""
@@ -230,16 +231,33 @@ class LlamaCppModel:
                 return list(buf[:n])
             n_max = -n
 
-    def detokenize(self, token_ids: Sequence[int]) -> bytes:
-        """Token ids -> the bytes they stand for (may end inside a UTF-8 character)."""
+    def detokenize(self, token_ids: Sequence[int], special: bool = False) -> bytes:
+        """Token ids -> the bytes they stand for (may end inside a UTF-8 character).
+        Special tokens (``<|im_end|>``) are empty, as in generated text; ``special=True``
+        spells them out (``/detokenize``, so that text with special tokens round-trips)."""
         pieces, v = self._pieces, self.vocab_size
         try:
             if token_ids and min(token_ids) < 0:
                 raise IndexError
+            if special:
+                return b"".join([pieces[t] or self._special_piece(t) for t in token_ids])
             return b"".join([pieces[t] for t in token_ids])
         except IndexError:
             bad = next(t for t in token_ids if not 0 <= t < v)
             raise ValueError(f"token id {bad} is outside the vocabulary [0, {v})") from None
+
+    def _special_piece(self, token: int) -> bytes:
+        """The text of a token whose plain piece is empty (a special token), cached."""
+        got = self._special.get(token)
+        if got is None:
+            buf = ctypes.create_string_buffer(256)
+            n = self._lib.llama_token_to_piece(self._vocab, token, buf, 256, 0, True)
+            if n < 0:
+                big = ctypes.create_string_buffer(-n)
+                n = self._lib.llama_token_to_piece(self._vocab, token, big, -n, 0, True)
+                buf = big
+            got = self._special[token] = buf.raw[:max(n, 0)]
+        return got
 
     # ------------------------------------------------------------------ batch buffers
 

@@ -263,8 +263,11 @@ class ToyBackend(Backend):
                 return
 
     # ---- chat
+    def apply_chat_template(self, req: ChatRequest) -> str:
+        return chat_template(req.messages)
+
     def chat_completion_stream(self, req: ChatRequest, sink: ChatStreamSink) -> None:
-        ids = self.tokenize(req.model, chat_template(req.messages))
+        ids = self.tokenize(req.model, self.apply_chat_template(req))
         sink.prompt_tokens = len(ids)
         self._generate(ids, req.sampling, sink)
 

@@ -26,6 +26,16 @@ __all__ = ["EngineBackend"]
 OnDone = Callable[[BaseException | None], None]
 
 
+def _takes(fn: Any, name: str) -> bool:
+    """Whether ``fn`` has a parameter ``name`` (optional model hooks' extras)."""
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
 class EngineBackend(Backend):
     """Serve ``model`` with continuous batching.
 
@@ -113,30 +123,72 @@ class EngineBackend(Backend):
         return int(d) if d is not None else None
 
     # ---- text
-    def tokenize(self, model: str, text: str) -> list[int]:
+    def tokenize(self, model: str, text: str, add_special: bool | None = None) -> list[int]:
+        """``add_special``: None = the model's default; True/False is passed to a model
+        whose ``tokenize`` takes it (a model without special tokens adds none anyway)."""
+        if add_special is not None and self._tokenize_takes_special():
+            return [int(t) for t in self.model.tokenize(text, add_special=add_special)]
         return [int(t) for t in self.model.tokenize(text)]
 
-    def detokenize(self, model: str, token_ids: list[int]) -> str:
-        self._check_ids(token_ids, "prompt")
-        return bytes(self.model.detokenize(list(token_ids))).decode("utf-8", errors="replace")
+    def _tokenize_takes_special(self) -> bool:
+        return _takes(self.model.tokenize, "add_special")
 
-    def chat_prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
-        """The chat prompt's token IDs: the model's chat template (or ``chat_prompt``)
-        rendered with a generation prompt, then tokenized."""
+    def detokenize(self, model: str, token_ids: list[int], special: bool = False) -> str:
+        """``special``: spell out special tokens (passed to a model whose ``detokenize``
+        takes it; generated text never shows them)."""
+        self._check_ids(token_ids, "prompt")
+        return self._detok(list(token_ids), special).decode("utf-8", errors="replace")
+
+    def _detok(self, ids: list[int], special: bool) -> bytes:
+        if special and _takes(self.model.detokenize, "special"):
+            return bytes(self.model.detokenize(ids, special=True))
+        return bytes(self.model.detokenize(ids))
+
+    def token_bytes(self, model: str, token_ids: list[int]) -> list[bytes]:
+        self._check_ids(token_ids, "tokens")
+        return [self._detok([int(t)], True) for t in token_ids]
+
+    def supports_chat_template(self) -> bool:
+        return self.supports_chat()
+
+    def apply_chat_template(self, req: Any) -> str:
+        """The chat prompt text of ``req`` (what :meth:`submit_chat` tokenizes): with
+        tools, the messages and tools as :func:`tep.structured.prepare_messages` gives
+        them for this model's template."""
+        if not self.supports_chat():
+            from tep.errors import NotSupportedError
+
+            raise NotSupportedError("This model has no chat template",
+                                    code="chat_not_supported")
+        st = getattr(req, "structured", None)
+        if st is not None and st.tools is not None:
+            from tep.structured import prepare_messages
+
+            msgs, tools = prepare_messages(req.messages, st.tools,
+                                           getattr(self.model, "chat_template", None))
+        else:
+            msgs, tools = req.messages, (req.raw or {}).get("tools")
+        return self.chat_prompt_text(msgs, tools)
+
+    def chat_prompt_text(self, messages: list[dict], tools: list | None = None) -> str:
+        """The model's chat template (or ``chat_prompt``) rendered over ``messages`` with a
+        generation prompt (a template error is a 400)."""
         msgs = [text_message(i, m) for i, m in enumerate(messages)]
         if self._chat_prompt is not None:
-            text = self._chat_prompt(msgs)
-        else:
-            from tep.engine.chat_template import TemplateError, render_chat
+            return self._chat_prompt(msgs)
+        from tep.engine.chat_template import TemplateError, render_chat
 
-            try:
-                text = render_chat(self.model.chat_template, msgs, add_generation_prompt=True,
-                                   bos_token=getattr(self.model, "bos_token", "") or "",
-                                   eos_token=getattr(self.model, "eos_token", "") or "",
-                                   tools=tools)
-            except TemplateError as e:
-                raise BadRequestError(str(e), param="messages") from None
-        return self.tokenize("", text)
+        try:
+            return render_chat(self.model.chat_template, msgs, add_generation_prompt=True,
+                               bos_token=getattr(self.model, "bos_token", "") or "",
+                               eos_token=getattr(self.model, "eos_token", "") or "",
+                               tools=tools)
+        except TemplateError as e:
+            raise BadRequestError(str(e), param="messages") from None
+
+    def chat_prompt_ids(self, messages: list[dict], tools: list | None = None) -> list[int]:
+        """The chat prompt's token IDs: :meth:`chat_prompt_text`, tokenized."""
+        return self.tokenize("", self.chat_prompt_text(messages, tools))
 
     # ---- checks
     def _check_ids(self, ids: Sequence[int], param: str) -> None:
@@ -188,14 +240,7 @@ class EngineBackend(Backend):
     def submit_chat(self, req: Any, sink: ChatStreamSink, on_done: OnDone) -> None:
         """:meth:`submit` for a chat request (template rendered and tokenized here)."""
         st = getattr(req, "structured", None)
-        if st is not None and st.tools is not None:
-            from tep.structured import prepare_messages
-
-            msgs, tools = prepare_messages(req.messages, st.tools,
-                                           getattr(self.model, "chat_template", None))
-        else:
-            msgs, tools = req.messages, (req.raw or {}).get("tools")
-        ids = self.chat_prompt_ids(msgs, tools)
+        ids = self.tokenize("", self.apply_chat_template(req))
         sink.prompt_tokens = len(ids)
         raw = req.raw or {}
         ctx = getattr(self.model, "context_size", None)

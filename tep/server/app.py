@@ -37,7 +37,7 @@ from tep.serving.replies import Reply, StreamReply, error_reply, json_reply, une
 from tep.serving.routes import HANDLERS, Handler
 from tep.serving.state import ServerState
 from tep.wire.openapi import openapi_document
-from tep.wire.routes import endpoint_label
+from tep.wire.routes import endpoint_label, error_style
 
 __all__ = ["create_app", "ServerState"]
 
@@ -166,7 +166,7 @@ def _register(app: Quart, state: ServerState) -> None:
     @app.before_request
     async def _before() -> None:
         begin(state, _rec(), request.path, request.headers.get("X-Request-Id"),
-              request.headers.get("Authorization"))
+              request.headers.get("Authorization"), request.headers.get("x-api-key"))
 
     @app.after_request
     async def _after(resp: Response) -> Response:
@@ -187,19 +187,19 @@ def _register(app: Quart, state: ServerState) -> None:
     # ---- errors: everything becomes the OpenAI envelope
     @app.errorhandler(E.APIError)
     async def _api_error(err: E.APIError) -> Response:
-        return _response(error_reply(err, _rec().request_id))
+        return _response(error_reply(err, _rec().request_id, error_style(request.path)))
 
     @app.errorhandler(HTTPException)
     async def _http_error(err: HTTPException) -> Response:
         e = http_error(state, err, request.method, request.path)
-        resp = _response(error_reply(e, _rec().request_id))
+        resp = _response(error_reply(e, _rec().request_id, error_style(request.path)))
         if e.status == 405 and getattr(err, "valid_methods", None):
             resp.headers["Allow"] = ", ".join(err.valid_methods)
         return resp
 
     @app.errorhandler(Exception)
     async def _unexpected(err: Exception) -> Response:
-        return _response(unexpected_reply(err, _rec().request_id))
+        return _response(unexpected_reply(err, _rec().request_id, error_style(request.path)))
 
     # ---- the chat page (off: "/" is an unknown path, a 404 in the envelope)
     if state.config.ui:
@@ -228,7 +228,12 @@ def _register(app: Quart, state: ServerState) -> None:
         return Response(body, status=200, content_type=ctype)
 
     def _model_card(mid: str) -> dict:
-        return {"id": mid, "object": "model", "created": 0, "owned_by": "tep"}
+        # OpenAI's fields, plus the context length as vLLM (max_model_len) and
+        # OpenRouter-style clients (context_length) read it; null when unknown
+        ctx = backend.context_size(mid)
+        ctx = int(ctx) if ctx else None
+        return {"id": mid, "object": "model", "created": 0, "owned_by": "tep",
+                "context_length": ctx, "max_model_len": ctx}
 
     @app.get("/v1/models")
     async def models() -> Response:

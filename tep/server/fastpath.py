@@ -7,11 +7,11 @@ functions (:mod:`tep.serving.routes`) straight from ASGI and sends their
 :class:`~tep.serving.replies.Reply` itself, doing what the Quart hooks do for these routes:
 
 - ``X-Request-Id``: taken from the request or made up, echoed on every answer;
-- API keys on ``/v1`` (401 + ``WWW-Authenticate``);
+- API keys (``Authorization: Bearer`` or ``x-api-key``; 401 + ``WWW-Authenticate``);
 - the body: read with the ``max_body_bytes`` limit (413 with ``Connection: close``) and
   Quart's 60 s body timeout (408); a body left unread by an early answer is read before
   answering, so the keep-alive connection stays usable;
-- every error in the OpenAI envelope (:func:`~tep.serving.replies.error_reply`);
+- every error in the route's envelope (:func:`~tep.serving.replies.error_reply`);
 - a client that disconnects cancels the request (its backend job sees the cancel flag,
   a queued request leaves the queue), as Quart's receiver task does.
 
@@ -33,7 +33,7 @@ from tep.server.prelude import begin, body_too_large, http_error
 from tep.serving.replies import Reply, StreamReply, error_reply, unexpected_reply
 from tep.serving.routes import Handler
 from tep.serving.state import ServerState
-from tep.wire.routes import endpoint_label
+from tep.wire.routes import endpoint_label, error_style
 
 __all__ = ["FastPath"]
 
@@ -131,12 +131,14 @@ class FastPath:
         rec = scope.get(SCOPE_KEY)
         if rec is None:  # served without the telemetry middleware
             rec = RequestRecord(endpoint_label(scope["path"]))
-        rid = auth = length = None
+        rid = auth = api_key = length = None
         for name, value in scope["headers"]:
             if name == b"x-request-id":
                 rid = rid or value.decode("latin1")
             elif name == b"authorization":
                 auth = auth or value.decode("latin1")
+            elif name == b"x-api-key":
+                api_key = api_key or value.decode("latin1")
             elif name == b"content-length" and length is None:
                 try:
                     length = int(value)
@@ -166,14 +168,14 @@ class FastPath:
 
         try:
             try:
-                begin(state, rec, scope["path"], rid, auth)
+                begin(state, rec, scope["path"], rid, auth, api_key)
                 reply: Reply | StreamReply = await route(state, rec, read_body)
             except E.APIError as err:
-                reply = error_reply(err, rec.request_id)
+                reply = error_reply(err, rec.request_id, error_style(scope["path"]))
             except (_ClientGone, asyncio.CancelledError):
                 raise
             except Exception as exc:  # noqa: BLE001 - every failure becomes a 500 envelope
-                reply = unexpected_reply(exc, rec.request_id)
+                reply = unexpected_reply(exc, rec.request_id, error_style(scope["path"]))
             close = False
             if not body.read_done:
                 # an early answer: read the body first so keep-alive stays usable

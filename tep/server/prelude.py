@@ -1,6 +1,6 @@
 """What happens to every request before its route runs, written once for the ASGI fast
-path and the Quart hooks: the request ID, the API key on ``/v1`` routes, and the body
-limits (size: 413, time: 408)."""
+path and the Quart hooks: the request ID, the API key (``/v1`` and the text routes), and
+the body limits (size: 413, time: 408)."""
 from __future__ import annotations
 
 import re
@@ -10,6 +10,7 @@ from werkzeug.exceptions import HTTPException
 from tep import errors as E
 from tep.obs.telemetry import RequestRecord
 from tep.serving.state import ServerState
+from tep.wire.routes import needs_key
 from tep.wire.shapes import new_id
 
 __all__ = ["BODY_TIMEOUT_S", "begin", "authenticate", "body_too_large", "http_error",
@@ -31,21 +32,25 @@ def request_id(header: str | None) -> str:
     return new_id("req")
 
 
-def authenticate(state: ServerState, authorization: str | None) -> str:
-    """The principal ID of the request's key; 401 when keys are on and it has none."""
+def authenticate(state: ServerState, authorization: str | None,
+                 api_key: str | None = None) -> str:
+    """The principal ID of the request's key (``Authorization: Bearer``, else
+    ``x-api-key``); 401 when keys are on and it has none."""
     principal = state.keys.check(authorization)
+    if principal is None and api_key is not None:
+        principal = state.keys.check_key(api_key.strip())
     if principal is None:
         raise E.AuthenticationError("Missing or invalid API key: send "
-                                    "'Authorization: Bearer <key>'")
+                                    "'Authorization: Bearer <key>' or 'x-api-key: <key>'")
     return principal
 
 
 def begin(state: ServerState, rec: RequestRecord, path: str, rid_header: str | None,
-          authorization: str | None) -> None:
-    """Name the request and check its key (``/v1`` routes, when keys are on)."""
+          authorization: str | None, api_key: str | None = None) -> None:
+    """Name the request and check its key (routes that need one, when keys are on)."""
     rec.request_id = request_id(rid_header)
-    if state.keys.enabled and path.startswith("/v1"):
-        rec.principal_id = authenticate(state, authorization)
+    if state.keys.enabled and needs_key(path):
+        rec.principal_id = authenticate(state, authorization, api_key)
 
 
 def body_too_large(state: ServerState) -> E.PayloadTooLargeError:

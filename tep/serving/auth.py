@@ -1,4 +1,5 @@
-"""API keys: ``Authorization: Bearer <key>`` on ``/v1`` routes.
+"""API keys: ``Authorization: Bearer <key>`` (or Anthropic's ``x-api-key: <key>``) on
+``/v1`` routes and the text routes (:func:`tep.wire.routes.needs_key`).
 
 Keys are compared in constant time: the presented key and every accepted key are hashed
 to 32-byte SHA-256 digests (so lengths never leak) and every digest is compared with
@@ -51,7 +52,13 @@ class KeyChecker:
         scheme, _, token = authorization.partition(" ")
         if scheme.lower() != "bearer":
             return None
-        presented = _digest(token.strip())
+        return self.check_key(token.strip())
+
+    def check_key(self, key: str | None) -> str | None:
+        """The principal ID of a bare key (the ``x-api-key`` header), or None."""
+        if not key:
+            return None
+        presented = _digest(key)
         found = None
         for digest, pid in self._keys:  # no early exit: time does not depend on the match
             if hmac.compare_digest(presented, digest):

@@ -3,7 +3,8 @@
 The inference routes (:mod:`tep.serving.routes`) return a :class:`Reply` (a whole body) or a
 :class:`StreamReply` (server-sent events); the Quart app and the ASGI fast path
 (:mod:`tep.server.fastpath`) turn them into their own responses, so both send the same status,
-headers and bytes. Every error becomes the OpenAI envelope through :func:`error_reply`.
+headers and bytes. Every error becomes the OpenAI envelope (Anthropic's on the Messages routes) through
+:func:`error_reply`.
 """
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from typing import Any, AsyncIterator
 
 from tep import errors as E
 
-__all__ = ["Reply", "StreamReply", "json_bytes", "json_reply", "error_reply",
+__all__ = ["Reply", "StreamReply", "json_bytes", "json_reply", "error_reply", "error_body",
            "unexpected_reply", "JSON", "EVENT_STREAM"]
 
 log = logging.getLogger("tep.server")
@@ -64,11 +65,12 @@ def json_reply(obj: Any, status: int = 200) -> Reply:
     return Reply(status, json_bytes(obj))
 
 
-def error_reply(err: E.APIError, request_id: str | None) -> Reply:
-    """The OpenAI error envelope of ``err``, with the headers its status calls for
-    (``Retry-After`` on 429, ``WWW-Authenticate`` on 401, ``x-should-retry: false`` on
-    501 so the openai client does not retry a capability the server lacks). Server
-    errors are logged."""
+def error_reply(err: E.APIError, request_id: str | None, style: str = "openai") -> Reply:
+    """The error envelope of ``err`` (OpenAI's, or Anthropic's for ``style ==
+    "anthropic"``: :func:`tep.wire.messages.anthropic_error_body`), with the headers its
+    status calls for (``Retry-After`` on 429, ``WWW-Authenticate`` on 401,
+    ``x-should-retry: false`` on 501 so the clients do not retry a capability the server
+    lacks). Server errors are logged."""
     if err.status >= 500:
         log.warning("request %s: %d %s", request_id or "?", err.status, err.message)
     headers = []
@@ -78,12 +80,22 @@ def error_reply(err: E.APIError, request_id: str | None) -> Reply:
         headers.append(("WWW-Authenticate", "Bearer"))
     elif err.status == 501:
         headers.append(("x-should-retry", "false"))
-    return Reply(err.status, json_bytes(err.body()), headers)
+    return Reply(err.status, json_bytes(error_body(err, request_id, style)), headers)
 
 
-def unexpected_reply(exc: BaseException, request_id: str | None) -> Reply:
+def error_body(err: E.APIError, request_id: str | None, style: str = "openai") -> dict:
+    """The JSON body of ``err`` in the envelope ``style`` names."""
+    if style == "anthropic":
+        from tep.wire.messages import anthropic_error_body
+
+        return anthropic_error_body(err, request_id)
+    return err.body()
+
+
+def unexpected_reply(exc: BaseException, request_id: str | None,
+                     style: str = "openai") -> Reply:
     """A 500 envelope for an exception no handler expected; the traceback goes to the
     log only."""
     log.error("request %s: unhandled error", request_id or "?", exc_info=exc)
-    return Reply(500, json_bytes(E.InternalServerError(
-        f"Internal error while handling request {request_id or '?'}").body()))
+    err = E.InternalServerError(f"Internal error while handling request {request_id or '?'}")
+    return Reply(500, json_bytes(error_body(err, request_id, style)))

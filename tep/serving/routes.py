@@ -15,8 +15,10 @@ from tep.obs.telemetry import RequestRecord
 from tep.serving.chat import chat
 from tep.serving.completions import completions
 from tep.serving.embeddings import embeddings
+from tep.serving.messages import count_tokens, messages
 from tep.serving.replies import Reply, StreamReply
 from tep.serving.state import ServerState
+from tep.serving.tokenize import apply_template, detokenize, tokenize
 from tep.wire.routes import INFERENCE_PATHS
 
 __all__ = ["Handler", "HANDLERS"]
@@ -26,7 +28,12 @@ Handler = Callable[[ServerState, RequestRecord, Callable[[], Awaitable[bytes]]],
 
 HANDLERS: dict[str, Handler] = {"/v1/completions": completions,
                                 "/v1/chat/completions": chat,
-                                "/v1/embeddings": embeddings}
+                                "/v1/embeddings": embeddings,
+                                "/v1/messages": messages,
+                                "/v1/messages/count_tokens": count_tokens,
+                                "/tokenize": tokenize,
+                                "/detokenize": detokenize,
+                                "/apply-template": apply_template}
 """Inference path -> handler (all ``POST``)."""
 
 assert set(HANDLERS) == INFERENCE_PATHS, "every inference route needs a handler"

@@ -11,6 +11,7 @@ import asyncio
 from typing import AsyncIterator, Callable, Iterable
 
 from tep.errors import APIError
+from tep.backend.sinks import StreamSink
 from tep.obs.telemetry import RequestRecord
 from tep.serving.bridge import (DeltaEvent, ErrorEvent, FinishEvent, RoleEvent, StreamBridge,
                                 StreamEvent, TimeoutEvent)
@@ -41,6 +42,12 @@ class ChunkRenderer:
     n_choices: int
     prompt_tokens: int | None = None
     include_usage: bool = False
+
+    def bind(self, sinks: dict[int, StreamSink]) -> None:
+        """Called once before :meth:`opening` with the choices' sinks (index -> sink, a
+        choice's entry present once its backend call made it). Read-only: a renderer may
+        read ``prompt_tokens`` and ``stop_sequence`` (the stop string that ended a choice)
+        there; the Messages stream names both."""
 
     def opening(self) -> Iterable[bytes]:
         """Chunks sent before any backend event (completions: the echoed prompts)."""
@@ -129,6 +136,7 @@ def stream_reply(state: ServerState, rec: RequestRecord, bridge: StreamBridge,
             return render.finish(k, reason)
 
         try:
+            render.bind(bridge.sinks)
             for b in render.opening():
                 yield b
             async for ev in _chain(first, events):

@@ -28,7 +28,10 @@ def _error_responses(*codes: int) -> dict[str, Any]:
     return {str(c): {"description": text[c], **ref} for c in codes}
 
 
-def _post(summary: str, schema: str, *codes: int) -> dict[str, Any]:
+def _post(summary: str, schema: str, *codes: int, error: str = "Error") -> dict[str, Any]:
+    errors = _error_responses(*codes)
+    for v in errors.values():
+        v["content"]["application/json"]["schema"] = {"$ref": f"#/components/schemas/{error}"}
     return {"post": {
         "summary": summary,
         "requestBody": {"required": True, "content": {"application/json": {
@@ -37,8 +40,63 @@ def _post(summary: str, schema: str, *codes: int) -> dict[str, Any]:
             "200": {"description": "OK (JSON, or text/event-stream when stream is true)",
                     "content": {"application/json": {"schema": {"type": "object"}},
                                 "text/event-stream": {"schema": {"type": "string"}}}},
-            **_error_responses(*codes)},
+            **errors},
     }}
+
+
+def _messages_schemas() -> dict[str, Any]:
+    """The Messages API and text-route request bodies (checked in depth by their parsers,
+    :mod:`tep.wire.messages` and :mod:`tep.wire.tokenize`)."""
+    # content: a string or a list of blocks ({type: text|tool_use|tool_result, ...});
+    # kept shallow here so the document stays cheap to fuzz
+    text_or_blocks = {"type": ["string", "array"], "items": {"type": "object"}}
+    message = {"type": "object", "required": ["role", "content"], "properties": {
+        "role": {"enum": ["user", "assistant"]}, "content": text_or_blocks}}
+    chat_message = {"type": "object", "required": ["role"], "properties": {
+        "role": {"type": "string"}, "content": {"type": ["string", "array", "null"]}}}
+    common = {
+        "model": {"type": "string"},
+        "messages": {"type": "array", "items": message, "minItems": 1},
+        "system": text_or_blocks,
+        "tools": {"type": "array", "items": {
+            "type": "object", "required": ["name", "input_schema"], "properties": {
+                "name": {"type": "string"}, "description": {"type": "string"},
+                "input_schema": {"type": "object"}}}},
+        "tool_choice": {"type": "object", "required": ["type"], "properties": {
+            "type": {"enum": ["auto", "any", "tool", "none"]}, "name": {"type": "string"},
+            "disable_parallel_tool_use": {"type": "boolean"}}},
+        "output_config": {"type": "object"},
+    }
+    return {
+        "MessagesRequest": {"type": "object", "required": ["model", "max_tokens", "messages"],
+                            "properties": {
+            **common, "max_tokens": {"type": "integer", "minimum": 1},
+            "stop_sequences": {"type": "array", "items": {"type": "string"}},
+            "temperature": {"type": "number", "minimum": 0, "maximum": 2},
+            "top_p": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+            "top_k": {"type": "integer", "minimum": -1},
+            "stream": {"type": "boolean"}, "seed": {"type": "integer"},
+            "metadata": {"type": "object"}}},
+        "CountTokensRequest": {"type": "object", "required": ["model", "messages"],
+                               "properties": common},
+        "TokenizeRequest": {"type": "object", "properties": {
+            "model": {"type": "string"}, "content": {"type": "string"},
+            "prompt": {"type": "string"},
+            "messages": {"type": "array", "items": chat_message},
+            "add_special": {"type": "boolean"}, "add_special_tokens": {"type": "boolean"},
+            "with_pieces": {"type": "boolean"}}},
+        "DetokenizeRequest": {"type": "object", "required": ["tokens"], "properties": {
+            "model": {"type": "string"},
+            "tokens": {"type": "array", "items": {"type": "integer", "minimum": 0}}}},
+        "ApplyTemplateRequest": {"type": "object", "required": ["messages"], "properties": {
+            "model": {"type": "string"},
+            "messages": {"type": "array", "items": chat_message, "minItems": 1},
+            "tools": {"type": "array"}}},
+        "AnthropicError": {"type": "object", "required": ["type", "error"], "properties": {
+            "type": {"const": "error"}, "request_id": {"type": "string"},
+            "error": {"type": "object", "required": ["type", "message"], "properties": {
+                "type": {"type": "string"}, "message": {"type": "string"}}}}},
+    }
 
 
 @lru_cache(maxsize=1)
@@ -58,13 +116,16 @@ def openapi_document() -> dict[str, Any]:
             "param": {"type": ["string", "null"]}, "code": {"type": ["string", "null"]}}}}}
     model_card = {"type": "object", "required": ["id", "object"], "properties": {
         "id": {"type": "string"}, "object": {"const": "model"},
-        "created": {"type": "integer"}, "owned_by": {"type": "string"}}}
+        "created": {"type": "integer"}, "owned_by": {"type": "string"},
+        "context_length": {"type": ["integer", "null"]},
+        "max_model_len": {"type": ["integer", "null"]}}}
     json_ok = lambda ref: {"description": "OK", "content": {"application/json": {  # noqa: E731
         "schema": {"$ref": f"#/components/schemas/{ref}"}}}}
     return {
         "openapi": "3.1.0",
         "info": {"title": "tep", "version": __version__,
-                 "description": "An OpenAI-compatible API served by tep."},
+                 "description": "An OpenAI-compatible API (and Anthropic's Messages API) "
+                                "served by tep."},
         "paths": {
             "/": {"get": {"summary": "The chat page (HTML; absent with --no-ui)",
                           "responses": {"200": {"description": "OK", "content": {
@@ -87,6 +148,18 @@ def openapi_document() -> dict[str, Any]:
                                           400, 401, 404, 413, 429, 500, 501),
             "/v1/embeddings": _post("Create embeddings", "EmbeddingRequest",
                                     400, 401, 404, 413, 429, 500, 501),
+            "/v1/messages": _post("Create a message (Anthropic's Messages API)",
+                                  "MessagesRequest", 400, 401, 404, 413, 429, 500, 501,
+                                  error="AnthropicError"),
+            "/v1/messages/count_tokens": _post(
+                "Count a message's prompt tokens", "CountTokensRequest",
+                400, 401, 404, 413, 429, 500, 501, error="AnthropicError"),
+            "/tokenize": _post("Text or chat messages to token IDs", "TokenizeRequest",
+                               400, 401, 404, 413, 429, 500, 501),
+            "/detokenize": _post("Token IDs to text", "DetokenizeRequest",
+                                 400, 401, 404, 413, 429, 500, 501),
+            "/apply-template": _post("The rendered chat prompt", "ApplyTemplateRequest",
+                                     400, 401, 404, 413, 429, 500, 501),
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "Prometheus text exposition format",
                         "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -95,6 +168,7 @@ def openapi_document() -> dict[str, Any]:
         "components": {"schemas": {
             "CompletionRequest": completion, "ChatCompletionRequest": chat,
             "EmbeddingRequest": embedding, "Error": error, "Model": model_card,
+            **_messages_schemas(),
             "ModelList": {"type": "object", "properties": {
                 "object": {"const": "list"},
                 "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}},
