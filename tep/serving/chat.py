@@ -11,6 +11,7 @@ from tep.backend import ChatStreamSink, Completion
 from tep.backend.interface import _overrides
 from tep.obs.telemetry import RequestRecord
 from tep.serving import calls as C
+from tep.serving import prepare as P
 from tep.serving.bridge import StreamBridge
 from tep.serving.replies import Reply, StreamReply, json_reply
 from tep.serving.sse import sse, sse_text_template
@@ -36,7 +37,7 @@ async def chat(state: ServerState, rec: RequestRecord,
     req = parse_chat_request(body, rid, default_max_tokens=state.config.chat_max_tokens)
     rec.model, rec.sampling = req.model, req.sampling
     C.check_model(state, req.model)
-    req.structured = C.parse_structure(state, body, "chat")
+    req.structured = await P.parse_structure(state, body, "chat")
     if body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None:
         C.check_max_tokens(state, req.model, req.sampling.max_tokens,
                            "max_completion_tokens" if body.get("max_completion_tokens")
@@ -57,7 +58,7 @@ async def chat(state: ServerState, rec: RequestRecord,
 async def _complete(state: ServerState, rec: RequestRecord, req: ChatRequest, rid: str,
                     cancel: threading.Event) -> Reply:
     backend, s = state.backend, req.sampling
-    submit = getattr(backend, "submit_chat", None)   # a non-blocking entry (tep.engine)
+    submit = await P.chat_submitter(state, req, rid, cancel)   # a non-blocking entry
     own = submit is None and _overrides(backend, "chat_completion")
     token_text = backend._token_text_fn(req.model)
     try:
@@ -179,7 +180,7 @@ async def _stream(state: ServerState, rec: RequestRecord, req: ChatRequest, rid:
     backend, s = state.backend, req.sampling
     token_text = backend._token_text_fn(req.model)
     bridge = StreamBridge(state.pool(), cancel, rid)
-    submit = getattr(backend, "submit_chat", None)   # a non-blocking entry (tep.engine)
+    submit = await P.chat_submitter(state, req, rid, cancel)   # a non-blocking entry
     for j in range(req.wire.n):
         rj = req.for_choice(j)
         if s.max_tokens == 0:
