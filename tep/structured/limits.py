@@ -6,7 +6,7 @@ import os
 __all__ = [
     "MAX_GRAMMAR_CHARS", "MAX_CHOICES", "MAX_CHOICE_CHARS", "MAX_TOOLS", "MAX_TOOL_NAME_CHARS",
     "TOOL_NAME_PATTERN", "SCHEMA_NAME_PATTERN", "JSON_COMPILE_OPTIONS", "GRAMMAR_CACHE_SIZE",
-    "TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "MASK_THREADS", "PROBE_STEPS",
+    "TOOL_CALL_OPEN", "TOOL_CALL_CLOSE", "MASK_THREADS", "PROBE_STEPS", "PARSER_LIMITS",
 ]
 
 # Size limits on what a request may carry (each a 400 naming the field when exceeded).
@@ -41,3 +41,9 @@ MASK_THREADS = min(8, max(1, os.cpu_count() or 1))
 # whose lexer outgrows llguidance's limits at its first lexeme (``a{1000000}``) is a 400
 # before anything is generated. Each step is one mask fill (microseconds to a millisecond).
 PROBE_STEPS = 4
+
+# Overrides of llguidance's matcher limits (``llguidance.LLParserLimits`` keywords, e.g.
+# ``max_items_in_row``, ``step_lexer_fuel``, ``max_lexer_states``); empty = its defaults.
+# A grammar that exceeds one fails its sequence (a 400 before generation when the probe
+# sees it, else an error event).
+PARSER_LIMITS: dict = {}

@@ -20,6 +20,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 
 from tep.errors import BadRequestError
+from tep.structured import limits as _limits
 from tep.structured.bitmask import bitmask_words
 from tep.structured.limits import MASK_THREADS, PROBE_STEPS
 from tep.structured.types import ConstraintSpec
@@ -60,7 +61,10 @@ class Constraint:
 
         self.param = param          # the request field the grammar came from (errors)
         self.failed: BaseException | None = None   # set when its mask fill failed
-        self._m = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        lim = _limits.PARSER_LIMITS
+        self._m = llguidance.LLMatcher(
+            tokenizer, grammar, log_level=0,
+            limits=llguidance.LLParserLimits(**lim) if lim else None)
         if self._m.is_error():
             raise ConstraintFailed(f"'{param}' was rejected by the grammar matcher: "
                                    f"{_first_line(self._m.get_error())}", param)
