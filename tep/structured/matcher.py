@@ -14,6 +14,7 @@ unconstrained one does.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, NamedTuple, Sequence
 
@@ -176,17 +177,38 @@ def probe(c: Constraint, steps: int = PROBE_STEPS) -> None:
                                f"{_first_line(m.get_error())}", c.param)
 
 
+# Grammars a probe refused, by (grammar, tokenizer): a client that resends one gets its
+# 400 at once instead of costing the server the failing walk again (up to seconds).
+_REFUSED: "OrderedDict[tuple[str, int], str]" = OrderedDict()
+_REFUSED_MAX = 256
+_refused_lock = threading.Lock()
+
+
 def make_constraint(spec: ConstraintSpec | None, tokenizer: Any, *,
                     check: bool = False) -> Constraint | None:
     """A fresh :class:`Constraint` for one sequence (None for None). Building compiles the
     grammar's lexer for this tokenizer (GIL released): do it when the request is admitted,
     not in the step loop. ``check``: also :func:`probe` it (a failure is a
-    :class:`ConstraintFailed` naming ``spec.param``)."""
+    :class:`ConstraintFailed` naming ``spec.param``; remembered, so the same grammar is
+    refused at once next time)."""
     if spec is None:
         return None
+    key = (spec.grammar, id(tokenizer))
+    if check:
+        with _refused_lock:
+            why = _REFUSED.get(key)
+        if why is not None:
+            raise ConstraintFailed(why.replace("\0", spec.param), spec.param)
     c = Constraint(spec.grammar, tokenizer, spec.param)
     if check:
-        probe(c)
+        try:
+            probe(c)
+        except ConstraintFailed as e:
+            with _refused_lock:
+                _REFUSED[key] = e.message.replace(f"'{spec.param}'", "'\0'", 1)
+                while len(_REFUSED) > _REFUSED_MAX:
+                    _REFUSED.popitem(last=False)
+            raise
     return c
 
 
