@@ -253,9 +253,14 @@ class StreamBridge:
         with self._pending_lock:
             items, self._pending = self._pending, []
             self._wake_scheduled = False
+        stalled = self.stalled is not None and not self._stall_sent
         for item in items:
+            if stalled and type(item) is FinishEvent:
+                # the sequence ended because its client stalled: say so, not "length"
+                self._end_stalled()
+                stalled = False
             self._queue.put_nowait(item)
-        if self.stalled is not None and not self._stall_sent:
+        if stalled:
             self._end_stalled()
 
     def watch(self, buffer_events: int, stall_timeout: float) -> None:
