@@ -2,8 +2,9 @@
 
 Compiling a grammar (a JSON schema with hundreds of properties takes tens of milliseconds,
 a pathological regex seconds) and rendering a chat template are CPU work: on the event loop
-they would stall every stream the server is sending. They run in the worker pool instead,
-and a grammar compile that takes longer than ``ServerConfig.grammar_compile_timeout`` is a
+they would stall every stream the server is sending. They run in the server's preparation
+pool instead (``ServerState.prep_pool``, a few threads beside the backend pool, so they
+never wait behind a running generation), and a grammar compile that takes longer than ``ServerConfig.grammar_compile_timeout`` is a
 400 naming the field (the compile thread finishes in the background; llguidance's own
 limits bound it).
 
@@ -40,7 +41,7 @@ async def compile_budgeted(state: ServerState, param: str, fn: Callable[..., Any
     it, a 400 naming ``param``. API errors from ``fn`` pass through; anything else is a
     500 (a bug, logged)."""
     budget = state.config.grammar_compile_timeout
-    job = run_blocking(state.pool(), threading.Event(), fn, *args)
+    job = run_blocking(state.prep_pool(), threading.Event(), fn, *args)
     try:
         return await (asyncio.wait_for(job, budget) if budget > 0 else job)
     except asyncio.TimeoutError:
@@ -80,6 +81,16 @@ async def prepared_constraints(state: ServerState, spec: Any, count: int) -> lis
                                   count)
 
 
+async def _prepared_chat(state: ServerState, rid: str, cancel: threading.Event,
+                         prepare: Callable[[Any], Any], req: Any) -> Any:
+    try:
+        return await run_blocking(state.prep_pool(), cancel, prepare, req)
+    except (asyncio.CancelledError, KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as e:  # noqa: BLE001 - mapped like every backend failure
+        raise C.backend_failure(e, "chat template", rid) from None
+
+
 async def chat_submitter(state: ServerState, req: Any, rid: str,
                          cancel: threading.Event) -> Callable | None:
     """The ``submit(req_for_choice, sink, on_done)`` the chat handler calls per choice,
@@ -94,7 +105,7 @@ async def chat_submitter(state: ServerState, req: Any, rid: str,
         return getattr(backend, "submit_chat", None)
     spec = req.structured.constraint if req.structured is not None else None
     prep, cons = await asyncio.gather(
-        C.call(state, rid, cancel, "chat template", prepare, req),
+        _prepared_chat(state, rid, cancel, prepare, req),
         prepared_constraints(state, spec, req.wire.n))
     req.sampling.max_tokens = prep.max_tokens
 

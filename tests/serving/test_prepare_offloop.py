@@ -83,8 +83,10 @@ def test_big_schema_compile_leaves_the_loop_responsive():
 def test_compile_past_the_budget_is_400_and_the_server_serves_on():
     async def main():
         b = ToyEngineBackend()
+        toy_tokenizer(b.model.vocab_size)        # built once per process: not this test's
+        parse_structured({"guided_choice": ["yes", "no"]}, "completions")   # warm caches
         try:
-            async with client_for(b, grammar_compile_timeout=0.01) as c:
+            async with client_for(b, grammar_compile_timeout=0.1) as c:
                 t0 = time.perf_counter()
                 slow = await post_json(c, "/v1/chat/completions", {
                     "model": "tep-toy", "messages": ASK, "max_tokens": 4,
@@ -102,7 +104,7 @@ def test_compile_past_the_budget_is_400_and_the_server_serves_on():
     assert st == 400, err
     assert err["error"]["param"] == "guided_json"
     assert err["error"]["code"] == "grammar_too_complex"
-    assert took < 0.3        # answered at the budget, not after the compile
+    assert took < 0.6        # answered at the budget, not after the compile
     assert health == 200
     assert fst == 200 and fine["choices"][0]["text"] in ("yes", "no")
 
