@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 
 import numpy as np
 import pytest
@@ -208,3 +209,18 @@ def test_structured_fields_are_not_logged_as_unknown(caplog, path, extra):
     assert st == 200 and st2 == 200
     unknown = [r.getMessage() for r in caplog.records if "unknown field" in r.getMessage()]
     assert len(unknown) == 1 and unknown[0].endswith("zzz_bogus"), unknown
+
+
+def test_n_choices_get_independent_matchers():
+    """One compile, copied per choice: every choice follows the grammar on its own."""
+    async def go(c, b):
+        return await post_json(c, CHAT, {"model": MODEL, "messages": ASK, "n": 4,
+                                         "seed": 5, "max_tokens": 16,
+                                         "guided_regex": "(yes|no)-[0-9]{2}"})
+
+    st, body = _run(go)
+    assert st == 200 and len(body["choices"]) == 4
+    for ch in body["choices"]:
+        assert re.fullmatch(r"(yes|no)-[0-9]{2}", ch["message"]["content"]), ch
+        assert ch["finish_reason"] == "stop"
+    assert len({ch["message"]["content"] for ch in body["choices"]}) > 1
