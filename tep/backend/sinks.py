@@ -124,6 +124,12 @@ class StreamSink:
             return False
         return not self._cancel.is_set()
 
+    def lower_max_tokens(self, n: int) -> None:
+        """Lower this sink's ``max_tokens`` to ``n`` (never raises it): for a backend that
+        learns the prompt's length only after the sink exists (a chat template) and cuts a
+        default answer length to what the context has left."""
+        self._max_tokens = min(self._max_tokens, int(n))
+
     def emit_finish(self, reason: str = "stop") -> None:
         """Say why generation ended ("stop" or "length"). Optional: when a backend does
         not call it, the reason is "length" if ``max_tokens`` was reached, else "stop"."""

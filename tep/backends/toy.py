@@ -48,7 +48,7 @@ from tep.backend import Sampling
 from tep.wire.chat import ChatRequest, text_message
 
 __all__ = ["ToyBackend", "ToyModel", "ToyEngineBackend", "EOS", "chat_template",
-           "CHAT_TEMPLATE"]
+           "CHAT_TEMPLATE", "toy_tokenizer"]
 
 EOS = 256
 N_BYTES = 256
@@ -67,6 +67,14 @@ def _word(token_id: int) -> str:
         if n == 0:
             break
     return " " + "".join(reversed(letters))
+
+
+def toy_tokenizer(vocab_size: int = 257) -> Any:
+    """The toy vocabulary as an ``llguidance.LLTokenizer``: bytes, EOS 256, then
+    :func:`_word` for ids >= 257 (cached per size)."""
+    from tep.structured.tokenizer import byte_tokenizer
+
+    return byte_tokenizer(vocab_size, EOS, _word)
 
 
 def chat_template(messages: list[dict]) -> str:
@@ -378,9 +386,7 @@ class ToyModel:
 
     def structured_tokenizer(self) -> Any:
         """The byte vocabulary for llguidance (structured outputs)."""
-        from tep.structured.tokenizer import byte_tokenizer
-
-        return byte_tokenizer(self.vocab_size, EOS)
+        return toy_tokenizer(self.vocab_size)
 
     def embed(self, inputs: list) -> list:
         """Mean-pooled, L2-normalised hidden states, one float32 [D] per input."""

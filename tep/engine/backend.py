@@ -11,7 +11,7 @@ wait on an event), for callers that are threads themselves.
 from __future__ import annotations
 
 import threading
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -21,7 +21,7 @@ from tep.engine.engine import Engine, EngineStats
 from tep.errors import BadRequestError
 from tep.wire.chat import text_message
 
-__all__ = ["EngineBackend"]
+__all__ = ["EngineBackend", "PreparedChat"]
 
 OnDone = Callable[[BaseException | None], None]
 
@@ -34,6 +34,19 @@ def _takes(fn: Any, name: str) -> bool:
         return name in inspect.signature(fn).parameters
     except (TypeError, ValueError):
         return False
+
+
+class PreparedChat(NamedTuple):
+    """A chat request made ready for the engine (:meth:`EngineBackend.prepare_chat`).
+
+    Attributes:
+        token_ids: the rendered, tokenized prompt.
+        max_tokens: the answer length to use: the request's, or, when it set none, the
+            server's default cut to what the context has left.
+    """
+
+    token_ids: list[int]
+    max_tokens: int
 
 
 class EngineBackend(Backend):
@@ -216,40 +229,57 @@ class EngineBackend(Backend):
                 f"max_tokens.", param="max_tokens", code="context_length_exceeded")
 
     # ---- the non-blocking entry
+    def make_constraint(self, spec: Any) -> Any:
+        """A :class:`tep.structured.Constraint` for ``spec`` over the model's vocabulary,
+        probed a few tokens deep (a grammar the matcher cannot follow is a 400 naming
+        ``spec.param`` here, before anything is queued). Blocking (milliseconds to seconds
+        for a large grammar): the server calls it in its worker pool."""
+        from tep.structured import make_constraint
+
+        if not self.supports_constraints():
+            raise BadRequestError("this model cannot constrain its output",
+                                  param=spec.param, code="unsupported_parameter")
+        return make_constraint(spec, self.model.structured_tokenizer(), check=True)
+
     def submit(self, model: str, token_ids: Sequence[int], sampling: Any, sink: StreamSink,
                on_done: OnDone, *, constraint: Any = None) -> None:
         """Queue one completion choice and return at once. The engine thread drives
         ``sink`` and calls ``on_done(None | exc)`` once; a bad request raises
         :class:`tep.errors.BadRequestError` here, before anything is queued.
-        ``constraint``: a :class:`tep.structured.ConstraintSpec` (a matcher is made for
-        this sequence) or an object with ``fill_bitmask``/``accept``."""
+        ``constraint``: a ready :class:`tep.structured.Constraint` (what the server passes:
+        it builds them with :meth:`make_constraint` off the event loop), or a
+        :class:`tep.structured.ConstraintSpec`, compiled here on the caller's thread."""
         self._check_request(token_ids, sampling)
         if sink.prompt_tokens is None:
             sink.prompt_tokens = len(token_ids)
         if constraint is not None and hasattr(constraint, "grammar"):
-            # a ConstraintSpec: one matcher per sequence over the model's vocabulary
-            from tep.structured import make_constraint
-
-            if not self.supports_constraints():
-                raise BadRequestError("this model cannot constrain its output",
-                                      param=constraint.param, code="unsupported_parameter")
-            constraint = make_constraint(constraint, self.model.structured_tokenizer())
+            constraint = self.make_constraint(constraint)
         self._ensure_started()
         self.engine.add_request(token_ids, sampling, sink, on_done, constraint=constraint)
 
-    def submit_chat(self, req: Any, sink: ChatStreamSink, on_done: OnDone) -> None:
-        """:meth:`submit` for a chat request (template rendered and tokenized here)."""
-        st = getattr(req, "structured", None)
+    def prepare_chat(self, req: Any) -> PreparedChat:
+        """Render and tokenize a chat request's prompt (tools written in when the template
+        does not take them) and settle its answer length. Blocking (the template runs
+        Jinja): the server calls it in its worker pool."""
         ids = self.tokenize("", self.apply_chat_template(req))
-        sink.prompt_tokens = len(ids)
         raw = req.raw or {}
+        max_tokens = req.sampling.max_tokens
         ctx = getattr(self.model, "context_size", None)
         if ctx is not None and raw.get("max_tokens") is None and \
                 raw.get("max_completion_tokens") is None and len(ids) < int(ctx):
             # the server's default answer length, cut to what the context has left
-            req.sampling.max_tokens = min(req.sampling.max_tokens, int(ctx) - len(ids))
-            sink._max_tokens = req.sampling.max_tokens
-        self.submit(req.model, ids, req.sampling, sink, on_done,
+            max_tokens = min(max_tokens, int(ctx) - len(ids))
+        return PreparedChat(ids, max_tokens)
+
+    def submit_chat(self, req: Any, sink: ChatStreamSink, on_done: OnDone) -> None:
+        """:meth:`submit` for a chat request, prepared here (:meth:`prepare_chat`) on the
+        caller's thread (the server prepares in its worker pool, then submits)."""
+        prep = self.prepare_chat(req)
+        req.sampling.max_tokens = prep.max_tokens
+        sink.lower_max_tokens(prep.max_tokens)
+        sink.prompt_tokens = len(prep.token_ids)
+        st = getattr(req, "structured", None)
+        self.submit(req.model, prep.token_ids, req.sampling, sink, on_done,
                     constraint=st.constraint if st is not None else None)
 
     def submit_embeddings(self, model: str, token_ids: list[list[int]],

@@ -337,14 +337,11 @@ class Engine:
 
     def _finish_masks(self, constrained: list) -> Any:
         """The step's bitmask; a grammar that failed to produce its mask fails its
-        sequence (its row is then left all ones and its token is discarded)."""
-        try:
-            return self._masks.finish()
-        except Exception as e:  # noqa: BLE001 - a grammar engine failure, one request's
-            log.warning("structured-output mask failed: %r", e)
-            for _, c in constrained:
-                c.failed = e
-            return self._masks._view
+        sequences (``StepMasks`` marks them and leaves their rows end-of-sequence only)."""
+        res = self._masks.finish()
+        if res.error is not None:
+            log.warning("structured-output mask failed: %r", res.error)
+        return res.bitmask
 
     def _piece(self, tok: int) -> bytes:
         b = self._piece_cache.get(tok)
@@ -406,8 +403,9 @@ class Engine:
         if c is not None:
             failed = getattr(c, "failed", None)
             if failed is not None or not c.accept(tok):
-                self._finish(s, failed or ValueError(
-                    f"token {tok} broke the output constraint"))
+                violation = getattr(c, "violation", None)   # a typed 400 for the client
+                self._finish(s, failed or (violation(tok) if violation is not None else
+                                           ValueError(f"token {tok} broke the constraint")))
                 return
         sink = s.sink
         if tok in self._eog:

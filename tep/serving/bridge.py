@@ -16,9 +16,10 @@ from concurrent.futures import Executor, Future
 from typing import Any, AsyncIterator, Callable, NamedTuple, Union
 
 from tep.backend import StreamSink, current_cancel
+from tep.errors import APIError
 
 __all__ = ["run_blocking", "StreamBridge", "BACKLOG_MAX", "StreamEvent", "RoleEvent",
-           "DeltaEvent", "FinishEvent", "ErrorEvent", "TimeoutEvent"]
+           "DeltaEvent", "FinishEvent", "ErrorEvent", "TimeoutEvent", "StreamStalled"]
 
 class RoleEvent(NamedTuple):
     """Choice ``index`` announced its role (chat) before any text."""
@@ -60,6 +61,15 @@ StreamEvent = Union[RoleEvent, DeltaEvent, FinishEvent, ErrorEvent, TimeoutEvent
 
 # Most events a streaming backend may be ahead of its client (see StreamBridge._put).
 BACKLOG_MAX = 256
+
+
+class StreamStalled(APIError):
+    """A stream's client stopped reading (its buffer filled, or it read nothing for the
+    stall timeout): the sequence was cancelled. Sent as the stream's last event."""
+
+    status = 408
+    type = "timeout_error"
+    code = "stream_stalled"
 
 
 async def run_blocking(executor: Executor, cancel: threading.Event,
@@ -180,6 +190,15 @@ class StreamBridge:
         self._backlog = 0
         self._room = threading.Event()
         self._room.set()
+        # Engine streams cannot wait (see _put): their buffer is bounded by cancelling
+        # the sequence once `_buffer_max` events are unread, or once events have waited
+        # `_stall_s` seconds with none taken (set by watch()).
+        self._buffer_max = 0           # 0 = unbounded (until watch())
+        self._stall_s = 0.0
+        self._since = 0.0              # monotonic time of the last take or first unread
+        self.stalled: str | None = None   # why the stream was ended for its client
+        self._stall_sent = False
+        self._done = False
 
     def _put(self, item: StreamEvent, wait: bool = True) -> None:
         """Hand an event to the loop (from any thread). ``wait``: a worker-pool backend
@@ -187,12 +206,21 @@ class StreamBridge:
         thread (``wait=False``) serves every stream, so it never waits for one client."""
         with self._pending_lock:
             self._pending.append(item)
+            if self._backlog == 0:
+                self._since = time.monotonic()
             self._backlog += 1
             full = self._backlog >= BACKLOG_MAX
             if full:
                 self._room.clear()
+            overflow = (not wait and self._buffer_max and self.stalled is None
+                        and self._backlog >= self._buffer_max)
+            if overflow:
+                self.stalled = (f"the client read nothing while {self._backlog} events "
+                                "waited (the stream's buffer is full)")
             wake = not self._wake_scheduled
             self._wake_scheduled = True
+        if overflow:  # stop the sequence now: the engine drops it at its next step
+            self.cancel.set()
         if wake:
             try:
                 if wait:
@@ -216,6 +244,7 @@ class StreamBridge:
         """The stream took one event (on the loop): let a waiting backend go on once
         half of its backlog has been sent."""
         with self._pending_lock:
+            self._since = time.monotonic()
             self._backlog -= 1
             if self._backlog <= BACKLOG_MAX // 2 and not self._room.is_set():
                 self._room.set()
@@ -224,8 +253,49 @@ class StreamBridge:
         with self._pending_lock:
             items, self._pending = self._pending, []
             self._wake_scheduled = False
+        stalled = self.stalled is not None and not self._stall_sent
         for item in items:
+            if stalled and type(item) is FinishEvent:
+                # the sequence ended because its client stalled: say so, not "length"
+                self._end_stalled()
+                stalled = False
             self._queue.put_nowait(item)
+        if stalled:
+            self._end_stalled()
+
+    def watch(self, buffer_events: int, stall_timeout: float) -> None:
+        """Bound this stream for a client that stops reading (on the loop): once
+        ``buffer_events`` events are unread, or unread events have waited
+        ``stall_timeout`` seconds (0 = never) with none taken, the request's cancel flag
+        is set (the engine drops the sequence, a worker-pool backend stops at its next
+        token) and the stream ends with a :class:`StreamStalled` error event after what
+        was already buffered."""
+        self._buffer_max = max(1, int(buffer_events))
+        self._stall_s = float(stall_timeout)
+        if self._stall_s > 0:
+            self._loop.call_later(min(self._stall_s, 1.0), self._check_stall)
+
+    def _check_stall(self) -> None:
+        """(loop timer) End the stream when its unread events are older than the stall
+        timeout; re-arm while the stream lives."""
+        if self._done or self._stall_sent or (self.cancel.is_set() and self.stalled is None):
+            return  # the stream is over (its request released), or already ended
+        with self._pending_lock:
+            idle = self._backlog > 0 and time.monotonic() - self._since > self._stall_s
+            if idle and self.stalled is None:
+                self.stalled = (f"the client read nothing for {self._stall_s:g} s while "
+                                "events waited")
+        if self.stalled is not None:
+            self.cancel.set()
+            self._end_stalled()
+            return
+        self._loop.call_later(min(self._stall_s, 1.0), self._check_stall)
+
+    def _end_stalled(self) -> None:
+        """(loop) Queue the stream's final error event, once."""
+        self._stall_sent = True
+        self._queue.put_nowait(ErrorEvent(-1, StreamStalled(
+            f"the stream was ended: {self.stalled}")))
 
     def expire(self) -> None:
         """End the stream now (on the loop): the cancel flag is set and the stream gets a
@@ -309,12 +379,14 @@ class StreamBridge:
                         self.cancel.set()
                         yield TimeoutEvent()
                         return
-                if type(ev) is not TimeoutEvent:  # expire() bypasses the backlog count
-                    self._taken()
+                if type(ev) is not TimeoutEvent and not (
+                        type(ev) is ErrorEvent and type(ev.exc) is StreamStalled):
+                    self._taken()  # expire() and a stall bypass the backlog count
                 if type(ev) is FinishEvent:
                     self._running -= 1
                 yield ev
                 if type(ev) is ErrorEvent or type(ev) is TimeoutEvent:
                     return  # an error ends the stream; so does expire()
         finally:
+            self._done = True
             self._room.set()  # nobody takes events any more: never leave a backend waiting

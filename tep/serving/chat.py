@@ -12,6 +12,7 @@ from tep.backend import ChatStreamSink, Completion
 from tep.backend.interface import _overrides
 from tep.obs.telemetry import RequestRecord
 from tep.serving import calls as C
+from tep.serving import prepare as P
 from tep.serving.bridge import StreamBridge
 from tep.serving.replies import Reply, StreamReply, json_reply
 from tep.serving.sse import sse, sse_text_template
@@ -32,7 +33,7 @@ async def chat(state: ServerState, rec: RequestRecord,
     """``POST /v1/chat/completions``."""
     rid = rec.request_id = new_id("chatcmpl")
     body = parse_json_body(await read_body())
-    req = prepare_chat(state, rec, body, rid)
+    req = await prepare_chat(state, rec, body, rid)
     cancel = await C.admit(state, rec)
     try:
         if req.stream:
@@ -54,7 +55,7 @@ async def chat(state: ServerState, rec: RequestRecord,
                        "usage": usage(out.prompt_tokens, out.completion_tokens)})
 
 
-def prepare_chat(state: ServerState, rec: RequestRecord, body: dict, rid: str,
+async def prepare_chat(state: ServerState, rec: RequestRecord, body: dict, rid: str,
                  endpoint: str = "chat") -> ChatRequest:
     """A chat-completions-shaped ``body`` validated into the one request model (400s name
     the field): the model exists, the constraint and tools parse, ``max_tokens`` is
@@ -66,7 +67,7 @@ def prepare_chat(state: ServerState, rec: RequestRecord, body: dict, rid: str,
     req = parse_chat_request(body, rid, default_max_tokens=state.config.chat_max_tokens)
     rec.model, rec.sampling = req.model, req.sampling
     C.check_model(state, req.model)
-    req.structured = C.parse_structure(state, body, endpoint)
+    req.structured = await P.parse_structure(state, body, endpoint)
     if body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None:
         C.check_max_tokens(state, req.model, req.sampling.max_tokens,
                            "max_completion_tokens" if body.get("max_completion_tokens")
@@ -103,7 +104,7 @@ async def run_chat(state: ServerState, rec: RequestRecord, req: ChatRequest, rid
     """Generate every choice of an admitted chat request (the one generation path of chat
     completions, Responses and Messages) and give its slot back."""
     backend, s = state.backend, req.sampling
-    submit = getattr(backend, "submit_chat", None)   # a non-blocking entry (tep.engine)
+    submit = await P.chat_submitter(state, req, rid, cancel)   # a non-blocking entry
     own = submit is None and _overrides(backend, "chat_completion")
     token_text = backend._token_text_fn(req.model)
     try:
@@ -221,7 +222,7 @@ async def stream_chat(state: ServerState, rec: RequestRecord, req: ChatRequest, 
     backend, s = state.backend, req.sampling
     token_text = backend._token_text_fn(req.model)
     bridge = StreamBridge(state.pool(), cancel, rid)
-    submit = getattr(backend, "submit_chat", None)   # a non-blocking entry (tep.engine)
+    submit = await P.chat_submitter(state, req, rid, cancel)   # a non-blocking entry
     for j in range(req.wire.n):
         rj = req.for_choice(j)
         if s.max_tokens == 0:

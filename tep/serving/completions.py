@@ -11,6 +11,7 @@ from tep.backend import Completion, StreamSink
 from tep.backend.interface import _overrides
 from tep.obs.telemetry import RequestRecord
 from tep.serving import calls as C
+from tep.serving import prepare as P
 from tep.serving.bridge import StreamBridge
 from tep.serving.replies import Reply, StreamReply, json_reply
 from tep.serving.sse import sse, sse_text_template
@@ -32,7 +33,7 @@ async def completions(state: ServerState, rec: RequestRecord,
     req = parse_completion_request(body, rid)
     rec.model, rec.sampling = req.model, req.sampling
     C.check_model(state, req.model)
-    req.structured = C.parse_structure(state, body, "completions")
+    req.structured = await P.parse_structure(state, body, "completions")
     C.check_max_tokens(state, req.model, req.sampling.max_tokens, "max_tokens")
     s = req.sampling
     texts = any(isinstance(p, str) for p in req.prompts)
@@ -72,6 +73,9 @@ async def _complete(state: ServerState, rec: RequestRecord, req: CompletionReque
     submit = getattr(backend, "submit", None)   # a non-blocking entry (tep.engine)
     own = submit is None and _overrides(backend, "generate_from_tokens")
     token_text = backend._token_text_fn(req.model)
+    # one matcher per choice, compiled in the worker pool (not on the loop)
+    cons = await P.prepared_constraints(state, req.structured.constraint,
+                                        len(prompt_ids) * n) if submit is not None else None
     try:
         jobs = []
         for ids in prompt_ids:
@@ -84,9 +88,9 @@ async def _complete(state: ServerState, rec: RequestRecord, req: CompletionReque
                         rid, cancel, "generation",
                         StreamSink(sk, cancel=cancel, token_text=token_text,
                                    prompt_tokens=len(ids)),
-                        lambda sink, done, ids=ids, sk=sk: submit(
+                        lambda sink, done, ids=ids, sk=sk, c=_nth(cons, len(jobs)): submit(
                             req.model, ids, sk, sink, done,
-                            constraint=req.structured.constraint)))
+                            constraint=c or req.structured.constraint)))
                 else:
                     jobs.append(C.call(state, rid, cancel, "generation",
                                        backend.generate_from_tokens, req.model, ids,
@@ -119,6 +123,11 @@ async def _complete(state: ServerState, rec: RequestRecord, req: CompletionReque
     return json_reply({"id": rid, "object": "text_completion", "created": now(),
                        "model": req.model, "choices": choices,
                        "usage": usage(prompt_tokens, completion_tokens)})
+
+
+def _nth(items: list | None, k: int) -> Any:
+    """Choice ``k``'s prepared matcher (None when the backend compiles its own)."""
+    return items[k] if items else None
 
 
 class _Chunks(ChunkRenderer):
@@ -180,6 +189,8 @@ async def _stream(state: ServerState, rec: RequestRecord, req: CompletionRequest
     bridge = StreamBridge(state.pool(), cancel, rid)
     submit = getattr(backend, "submit", None)   # a non-blocking entry (tep.engine)
     render = _Chunks(req, rid, prompt_ids, echoes)
+    cons = await P.prepared_constraints(state, req.structured.constraint,
+                                        render.n_choices) if submit is not None else None
     for k in range(render.n_choices):
         ids, sk = prompt_ids[k // n], s.for_choice(k % n)
         if s.max_tokens == 0:
@@ -190,8 +201,9 @@ async def _stream(state: ServerState, rec: RequestRecord, req: CompletionRequest
             sk, cancel=cancel, on_delta=on_delta, token_text=token_text,
             prompt_tokens=len(ids)))
         if submit is not None:
-            bridge.start_submitted(k, make, lambda sink, done, sk=sk, ids=ids: submit(
-                req.model, ids, sk, sink, done, constraint=req.structured.constraint))
+            bridge.start_submitted(k, make, lambda sink, done, sk=sk, ids=ids,
+                                   c=_nth(cons, k): submit(
+                req.model, ids, sk, sink, done, constraint=c or req.structured.constraint))
         else:
             bridge.start(k, make, lambda sink, sk=sk, ids=ids:
                          backend.generate_stream_from_tokens(req.model, ids, sk, sink))

@@ -50,6 +50,14 @@ class ServerConfig:
         max_num_seqs, max_batch_tokens: engine backends (a :class:`tep.engine.Model`
             served by :class:`tep.engine.EngineBackend`): most sequences in one model
             step, and most tokens fed in one step (prompt chunks included).
+        grammar_compile_timeout: seconds a request's structured-output grammar (schema,
+            regex, Lark grammar, tools) may take to compile in the worker pool; longer is
+            a 400 naming the field (0 = no limit).
+        stream_buffer_events: most stream events (tokens) an engine stream may hold for a
+            client that is not reading; when a stream's buffer is full its sequence is
+            cancelled and the stream ends with an error event.
+        stream_stall_timeout: seconds a stream may have unread events before its
+            sequence is cancelled (the client stopped reading; 0 = never).
         fast_path: answer ``POST`` on the inference routes in an ASGI layer in front of
             Quart (:mod:`tep.server.fastpath`; same answers, less overhead). Quart's own
             ``before_request``/``after_request`` hooks and extensions do not see those
@@ -80,6 +88,15 @@ class ServerConfig:
         "help": "engine backends: most sequences per model step"})
     max_batch_tokens: int = field(default=2048, metadata={
         "help": "engine backends: most tokens fed per model step, prompt chunks included"})
+    grammar_compile_timeout: float = field(default=5.0, metadata={
+        "help": "seconds a structured-output grammar may take to compile (400 above; "
+                "0 = no limit)"})
+    stream_buffer_events: int = field(default=4096, metadata={
+        "help": "most unread events one stream may buffer before its sequence is "
+                "cancelled"})
+    stream_stall_timeout: float = field(default=30.0, metadata={
+        "help": "seconds a stream's client may read nothing while events wait before its "
+                "sequence is cancelled (0 = never)"})
     metrics: bool = field(default=True, metadata={"cli": False})
     fast_path: bool = field(default=True, metadata={"cli": False})
     # "negate": the CLI option is --no-<name>, which sets it False
@@ -91,6 +108,7 @@ class ServerConfig:
     # how each field is read from its TEP_<NAME> variable
     _PARSE = {"api_keys": _keys, "events_jsonl": str,
               "generation_timeout": float, "metrics": _bool,
+              "grammar_compile_timeout": float, "stream_stall_timeout": float,
               "fast_path": _bool, "ui": _bool}
 
     @classmethod
@@ -127,6 +145,11 @@ class ServerConfig:
             raise ValueError("generation_timeout must be >= 0 (0 = no limit)")
         if cfg.max_num_seqs < 1 or cfg.max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
+        if cfg.grammar_compile_timeout < 0 or cfg.stream_stall_timeout < 0:
+            raise ValueError("grammar_compile_timeout and stream_stall_timeout must be >= 0 "
+                             "(0 = no limit)")
+        if cfg.stream_buffer_events < 16:
+            raise ValueError("stream_buffer_events must be >= 16")
         if cfg.retry_after < 0:
             raise ValueError("retry_after must be >= 0")
         return cfg

@@ -32,9 +32,9 @@ from tep.wire.values import parse_json_body
 __all__ = ["messages", "count_tokens", "MessageEvents", "text_delta_event"]
 
 
-def _prepare(state: ServerState, rec: RequestRecord, mreq: MessagesRequest, rid: str) -> Any:
+async def _prepare(state: ServerState, rec: RequestRecord, mreq: MessagesRequest, rid: str) -> Any:
     try:
-        return prepare_chat(state, rec, mreq.chat, rid)
+        return await prepare_chat(state, rec, mreq.chat, rid)
     except E.BadRequestError as e:
         raise rename_param(e, mreq) from None
 
@@ -47,7 +47,7 @@ async def messages(state: ServerState, rec: RequestRecord,
                                   code="chat_not_supported")
     rid = rec.request_id = new_message_id()
     mreq = parse_messages_request(parse_json_body(await read_body()), rid)
-    req = _prepare(state, rec, mreq, rid)
+    req = await _prepare(state, rec, mreq, rid)
     cancel = await C.admit(state, rec)
     try:
         if mreq.stream:
@@ -85,7 +85,7 @@ async def count_tokens(state: ServerState, rec: RequestRecord,
                                   code="chat_template_not_supported")
     rid = rec.request_id or ""
     mreq = parse_messages_request(parse_json_body(await read_body()), rid, count_only=True)
-    req = _prepare(state, rec, mreq, rid)
+    req = await _prepare(state, rec, mreq, rid)
     try:
         ids = await run_text_job(state, rec, "count_tokens",
                                  lambda: chat_prompt_ids(backend, req))

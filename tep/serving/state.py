@@ -1,6 +1,7 @@
 """What one app shares between its requests (:class:`ServerState`)."""
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from concurrent.futures import ThreadPoolExecutor
@@ -16,6 +17,11 @@ from tep.obs.metrics import Metrics
 __all__ = ["ServerState"]
 
 
+# Threads that prepare requests (compile grammars, render chat templates): a few, since
+# llguidance releases the GIL and a slow compile must not hold up the next request.
+PREP_THREADS = min(4, max(2, os.cpu_count() or 2))
+
+
 class ServerState:
     """What the app shares between requests: backend, settings, worker pool, live
     requests, admission gate, keys, metrics and events."""
@@ -24,6 +30,7 @@ class ServerState:
         self.backend = backend
         self.config = config
         self.executor: ThreadPoolExecutor | None = None
+        self._prep: ThreadPoolExecutor | None = None
         self.active: set[threading.Event] = set()
         self.slots: dict[threading.Event, Any] = {}   # cancel flag -> release()
         self.streams: weakref.WeakSet = weakref.WeakSet()  # open StreamBridges
@@ -59,6 +66,17 @@ class ServerState:
                 self.executor = ThreadPoolExecutor(
                     max_workers=self.config.max_concurrency, thread_name_prefix="tep-backend")
             return self.executor
+
+    def prep_pool(self) -> ThreadPoolExecutor:
+        """The worker pool for request preparation that computes (grammar compiles, chat
+        templates of engine requests; :mod:`tep.serving.prepare`), beside the backend
+        pool, so preparation never waits behind a running generation or takes its thread.
+        Created on first use."""
+        with self._lock:
+            if self._prep is None:
+                self._prep = ThreadPoolExecutor(max_workers=PREP_THREADS,
+                                                thread_name_prefix="tep-prep")
+            return self._prep
 
     def begin_drain(self, grace_s: float) -> None:
         """The server stops taking requests and has ``grace_s`` seconds to finish the open
@@ -98,4 +116,7 @@ class ServerState:
             if self.executor is not None:
                 self.executor.shutdown(wait=False, cancel_futures=True)
                 self.executor = None
+            if self._prep is not None:
+                self._prep.shutdown(wait=False, cancel_futures=True)
+                self._prep = None
 

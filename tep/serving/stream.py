@@ -86,6 +86,8 @@ async def first_event(state: ServerState, bridge: StreamBridge, deadline: float 
     """Wait for the first event before sending headers, so a backend that fails at once
     gets a real HTTP error status instead of a 200 stream with an error event."""
     state.streams.add(bridge)  # ended early at shutdown (ServerState.end_drain)
+    # a client that stops reading must not keep its sequence generating into memory
+    bridge.watch(state.config.stream_buffer_events, state.config.stream_stall_timeout)
     it = bridge.events(deadline).__aiter__()
     try:
         first = await it.__anext__()

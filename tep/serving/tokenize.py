@@ -66,14 +66,14 @@ def chat_prompt_ids(backend: Any, req: Any) -> list[int]:
     return [int(t) for t in backend.tokenize(req.model, backend.apply_chat_template(req))]
 
 
-def prepare_template_request(state: ServerState, rec: RequestRecord, body: dict,
+async def prepare_template_request(state: ServerState, rec: RequestRecord, body: dict,
                              model: str) -> Any:
     """A chat request for rendering only (``messages``, ``tools`` ... of ``body``)."""
     from tep.serving.chat import prepare_chat
 
     _need(state.backend.supports_chat() and state.backend.supports_chat_template(),
           "chat template", "chat_template_not_supported")
-    return prepare_chat(state, rec, {**chat_body(body), "model": model}, rec.request_id or "")
+    return await prepare_chat(state, rec, {**chat_body(body), "model": model}, rec.request_id or "")
 
 
 async def tokenize(state: ServerState, rec: RequestRecord,
@@ -88,7 +88,7 @@ async def tokenize(state: ServerState, rec: RequestRecord,
         _need(backend.supports_detokenize(), "detokenizer (for pieces)",
               "detokenize_not_supported")
     if req.messages is not None:
-        chat = prepare_template_request(state, rec, req.messages, model)
+        chat = await prepare_template_request(state, rec, req.messages, model)
         ids_of: Callable[[], list[int]] = lambda: chat_prompt_ids(backend, chat)  # noqa: E731
     elif req.add_special is None:
         ids_of = lambda: backend.tokenize(model, req.text)  # noqa: E731
@@ -131,7 +131,7 @@ async def apply_template(state: ServerState, rec: RequestRecord,
     """``POST /apply-template``."""
     body = parse_json_body(await read_body())
     model = rec.model = default_model(state, template_model(body, rec.request_id or ""))
-    chat = prepare_template_request(state, rec, body, model)
+    chat = await prepare_template_request(state, rec, body, model)
     text = await run_text_job(state, rec, "apply-template",
                               lambda: state.backend.apply_chat_template(chat))
     return json_reply({"prompt": text})

@@ -9,8 +9,8 @@ each sampling step and accepts the sampled token; tool-call text is parsed into 
 See docs/STRUCTURED.md.
 """
 from tep.structured.bitmask import allocate_bitmask, allowed_token_ids, apply_bitmask
-from tep.structured.matcher import (Constraint, MaskFiller, StepMasks, fill_bitmasks,
-                                    make_constraint)
+from tep.structured.matcher import (Constraint, ConstraintFailed, MaskFiller, StepMaskResult,
+                                    StepMasks, fill_bitmasks, make_constraint)
 from tep.structured.spec import (ConstraintSpec, Structured, ToolsSpec, parse_constraint,
                                  parse_structured, parse_tools, unsupported)
 from tep.structured.tool_calls import (ContentDelta, ParsedReply, ToolCallDelta,
@@ -20,7 +20,8 @@ from tep.structured.tools import prepare_messages, template_tools, tool_constrai
 
 __all__ = [
     "ConstraintSpec", "ToolsSpec", "Structured", "parse_constraint", "parse_tools",
-    "parse_structured", "unsupported", "Constraint", "StepMasks", "make_constraint", "fill_bitmasks", "MaskFiller",
+    "parse_structured", "unsupported", "Constraint", "ConstraintFailed", "StepMasks",
+    "StepMaskResult", "make_constraint", "fill_bitmasks", "MaskFiller",
     "allocate_bitmask", "allowed_token_ids", "apply_bitmask", "ToolCallStream",
     "ToolCallDelta", "ContentDelta", "chunk_deltas", "ParsedReply", "parse_tool_calls", "finish_reason",
     "prepare_messages", "template_tools", "tool_constraint",

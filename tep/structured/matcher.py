@@ -14,16 +14,34 @@ unconstrained one does.
 from __future__ import annotations
 
 import threading
+from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
+from tep.errors import BadRequestError
+from tep.structured import limits as _limits
 from tep.structured.bitmask import bitmask_words
-from tep.structured.limits import MASK_THREADS
-from tep.structured.spec import ConstraintSpec
+from tep.structured.limits import MASK_THREADS, PROBE_STEPS
+from tep.structured.types import ConstraintSpec
 
-__all__ = ["Constraint", "make_constraint", "fill_bitmasks", "MaskFiller", "StepMasks"]
+__all__ = ["Constraint", "ConstraintFailed", "make_constraint", "probe", "fill_bitmasks",
+           "MaskFiller", "StepMasks", "StepMaskResult"]
+
+
+class ConstraintFailed(BadRequestError):
+    """The grammar matcher gave up on a sequence (a grammar it cannot follow, e.g. a
+    lexer that grows past llguidance's limits, or a token outside the grammar). A 400
+    naming the constraint's field; mid-stream it ends that stream with an error event."""
+
+    def __init__(self, message: str, param: str | None) -> None:
+        super().__init__(message, param=param, code="constraint_failed")
+
+
+def _first_line(err: str) -> str:
+    err = err.strip()
+    return err.splitlines()[0] if err else "unknown error"
 
 
 class Constraint:
@@ -37,14 +55,20 @@ class Constraint:
     Not thread-safe: one thread at a time (the engine fills, then accepts, in turn).
     """
 
-    __slots__ = ("_m", "vocab_size", "words", "eos_ids", "_eos_row")
+    __slots__ = ("_m", "vocab_size", "words", "eos_ids", "_eos_row", "param", "failed")
 
-    def __init__(self, grammar: str, tokenizer: Any) -> None:
+    def __init__(self, grammar: str, tokenizer: Any, param: str | None = None) -> None:
         import llguidance
 
-        self._m = llguidance.LLMatcher(tokenizer, grammar, log_level=0)
+        self.param = param          # the request field the grammar came from (errors)
+        self.failed: BaseException | None = None   # set when its mask fill failed
+        lim = _limits.PARSER_LIMITS
+        self._m = llguidance.LLMatcher(
+            tokenizer, grammar, log_level=0,
+            limits=llguidance.LLParserLimits(**lim) if lim else None)
         if self._m.is_error():
-            raise ValueError(f"grammar rejected: {self._m.get_error()}")
+            raise ConstraintFailed(f"'{param}' was rejected by the grammar matcher: "
+                                   f"{_first_line(self._m.get_error())}", param)
         self.vocab_size = int(tokenizer.vocab_size)
         self.words = bitmask_words(self.vocab_size)
         self.eos_ids = tuple(int(t) for t in tokenizer.eos_tokens)
@@ -101,17 +125,91 @@ class Constraint:
 
     def accept(self, token_id: int) -> bool:
         """Advance past the sampled token. False when the grammar does not allow it (the
-        matcher is then failed for good; the engine ends the sequence with an error)."""
+        matcher is then failed for good; the engine ends the sequence with
+        :meth:`violation`)."""
         if not 0 <= token_id < self.vocab_size:
             return False
         return bool(self._m.consume_token(int(token_id)))
 
+    def violation(self, token_id: int) -> ConstraintFailed:
+        """The error that ends a sequence whose token :meth:`accept` refused: the
+        matcher's own reason when it failed (e.g. its lexer hit a limit), else that the
+        token was outside the grammar."""
+        why = self._m.get_error() if self._m.is_error() else ""
+        if why:
+            msg = f"the grammar matcher gave up on '{self.param}': {_first_line(why)}"
+        else:
+            msg = f"token {token_id} is not allowed by '{self.param}'"
+        return ConstraintFailed(msg, self.param)
 
-def make_constraint(spec: ConstraintSpec | None, tokenizer: Any) -> Constraint | None:
+    def copy(self) -> "Constraint":
+        """An independent copy in the same state (one compile serves ``n`` choices)."""
+        c = object.__new__(Constraint)
+        c._m = self._m.deep_copy()
+        c.vocab_size, c.words, c.eos_ids = self.vocab_size, self.words, self.eos_ids
+        c._eos_row, c.param, c.failed = self._eos_row, self.param, None
+        return c
+
+
+def probe(c: Constraint, steps: int = PROBE_STEPS) -> None:
+    """Walk a copy of ``c`` a few tokens down the grammar (each time the lowest allowed
+    token that is not end-of-sequence), so a grammar the matcher cannot follow (a counted
+    repetition whose lexer outgrows llguidance's limits, e.g. ``a{1000000}``) is refused
+    before generation (:class:`ConstraintFailed`) instead of failing at its first token.
+    ``c`` itself is not advanced. Releases the GIL while the matcher works."""
+    m = c._m.deep_copy()
+    row = np.empty(c.words, np.int32)
+    eos = set(c.eos_ids)
+    for _ in range(steps):
+        if m.is_stopped():
+            return
+        m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
+        if m.is_error():
+            break
+        bits = np.unpackbits(row.view(np.uint8), bitorder="little")[:c.vocab_size]
+        tok = next((int(t) for t in np.flatnonzero(bits) if int(t) not in eos), None)
+        if tok is None:            # only EOS may follow: the grammar is complete
+            return
+        if not m.consume_token(tok) or m.is_error():
+            break
+    if m.is_error():
+        raise ConstraintFailed(f"'{c.param}' is a grammar the matcher cannot follow: "
+                               f"{_first_line(m.get_error())}", c.param)
+
+
+# Grammars a probe refused, by (grammar, tokenizer): a client that resends one gets its
+# 400 at once instead of costing the server the failing walk again (up to seconds).
+_REFUSED: "OrderedDict[tuple[str, int], str]" = OrderedDict()
+_REFUSED_MAX = 256
+_refused_lock = threading.Lock()
+
+
+def make_constraint(spec: ConstraintSpec | None, tokenizer: Any, *,
+                    check: bool = False) -> Constraint | None:
     """A fresh :class:`Constraint` for one sequence (None for None). Building compiles the
     grammar's lexer for this tokenizer (GIL released): do it when the request is admitted,
-    not in the step loop."""
-    return None if spec is None else Constraint(spec.grammar, tokenizer)
+    not in the step loop. ``check``: also :func:`probe` it (a failure is a
+    :class:`ConstraintFailed` naming ``spec.param``; remembered, so the same grammar is
+    refused at once next time)."""
+    if spec is None:
+        return None
+    key = (spec.grammar, id(tokenizer))
+    if check:
+        with _refused_lock:
+            why = _REFUSED.get(key)
+        if why is not None:
+            raise ConstraintFailed(why.replace("\0", spec.param), spec.param)
+    c = Constraint(spec.grammar, tokenizer, spec.param)
+    if check:
+        try:
+            probe(c)
+        except ConstraintFailed as e:
+            with _refused_lock:
+                _REFUSED[key] = e.message.replace(f"'{spec.param}'", "'\0'", 1)
+                while len(_REFUSED) > _REFUSED_MAX:
+                    _REFUSED.popitem(last=False)
+            raise
+    return c
 
 
 _executor = None
@@ -186,6 +284,16 @@ class MaskFiller:
         self._pool.shutdown(wait=True)
 
 
+class StepMaskResult(NamedTuple):
+    """What :meth:`StepMasks.finish` gives: the step's bitmask (None when no row was
+    constrained) and the fill's failure (None when it worked). After a failure the
+    constrained rows hold end-of-sequence only, so the step can still sample; the engine
+    fails those sequences."""
+
+    bitmask: np.ndarray | None
+    error: BaseException | None
+
+
 class StepMasks:
     """The engine's per-step helper: one reusable bitmask buffer and a :class:`MaskFiller`.
 
@@ -206,6 +314,7 @@ class StepMasks:
         self._buf = np.full((0, self.words), -1, np.int32)
         self._fut: Future | None = None
         self._view: np.ndarray | None = None
+        self._rows: Sequence[tuple[int, Any]] = ()
 
     def start(self, n_rows: int, constrained: Sequence[tuple[int, Constraint]]) -> None:
         """Begin filling the rows of ``constrained`` (row index, constraint) on the worker
@@ -221,15 +330,31 @@ class StepMasks:
         view = self._buf[:n_rows]
         view.fill(-1)
         self._view = view
+        self._rows = list(constrained)
         rows = [r for r, _ in constrained]
         self._fut = self._filler.submit([c for _, c in constrained], rows, view)
 
-    def finish(self) -> np.ndarray | None:
-        """Wait for the fill; the bitmask (None when nothing was constrained)."""
+    def finish(self) -> StepMaskResult:
+        """Wait for the fill: the bitmask (None when nothing was constrained) and the
+        fill's error. Never raises for a failed fill: the rows it was filling are then set
+        to end-of-sequence only (never a half-written row), and the error says why."""
         fut, self._fut = self._fut, None
-        if fut is not None:
+        rows, self._rows = self._rows, ()
+        if fut is None:
+            return StepMaskResult(self._view, None)
+        try:
             fut.result()
-        return self._view
+        except Exception as e:  # noqa: BLE001 - the grammar engine's, one request's fault
+            for r, c in rows:
+                self._view[r] = getattr(c, "_eos_row", 0)
+                param = getattr(c, "param", None)
+                try:
+                    c.failed = ConstraintFailed(
+                        f"the grammar matcher failed on '{param}': {e}", param)
+                except AttributeError:  # a constraint object without the attribute
+                    pass
+            return StepMaskResult(self._view, e)
+        return StepMaskResult(self._view, None)
 
     def close(self) -> None:
         """Stop the worker thread."""

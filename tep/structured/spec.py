@@ -11,84 +11,25 @@ from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
 from typing import Any, Literal
 
 from tep.errors import BadRequestError
 from tep.structured import grammar as G
 from tep.structured.limits import (MAX_CHOICE_CHARS, MAX_CHOICES, MAX_GRAMMAR_CHARS,
                                    MAX_TOOLS, SCHEMA_NAME_PATTERN, TOOL_NAME_PATTERN)
+from tep.structured.tools import tool_constraint
+from tep.structured.types import ConstraintSpec, Structured, ToolsSpec
+from tep.wire.fields import CONSTRAINT_FIELDS as _CF, TOOL_FIELDS as _TF
 
 __all__ = ["ConstraintSpec", "ToolsSpec", "Structured", "parse_constraint", "parse_tools",
            "parse_structured", "CONSTRAINT_FIELDS", "TOOL_FIELDS", "unsupported"]
 
 Endpoint = Literal["chat", "completions"]
-ConstraintKind = Literal["json_schema", "json_object", "regex", "grammar", "choice", "tools"]
 
-# Body fields that carry a constraint (at most one per request) and the tool fields.
-CONSTRAINT_FIELDS = ("response_format", "guided_json", "guided_regex", "guided_grammar",
-                     "guided_choice")
-TOOL_FIELDS = ("tools", "tool_choice", "parallel_tool_calls")
-
-
-@dataclass(frozen=True)
-class ConstraintSpec:
-    """A validated constraint, independent of any tokenizer.
-
-    Attributes:
-        kind: what the request asked for.
-        param: the body field it came from (for errors raised later, e.g. a backend that
-            cannot constrain: ``BadRequestError(..., param=spec.param)``).
-        grammar: the llguidance grammar string (already validated).
-        schema: the JSON schema for ``json_schema``/``json_object``, else None.
-    """
-
-    kind: ConstraintKind
-    param: str
-    grammar: str
-    schema: Any = None
-
-
-@dataclass(frozen=True)
-class ToolsSpec:
-    """Validated ``tools`` / ``tool_choice`` / ``parallel_tool_calls``.
-
-    Attributes:
-        tools: the functions, normalised to ``{"type": "function", "function": {"name",
-            "description"?, "parameters", "strict"?}}`` (``parameters`` defaults to an
-            object with no required properties).
-        choice: ``"none"``, ``"auto"``, ``"required"`` or ``"function"`` (a named one).
-        function: the forced function's name when ``choice == "function"``.
-        parallel: whether more than one call may be made.
-    """
-
-    tools: tuple[dict, ...]
-    choice: Literal["none", "auto", "required", "function"] = "auto"
-    function: str | None = None
-    parallel: bool = True
-
-    @property
-    def names(self) -> tuple[str, ...]:
-        """The function names, in order."""
-        return tuple(t["function"]["name"] for t in self.tools)
-
-    @property
-    def callable_tools(self) -> tuple[dict, ...]:
-        """The functions the model may call under ``choice`` (none for ``"none"``)."""
-        if self.choice == "none":
-            return ()
-        if self.choice == "function":
-            return tuple(t for t in self.tools if t["function"]["name"] == self.function)
-        return self.tools
-
-
-@dataclass(frozen=True)
-class Structured:
-    """What :func:`parse_structured` returns: the constraint to hand to the engine (None =
-    unconstrained) and the tools (None = the request has none)."""
-
-    constraint: ConstraintSpec | None = None
-    tools: ToolsSpec | None = None
+# Body fields that carry a constraint (at most one per request) and the tool fields; the
+# field table (tep.wire.fields) is their one source.
+CONSTRAINT_FIELDS = tuple(f.name for f in _CF)
+TOOL_FIELDS = tuple(f.name for f in _TF)
 
 
 def _bad(msg: str, param: str, code: str = "invalid_value") -> BadRequestError:
@@ -289,7 +230,9 @@ def parse_tools(body: dict) -> ToolsSpec | None:
     else:
         raise _bad("'tool_choice' must be 'none', 'auto', 'required' or "
                    "{\"type\": \"function\", \"function\": {\"name\": ...}}", "tool_choice")
-    return ToolsSpec(norm, kind, fn, True if par is None else par)
+    # A named function is called exactly once (OpenAI's and vLLM's behaviour), whatever
+    # parallel_tool_calls says: the grammar then ends after one call.
+    return ToolsSpec(norm, kind, fn, kind != "function" and (True if par is None else par))
 
 
 def parse_structured(body: dict, endpoint: Endpoint) -> Structured:
@@ -302,8 +245,6 @@ def parse_structured(body: dict, endpoint: Endpoint) -> Structured:
     ``auto`` its plain-answer branch is free text, or the requested JSON schema
     (``response_format``/``guided_json``). A regex, grammar or choice together with callable
     tools is a 400 (they cannot be combined)."""
-    from tep.structured.tools import tool_constraint
-
     if endpoint not in ("chat", "completions"):
         raise ValueError(f"endpoint must be 'chat' or 'completions', got {endpoint!r}")
     content = parse_constraint(body, endpoint)

@@ -10,7 +10,7 @@ import threading
 import warnings
 import weakref
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 __all__ = ["byte_tokenizer", "llamacpp_tokenizer", "tokenizer_from_pieces"]
 
@@ -47,16 +47,19 @@ def tokenizer_from_pieces(tokens: list[bytes], eos_ids: Sequence[int],
 
 
 @lru_cache(maxsize=8)
-def byte_tokenizer(vocab_size: int = 257, eos_id: int = 256) -> Any:
-    """The toy vocabulary: ids 0..255 are bytes, ``eos_id`` (256) is ``<|endoftext|>``,
-    ids 257..V-1 are ``" " + word`` (see :mod:`tep.backends.toy`). Cached per size."""
+def byte_tokenizer(vocab_size: int = 257, eos_id: int = 256,
+                   word: Callable[[int], str] | None = None) -> Any:
+    """A byte vocabulary: ids 0..255 are bytes, ``eos_id`` (256) is ``<|endoftext|>``, and
+    ids 257..V-1 are spelled by ``word(id)`` (ASCII; required when V > 257). The toy model
+    passes its own spelling (``tep.backends.toy.toy_tokenizer``). Cached per arguments."""
     if vocab_size < 257 or eos_id != 256:
         raise ValueError(f"the byte vocabulary needs vocab_size >= 257 and EOS 256, got "
                          f"{vocab_size}, {eos_id}")
+    if vocab_size > 257 and word is None:
+        raise ValueError("a byte vocabulary larger than 257 needs word(id) for ids >= 257")
     tokens = [bytes([i]) for i in range(256)] + [b"<|endoftext|>"]
-    from tep.backends.toy import _word  # the toy's spelling of ids >= 257, one source
-
-    tokens += [_word(t).encode("ascii") for t in range(257, vocab_size)]
+    if word is not None:
+        tokens += [word(t).encode("ascii") for t in range(257, vocab_size)]
     return tokenizer_from_pieces(tokens, [eos_id], [eos_id], lambda s: list(bytes(s)))
 
 

@@ -7,7 +7,7 @@ Tool calls use the Hermes format (NousResearch Hermes, Qwen 2.5, many ChatML mod
     </tool_call>
 
 one block per call, blocks separated by a newline. ``tool_choice`` picks the grammar:
-``required`` = one or more calls to any function, a named function = calls to that one,
+``required`` = one or more calls to any function, a named function = exactly one call to it,
 ``auto`` = either a plain answer or calls, ``none`` = no tool grammar (and no tools shown to
 the model). ``parallel_tool_calls: false`` allows exactly one call. Every call's
 ``arguments`` are constrained by that function's ``parameters`` schema.
@@ -22,9 +22,10 @@ import json
 import re
 from typing import Any, Sequence
 
+from tep.errors import BadRequestError
 from tep.structured import grammar as G
 from tep.structured.limits import JSON_COMPILE_OPTIONS, TOOL_CALL_CLOSE, TOOL_CALL_OPEN
-from tep.structured.spec import ConstraintSpec, ToolsSpec
+from tep.structured.types import ConstraintSpec, ToolsSpec
 
 __all__ = ["tool_constraint", "tool_call_lark", "template_tools", "template_supports_tools",
            "tool_system_prompt", "prepare_messages", "text_not_starting_with"]
@@ -100,8 +101,6 @@ def tool_call_lark(spec: ToolsSpec, content: ConstraintSpec | None = None) -> st
 
 def tool_constraint(spec: ToolsSpec, content: ConstraintSpec | None = None) -> ConstraintSpec:
     """The validated tool-call constraint (``param`` ``"tools"``)."""
-    from tep.errors import BadRequestError
-
     try:
         g = G.lark_grammar(tool_call_lark(spec, content))
     except G.GrammarError as e:

@@ -14,7 +14,7 @@ from tep.kernels.sampling import MAX_LOGPROBS
 
 __all__ = ["Field", "F", "MAX_LOGPROBS", "MAX_N", "MAX_STOP", "MAX_TOP_K", "SEED_MIN",
            "SEED_MAX", "COMPLETION_FIELDS", "CHAT_FIELDS", "EMBEDDING_FIELDS",
-           "CHAT_PASSTHROUGH", "schema_of"]
+           "CHAT_PASSTHROUGH", "CONSTRAINT_FIELDS", "TOOL_FIELDS", "schema_of"]
 
 MAX_N = 128                  # choices per prompt
 MAX_STOP = 16                # stop strings per request
@@ -107,22 +107,45 @@ class F:
                                       {"type": "array", "items": {"type": "object"}},
                                       {"type": "null"}]},
                 "name": {"type": "string"}}}})
+    # Structured outputs (tep.structured checks them in depth; docs/STRUCTURED.md).
+    response_format = Field("response_format", "object", schema={
+        "type": ["object", "null"], "properties": {
+            "type": {"enum": ["text", "json_object", "json_schema"]},
+            "json_schema": {"type": "object"}}})
+    guided_json = Field("guided_json", "object",
+                        schema={"type": ["object", "boolean", "string", "null"]})
+    guided_regex = Field("guided_regex", "string")
+    guided_grammar = Field("guided_grammar", "string")
+    guided_choice = Field("guided_choice", "object", schema={
+        "type": ["array", "null"], "items": {"type": "string"}, "minItems": 1})
+    tools = Field("tools", "object", schema={
+        "type": ["array", "null"], "items": {"type": "object"}, "minItems": 1})
+    tool_choice = Field("tool_choice", "object", schema={"oneOf": [
+        {"enum": ["none", "auto", "required"]}, {"type": "object"}, {"type": "null"}]})
+    parallel_tool_calls = Field("parallel_tool_calls", "boolean")
 
+
+# The fields that carry a constraint (at most one per request; both endpoints) and the
+# tool fields (chat only).
+CONSTRAINT_FIELDS: tuple[Field, ...] = (F.response_format, F.guided_json, F.guided_regex,
+                                        F.guided_grammar, F.guided_choice)
+TOOL_FIELDS: tuple[Field, ...] = (F.tools, F.tool_choice, F.parallel_tool_calls)
 
 _SAMPLING = (F.model, F.stream, F.stream_options, F.max_tokens, F.temperature, F.top_p,
              F.n, F.stop, F.stop_token_ids, F.seed, F.presence_penalty, F.frequency_penalty,
              F.repetition_penalty, F.top_k, F.min_p, F.logit_bias, F.user,
              F.allowed_token_ids)
 COMPLETION_FIELDS: tuple[Field, ...] = _SAMPLING + (F.prompt, F.echo, F.logprobs_int,
-                                                    F.best_of, F.suffix)
+                                                    F.best_of, F.suffix) + CONSTRAINT_FIELDS
 CHAT_FIELDS: tuple[Field, ...] = _SAMPLING + (F.messages, F.logprobs_bool, F.top_logprobs,
-                                              F.max_completion_tokens)
+                                              F.max_completion_tokens) + CONSTRAINT_FIELDS \
+    + TOOL_FIELDS
 EMBEDDING_FIELDS: tuple[Field, ...] = (F.model, F.input, F.encoding_format, F.dimensions,
                                        F.user)
 # Chat fields tep does not read itself but a backend may (through ChatRequest.raw): known,
 # so they are not logged as unknown.
 CHAT_PASSTHROUGH = frozenset({
-    "tools", "tool_choice", "parallel_tool_calls", "response_format", "metadata", "store",
+    "metadata", "store",
     "service_tier", "reasoning_effort", "modalities", "audio", "prediction", "functions",
     "function_call", "web_search_options", "verbosity", "prompt_cache_key",
     "safety_identifier"})

@@ -11,7 +11,7 @@ import numpy as np
 from struct_drive import sample_masked
 from tep.backends.toy import ToyBackend
 from tep.structured import StepMasks, make_constraint, parse_structured
-from tep.structured.tokenizer import byte_tokenizer
+from tep.backends.toy import toy_tokenizer
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer", "minimum": 0,
                                                  "maximum": 99},
@@ -25,7 +25,7 @@ MAX_TOKENS = 40
 
 def _run(model: ToyBackend, idx: list[int]) -> dict[int, list[int]]:
     """Run sequences ``idx`` together until each ends (EOS or MAX_TOKENS)."""
-    tok = byte_tokenizer(model.vocab_size)
+    tok = toy_tokenizer(model.vocab_size)
     prompt = list(b"Answer: ")
     ctx = {i: list(prompt) for i in idx}
     out: dict[int, list[int]] = {i: [] for i in idx}
@@ -37,7 +37,7 @@ def _run(model: ToyBackend, idx: list[int]) -> dict[int, list[int]]:
         masks.start(len(live), [(r, cons[i]) for r, i in enumerate(live)
                                 if cons[i] is not None])
         logits = np.stack([model._logits(ctx[i]) for i in live]).astype(np.float32)
-        bm = masks.finish()
+        bm = masks.finish().bitmask
         if bm is None:
             assert all(cons[i] is None for i in live)
             bm = np.full((len(live), (model.vocab_size + 31) // 32), -1, np.int32)

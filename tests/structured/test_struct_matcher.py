@@ -13,6 +13,7 @@ from struct_drive import generate, toy_bias
 from tep.structured import (allocate_bitmask, allowed_token_ids, fill_bitmasks,
                             make_constraint, parse_structured)
 from tep.structured.bitmask import bitmask_to_bool
+from tep.backends.toy import toy_tokenizer
 from tep.structured.tokenizer import byte_tokenizer
 
 TOK = byte_tokenizer(257)
@@ -165,7 +166,7 @@ def test_fill_releases_the_gil():
     from tep.structured import MaskFiller
     from struct_schemas import SCHEMAS
     V = 4000
-    tok = byte_tokenizer(V)
+    tok = toy_tokenizer(V)
     spec = parse_structured({"guided_json": SCHEMAS["recursive_tree"]}, "completions").constraint
     cs = [make_constraint(spec, tok) for _ in range(64)]
     for c in cs:
@@ -196,15 +197,15 @@ def test_step_masks_reuse_and_reset():
     try:
         a, b = _c({"guided_choice": ["x"]}), _c({"guided_choice": ["y"]})
         sm.start(3, [(2, a)])
-        bm = sm.finish()
+        bm = sm.finish().bitmask
         assert bm.shape == (3, 9) and (bm[0] == -1).all() and (bm[1] == -1).all()
         assert allowed_token_ids(bm[2], 257).tolist() == [ord("x")]
         sm.start(2, [(0, b)])                  # fewer rows; the old row-2 mask is gone
-        bm = sm.finish()
+        bm = sm.finish().bitmask
         assert bm.shape == (2, 9) and (bm[1] == -1).all()
         assert allowed_token_ids(bm[0], 257).tolist() == [ord("y")]
         sm.start(4, [])
-        assert sm.finish() is None
+        assert sm.finish().bitmask is None
     finally:
         sm.close()
 
@@ -219,7 +220,7 @@ def test_kernel_bitmask_agrees_with_numpy_masking():
     from tep.kernels import apply_token_bitmask
     from tep.structured import apply_bitmask
     V = 1000
-    tok = byte_tokenizer(V)
+    tok = toy_tokenizer(V)
     bodies = [{"guided_regex": "[0-9]{2,5}"}, {"guided_choice": ["ab", "cd", "x y"]},
               {"guided_json": {"type": "object"}}, {"guided_regex": "(a|b)+"}]
     cs = [make_constraint(parse_structured(b, "completions").constraint, tok) for b in bodies]

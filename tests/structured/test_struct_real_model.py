@@ -55,7 +55,7 @@ def _generate(llm, prompt: str, spec, *, seed: int, max_tokens: int = 300) -> li
         for step in range(max_tokens):
             masks.start(1, [(0, c)])
             llm.eval(feed)
-            bm = masks.finish()
+            bm = masks.finish().bitmask
             t = int(sample_masked(_logits(llm)[None, :], bm, seed=[seed], step=[step],
                                   temperature=0.7)[0])
             assert c.accept(t), c.error

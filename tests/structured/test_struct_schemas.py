@@ -13,6 +13,7 @@ from struct_drive import closing_bias, generate, toy_bias
 from struct_real import smol  # noqa: F401  (fixture)
 from struct_schemas import SCHEMAS
 from tep.structured import make_constraint, parse_structured
+from tep.backends.toy import toy_tokenizer
 from tep.structured.tokenizer import byte_tokenizer
 
 SEEDS = (0, 1)
@@ -47,7 +48,7 @@ def test_toy_vocab_outputs_validate(name):
 def test_toy_vocab_with_word_tokens():
     """A vocabulary wider than bytes (ids >= 257 are " word" tokens) still validates."""
     V = 1000
-    tok = byte_tokenizer(V)
+    tok = toy_tokenizer(V)
     schema = SCHEMAS["pydantic_like"]
     spec = _spec(schema)
     bias = np.concatenate([toy_bias(257), np.full(V - 257, 2.0, np.float32)])
