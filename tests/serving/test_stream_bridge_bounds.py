@@ -73,9 +73,11 @@ def test_unread_events_past_the_stall_timeout_cancel():
 
 
 def test_a_reader_that_keeps_up_is_never_cut():
-    # an engine-like producer (it lets go of the GIL between steps) at ~2000 events/s
+    # an engine-like producer (it lets go of the GIL between steps) at up to ~5000
+    # events/s, more than the default buffer holds, read by a client that keeps up (the
+    # default bound leaves room for a loop stalled by a loaded machine)
     got, produced, cancelled, why = asyncio.run(
-        _scenario(buffer_events=64, stall=0.3, n_events=2000, read_first=-1, pause=0,
-                  produce_every=0.0005))
+        _scenario(buffer_events=4096, stall=2.0, n_events=10_000, read_first=-1, pause=0,
+                  produce_every=0.0002))
     assert why is None and not cancelled, why
-    assert produced == 2000 and type(got[-1]) is FinishEvent
+    assert produced == 10_000 and type(got[-1]) is FinishEvent
