@@ -54,6 +54,12 @@ class ServerConfig:
             Quart (:mod:`tep.server.fastpath`; same answers, less overhead). Quart's own
             ``before_request``/``after_request`` hooks and extensions do not see those
             requests; False routes them through Quart.
+        responses_store: the SQLite file of stored responses (``POST /v1/responses``
+            with ``store``); None = ``$XDG_DATA_HOME/tep/responses.sqlite3`` (else
+            ``~/.local/share/tep/...``); ``":memory:"`` keeps nothing.
+        responses_max_rows, responses_max_age: the store's bounds: most responses kept
+            (oldest dropped first) and the age in seconds past which one is dropped;
+            applied on every write.
     """
 
     max_concurrency: int = field(default=8, metadata={
@@ -78,6 +84,14 @@ class ServerConfig:
         "help": "engine backends: most sequences per model step"})
     max_batch_tokens: int = field(default=2048, metadata={
         "help": "engine backends: most tokens fed per model step, prompt chunks included"})
+    responses_store: str | None = field(default=None, metadata={
+        "help": "SQLite file of stored /v1/responses (':memory:' keeps nothing; "
+                "default $XDG_DATA_HOME/tep/responses.sqlite3, else "
+                "~/.local/share/tep/responses.sqlite3)"})
+    responses_max_rows: int = field(default=100_000, metadata={
+        "help": "most stored responses kept; the oldest are pruned on write"})
+    responses_max_age: float = field(default=30 * 86400.0, metadata={
+        "help": "seconds a stored response is kept; older ones are pruned on write"})
     metrics: bool = field(default=True, metadata={"cli": False})
     fast_path: bool = field(default=True, metadata={"cli": False})
 
@@ -86,7 +100,7 @@ class ServerConfig:
     # how each field is read from its TEP_<NAME> variable
     _PARSE = {"api_keys": _keys, "events_jsonl": str,
               "generation_timeout": float, "metrics": _bool,
-              "fast_path": _bool}
+              "fast_path": _bool, "responses_store": str, "responses_max_age": float}
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerConfig":
@@ -122,9 +136,17 @@ class ServerConfig:
             raise ValueError("generation_timeout must be >= 0 (0 = no limit)")
         if cfg.max_num_seqs < 1 or cfg.max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be >= 1")
+        if cfg.responses_max_rows < 1 or not cfg.responses_max_age > 0:
+            raise ValueError("responses_max_rows must be >= 1 and responses_max_age > 0")
         if cfg.retry_after < 0:
             raise ValueError("retry_after must be >= 0")
         return cfg
+
+    def responses_store_path(self) -> str:
+        """The responses store file (see ``responses_store``)."""
+        from tep.serving.response_store import default_store_path
+
+        return self.responses_store or default_store_path()
 
     def all_api_keys(self) -> tuple[str, ...]:
         """Every accepted key, empty = no auth."""

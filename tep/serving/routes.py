@@ -16,6 +16,7 @@ from tep.serving.chat import chat
 from tep.serving.completions import completions
 from tep.serving.embeddings import embeddings
 from tep.serving.replies import Reply, StreamReply
+from tep.serving.responses import responses
 from tep.serving.state import ServerState
 from tep.wire.routes import INFERENCE_PATHS
 
@@ -26,7 +27,8 @@ Handler = Callable[[ServerState, RequestRecord, Callable[[], Awaitable[bytes]]],
 
 HANDLERS: dict[str, Handler] = {"/v1/completions": completions,
                                 "/v1/chat/completions": chat,
-                                "/v1/embeddings": embeddings}
+                                "/v1/embeddings": embeddings,
+                                "/v1/responses": responses}
 """Inference path -> handler (all ``POST``)."""
 
 assert set(HANDLERS) == INFERENCE_PATHS, "every inference route needs a handler"
