@@ -68,8 +68,9 @@ async def responses(state: ServerState, rec: RequestRecord,
         if found is None:
             raise _not_found(req.previous_response_id, "previous_response_id")
         history = found
+    body = chat_body(req, history)   # 400s here already name Responses' fields
     try:
-        creq = prepare_chat(state, rec, chat_body(req, history), rid)
+        creq = prepare_chat(state, rec, body, rid)
     except E.APIError as e:
         raise rename_chat_error(e) from None
     cancel = await C.admit(state, rec)

@@ -60,10 +60,12 @@ def client(url: str, key: str = "unused") -> openai.OpenAI:
 
 
 def _without_ids(obj: Any) -> Any:
-    """A response dump with what differs between two runs removed (ids, times)."""
+    """A response dump with what differs between two runs removed (ids, times, and the
+    client's own ``parsed`` fields, which only its stream helper adds)."""
     if isinstance(obj, dict):
         return {k: _without_ids(v) for k, v in obj.items()
-                if k not in ("id", "created_at", "call_id", "item_id")}
+                if k not in ("id", "created_at", "call_id", "item_id", "parsed",
+                             "parsed_arguments")}
     if isinstance(obj, list):
         return [_without_ids(v) for v in obj]
     return obj
@@ -114,9 +116,13 @@ def test_create_string_and_items_match_chat(server):
 def test_stream_final_response_equals_create(server):
     url, _ = server
     c = client(url)
-    kw = dict(model=MODEL, input="Tell me a story", max_output_tokens=40, temperature=1.0,
-              extra_body={"seed": 11})
+    # a stop string (tep's extension) ends the answer on its own: response.completed (the
+    # client's get_final_response() wants that event; at max_output_tokens it is
+    # response.incomplete, tested below)
+    kw = dict(model=MODEL, input="Tell me a story", max_output_tokens=400, temperature=1.0,
+              extra_body={"seed": 11, "stop": ["z", "q"]})
     r = c.responses.create(**kw)
+    assert r.status == "completed" and len(r.output_text) > 3, r.output_text
     with c.responses.stream(**kw) as s:
         events = list(s)
         final = s.get_final_response()
@@ -124,7 +130,7 @@ def test_stream_final_response_equals_create(server):
     assert final.output_text == r.output_text
     types = [e.type for e in events]
     assert types[:2] == ["response.created", "response.in_progress"]
-    assert types[-1] in ("response.completed", "response.incomplete")
+    assert types[-1] == "response.completed"
     assert [e.sequence_number for e in events] == list(range(len(events)))
     deltas = "".join(e.delta for e in events if e.type == "response.output_text.delta")
     assert deltas == r.output_text
@@ -180,10 +186,18 @@ def test_parse_with_pydantic_text_format(server):
     with c.responses.stream(**kw) as s:
         final = s.get_final_response()
     assert final.output_parsed == r.output_parsed
-    j = c.responses.create(model=MODEL, input="json please", max_output_tokens=200,
-                           text={"format": {"type": "json_object"}}, extra_body={"seed": 2})
-    assert isinstance(json.loads(j.output_text), dict)
-    assert j.text.format.type == "json_object"
+    # json_object: any object; the toy model's random objects may run past the limit, so
+    # every answer that completed must parse, and some must complete
+    done = 0
+    for seed in range(6):
+        j = c.responses.create(model=MODEL, input="json please", max_output_tokens=120,
+                               text={"format": {"type": "json_object"}},
+                               extra_body={"seed": seed})
+        assert j.text.format.type == "json_object"
+        if j.status == "completed":
+            assert isinstance(json.loads(j.output_text), dict)
+            done += 1
+    assert done
 
 
 def test_function_tool_round_trip(server):
@@ -191,9 +205,9 @@ def test_function_tool_round_trip(server):
     c = client(url)
     first = c.responses.create(model=MODEL, input="Weather in Paris?", tools=TOOLS,
                                tool_choice="required", extra_body={"seed": 4},
-                               max_output_tokens=200)
+                               max_output_tokens=200, parallel_tool_calls=False)
     calls = [o for o in first.output if o.type == "function_call"]
-    assert calls and first.status == "completed"
+    assert len(calls) == 1 and first.status == "completed", first.output
     for call in calls:
         assert call.name == "get_weather" and call.call_id and call.id.startswith("fc_")
         jsonschema.validate(json.loads(call.arguments), WEATHER)
@@ -213,7 +227,7 @@ def test_function_tool_round_trip(server):
     # streamed calls: argument deltas, then the same call as non-streamed
     with c.responses.stream(model=MODEL, input="Weather in Paris?", tools=TOOLS,
                             tool_choice="required", extra_body={"seed": 4},
-                            max_output_tokens=200) as s:
+                            max_output_tokens=200, parallel_tool_calls=False) as s:
         events = list(s)
         final = s.get_final_response()
     types = [e.type for e in events]
