@@ -399,53 +399,92 @@ def test_ten_thousand_items(server):
     assert len(page["data"]) == 100 and page["has_more"] is True
 
 
-# --------------------------------------------------------------------------- keys
+# --------------------------------------------------------------------------- keys, restarts
 
-def test_another_keys_responses_are_invisible(tmp_path):
-    proc, url = _serve(tmp_path / "r.sqlite3",
-                       env=child_env(TEP_API_KEYS="key-alpha-0123456789,key-beta-0123456789"))
+KEY_A, KEY_B = "key-alpha-0123456789", "key-beta-0123456789"
+
+
+def test_keys_isolate_and_conversations_survive_a_restart(tmp_path):
+    """Per-key stores, and previous_response_id answered by a new process from the same
+    file (the rows, not process memory)."""
+    store = tmp_path / "r.sqlite3"
+    env = child_env(TEP_API_KEYS=f"{KEY_A},{KEY_B}")
+    proc, url = _serve(store, env=env)
     try:
-        a, b = client(url, "key-alpha-0123456789"), client(url, "key-beta-0123456789")
-        r = a.responses.create(model=MODEL, input="mine", max_output_tokens=4)
-        assert a.responses.retrieve(r.id).id == r.id
-        for call in (lambda: b.responses.retrieve(r.id), lambda: b.responses.delete(r.id),
-                     lambda: b.responses.input_items.list(r.id),
+        a, b = client(url, KEY_A), client(url, KEY_B)
+        first = a.responses.create(model=MODEL, input="Remember: blue", max_output_tokens=12,
+                                   extra_body={"seed": 1})
+        assert a.responses.retrieve(first.id).id == first.id
+        with pytest.raises(openai.AuthenticationError):
+            client(url, "wrong").responses.retrieve(first.id)
+    finally:
+        stop_process(proc)
+    proc, url = _serve(store, env=env)          # a new process, the same file
+    try:
+        a, b = client(url, KEY_A), client(url, KEY_B)
+        for call in (lambda: b.responses.retrieve(first.id),
+                     lambda: b.responses.delete(first.id),
+                     lambda: b.responses.input_items.list(first.id),
                      lambda: b.responses.create(model=MODEL, input="x",
-                                                previous_response_id=r.id)):
+                                                previous_response_id=first.id)):
             with pytest.raises(openai.NotFoundError):
                 call()
-        with pytest.raises(openai.AuthenticationError):
-            client(url, "wrong").responses.retrieve(r.id)
-        assert a.responses.create(model=MODEL, input="more", previous_response_id=r.id,
-                                  max_output_tokens=4).previous_response_id == r.id
-    finally:
-        stop_process(proc)
-
-
-# --------------------------------------------------------------------------- restarts
-
-def test_previous_response_id_across_a_restart(tmp_path):
-    store = tmp_path / "r.sqlite3"
-    proc, url = _serve(store)
-    try:
-        first = client(url).responses.create(model=MODEL, input="Remember: blue",
-                                             max_output_tokens=12, extra_body={"seed": 1})
-    finally:
-        stop_process(proc)
-    proc, url = _serve(store)           # a new process, the same file
-    try:
-        c = client(url)
-        second = c.responses.create(model=MODEL, input="What colour?",
+        second = a.responses.create(model=MODEL, input="What colour?",
                                     previous_response_id=first.id, max_output_tokens=12,
                                     extra_body={"seed": 2})
-        ref = c.chat.completions.create(model=MODEL, seed=2, max_tokens=12, messages=[
+        ref = a.chat.completions.create(model=MODEL, seed=2, max_tokens=12, messages=[
             {"role": "user", "content": "Remember: blue"},
             {"role": "assistant", "content": first.output_text},
             {"role": "user", "content": "What colour?"}])
         assert second.output_text == ref.choices[0].message.content
         assert second.usage.input_tokens == ref.usage.prompt_tokens
+        assert second.previous_response_id == first.id
     finally:
         stop_process(proc)
+
+
+# --------------------------------------------------------------------------- failures
+
+SCRIPT = "support.backends:ScriptBackend"   # a plain tep.Backend (no engine), no store
+
+
+def test_failure_mid_stream_is_response_failed(live_server):
+    url = live_server(SCRIPT)
+    with httpx.stream("POST", url + "/v1/responses", timeout=60, json={
+            "model": "script", "input": "boom-later", "stream": True}) as r:
+        assert r.status_code == 200
+        body = r.read().decode()
+    events = [json.loads(b.split("\n", 1)[1][6:]) for b in body.split("\n\n") if b]
+    types = [e["type"] for e in events]
+    assert types[:4] == ["response.created", "response.in_progress",
+                         "response.output_item.added", "response.content_part.added"]
+    assert types.count("response.output_text.delta") == 3
+    assert types[-1] == "response.failed" and "response.completed" not in types
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    failed = events[-1]["response"]
+    assert failed["status"] == "failed" and failed["error"]["message"]
+    assert "secret" not in body                     # no internal detail leaks
+    # through the client: the failure arrives as its typed event
+    c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    got = [e.type for e in c.responses.create(model="script", input="boom-later",
+                                              stream=True)]
+    assert got[-1] == "response.failed"
+    # a failure before the first token is a plain 500 in the envelope
+    r = httpx.post(url + "/v1/responses", json={"model": "script", "input": "boom",
+                                                "stream": True})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert "secret" not in r.text
+
+
+def test_memory_store_keeps_nothing(live_server):
+    url = live_server(SCRIPT)      # the tests' servers run with TEP_RESPONSES_STORE=:memory:
+    c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    r = c.responses.create(model="script", input="eos")
+    assert r.status == "completed" and r.store is False and r.output_text
+    with pytest.raises(openai.NotFoundError):
+        c.responses.retrieve(r.id)
+    with pytest.raises(openai.NotFoundError):
+        c.responses.create(model="script", input="x", previous_response_id=r.id)
 
 
 def test_bad_store_file_stops_the_server_at_start(tmp_path):
