@@ -24,7 +24,7 @@ from tep.wire.values import is_int, log_unknown
 
 __all__ = ["ResponsesRequest", "parse_responses_request", "chat_body", "OutputEvent",
            "OutputBuilder", "response_object", "responses_usage", "rename_chat_error",
-           "item_id", "RESPONSES_FIELDS", "MAX_METADATA"]
+           "item_id", "request_schema", "RESPONSES_FIELDS", "MAX_METADATA"]
 
 # Sampling knobs a Responses body may carry (tep extensions besides temperature/top_p),
 # passed to the chat body unchanged; the chat parser validates them.
@@ -46,6 +46,48 @@ _ids = random.Random()
 def item_id(prefix: str) -> str:
     """``prefix_<32 hex>`` (``resp_``, ``msg_``, ``fc_``, ...): unique, not secret."""
     return f"{prefix}_{_ids.getrandbits(128):032x}"
+
+
+def request_schema() -> dict:
+    """The JSON Schema of a Responses body, for ``/openapi.json`` (the knobs' ranges come
+    from the field table, :mod:`tep.wire.fields`)."""
+    from tep.wire.fields import F, schema_of
+
+    text_part = {"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["input_text", "output_text", "refusal"]}, "text": {"type": "string"}}}
+    item = {"type": "object", "properties": {
+        "type": {"enum": ["message", "function_call", "function_call_output"]},
+        "role": {"enum": list(_ROLES)},
+        "content": {"oneOf": [{"type": "string"}, {"type": "array", "items": text_part}]},
+        "call_id": {"type": "string"}, "name": {"type": "string"},
+        "arguments": {"type": "string"}, "output": {"type": "string"}}}
+    tool = {"type": "object", "required": ["type", "name"], "properties": {
+        "type": {"const": "function"}, "name": {"type": "string"},
+        "description": {"type": "string"}, "parameters": {"type": "object"},
+        "strict": {"type": "boolean"}}}
+    fmt = {"type": "object", "required": ["type"], "properties": {
+        "type": {"enum": ["text", "json_object", "json_schema"]}, "name": {"type": "string"},
+        "schema": {"type": "object"}, "strict": {"type": "boolean"}}}
+    props: dict = {
+        "model": {"type": "string"},
+        "input": {"oneOf": [{"type": "string"}, {"type": "array", "items": item}]},
+        "instructions": {"type": ["string", "null"]},
+        "previous_response_id": {"type": ["string", "null"]},
+        "store": {"type": ["boolean", "null"]}, "stream": {"type": ["boolean", "null"]},
+        "max_output_tokens": {"type": ["integer", "null"], "minimum": 1},
+        "tools": {"type": "array", "items": tool},
+        "tool_choice": {"oneOf": [{"enum": ["none", "auto", "required"]}, {
+            "type": "object", "required": ["type", "name"],
+            "properties": {"type": {"const": "function"}, "name": {"type": "string"}}}]},
+        "parallel_tool_calls": {"type": ["boolean", "null"]},
+        "text": {"type": "object", "properties": {"format": fmt}},
+        "metadata": {"type": ["object", "null"], "maxProperties": MAX_METADATA,
+                     "additionalProperties": {"type": "string", "maxLength": 512}},
+        "truncation": {"enum": ["disabled", None]},
+    }
+    for k in _KNOBS:
+        props[k] = schema_of(getattr(F, k))
+    return {"type": "object", "required": ["model"], "properties": props}
 
 
 def _bad(msg: str, param: str | None, code: str = "invalid_value") -> BadRequestError:
