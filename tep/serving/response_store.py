@@ -357,11 +357,14 @@ class ResponseStore:
 
         return await self._call(write, True)
 
-    async def conversation(self, rid: str, owner: str) -> list[dict] | None:
+    async def conversation(self, rid: str, owner: str, *, max_bytes: int = 1 << 62
+                           ) -> list[dict] | None:
         """The items of the conversation that ends with response ``rid``: for each
         response from the first one on, its input items then its output items. None when
         ``rid`` (for this owner) does not exist; :class:`LookupError` naming the missing
-        response when an earlier one of the chain was deleted or pruned."""
+        response when an earlier one of the chain was deleted or pruned;
+        :class:`OverflowError` when its items hold more than ``max_bytes`` of JSON (what
+        one request may bring into memory stays bounded)."""
         if not self.enabled:
             return None
 
@@ -379,10 +382,14 @@ class ResponseStore:
             if chain[0][2] is not None:
                 raise LookupError(chain[0][2])
             out: list[dict] = []
+            size = 0
             for seq, _, _ in chain:
-                out.extend(json.loads(b) for (b,) in conn.execute(
-                    "SELECT body FROM items WHERE response_seq=? ORDER BY kind, position",
-                    (seq,)))
+                for (b,) in conn.execute("SELECT body FROM items WHERE response_seq=? "
+                                         "ORDER BY kind, position", (seq,)):
+                    size += len(b)
+                    if size > max_bytes:
+                        raise OverflowError(size)
+                    out.append(json.loads(b))
             return out
 
         return await self._call(read, False)

@@ -59,7 +59,13 @@ async def responses(state: ServerState, rec: RequestRecord,
     history: list[dict] = []
     if req.previous_response_id is not None:
         try:
-            found = await state.responses.conversation(req.previous_response_id, _owner(rec))
+            found = await state.responses.conversation(
+                req.previous_response_id, _owner(rec), max_bytes=state.config.max_body_bytes)
+        except OverflowError:
+            raise E.BadRequestError(
+                f"The conversation of '{req.previous_response_id}' holds more than "
+                f"{state.config.max_body_bytes} bytes (the request body limit); start a "
+                "new one", param="previous_response_id") from None
         except LookupError as e:
             raise E.NotFoundError(
                 f"Response '{e.args[0]}', an earlier turn of the conversation of "

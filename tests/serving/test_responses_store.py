@@ -58,6 +58,8 @@ def test_round_trip_owner_and_conversation(tmp_path):
         assert [i["id"] for i in conv] == ["resp_a-in0", "resp_a-in1", "resp_a-out0",
                                            "resp_b-in0", "resp_b-out0", "resp_b-out1"]
         assert await store.conversation("resp_b", "key-other") is None
+        with pytest.raises(OverflowError):       # reading stops past the byte bound
+            await store.conversation("resp_b", "", max_bytes=100)
         page = await store.input_items("resp_a", "", limit=1, order="asc")
         assert [i["id"] for i in page.data] == ["resp_a-in0"] and page.has_more
         page = await store.input_items("resp_a", "", limit=5, order="asc", after="resp_a-in0")
