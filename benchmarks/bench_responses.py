@@ -110,6 +110,9 @@ def _interleaved(url: str, model: str, cases: list[str], args: argparse.Namespac
         for case in order:
             runs[case].append(asyncio.run(_load(url, model, case, args.clients,
                                                 args.requests, max_tokens, 1000 * (r + 1))))
+            last = runs[case][-1]
+            print(f"  round {r} {case:<18} {last['tokens']:6d} tokens {last['wall_s']:7.2f} s",
+                  flush=True)
     return runs
 
 
@@ -182,6 +185,10 @@ def bench_store_writes(samples: list[StoredResponse], n: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    import signal
+
+    # SIGTERM (a timeout) unwinds like Ctrl-C, so the servers started here are stopped
+    signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--requests", type=int, default=2, help="requests per client per case")
