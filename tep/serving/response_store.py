@@ -138,7 +138,8 @@ class ResponseStore:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self._conn: sqlite3.Connection | None = None
-        self.write_seconds: list[float] = []   # per write transaction (benchmarks read it)
+        # (seconds, responses) per write transaction, when record_timings (benchmarks)
+        self.write_seconds: list[tuple[float, int]] = []
         self.record_timings = False
 
     # ------------------------------------------------------------------ opening
@@ -281,7 +282,7 @@ class ResponseStore:
                 writes[0].future.set_exception(e)
             return
         if self.record_timings:
-            self.write_seconds.append(time.perf_counter() - t0)
+            self.write_seconds.append((time.perf_counter() - t0, len(writes)))
         for o, r in zip(writes, results):
             if o.future.set_running_or_notify_cancel():
                 o.future.set_result(r)

@@ -263,6 +263,8 @@ def test_retrieve_delete_and_input_items(server):
                        "ORDER BY kind, position", (seq,)).fetchall()
     con.close()
     assert rows == [(0, k) for k in range(5)] + [(1, 0)]
+    child = c.responses.create(model=MODEL, input="next", previous_response_id=r.id,
+                               max_output_tokens=4)
     deleted = c.responses.delete(r.id)
     assert deleted is None or getattr(deleted, "deleted", True)
     for call in (lambda: c.responses.retrieve(r.id), lambda: c.responses.delete(r.id),
@@ -271,6 +273,10 @@ def test_retrieve_delete_and_input_items(server):
                                             previous_response_id=r.id)):
         with pytest.raises(openai.NotFoundError):
             call()
+    # the child is still there, but its conversation lost a turn: 404 naming that turn
+    assert c.responses.retrieve(child.id).id == child.id
+    with pytest.raises(openai.NotFoundError, match=r.id):
+        c.responses.create(model=MODEL, input="x", previous_response_id=child.id)
 
 
 def test_unknown_ids_are_404_in_the_envelope(server):
@@ -528,7 +534,8 @@ def test_two_workers_share_the_store(tmp_path):
         assert proc.wait(timeout=60) == 0
     finally:
         stop_process(proc)
+    # both workers answered Responses requests (one events file each)
     served = [sum(1 for line in p.read_text().splitlines()
-                  if '"eval"' in line and "/v1/responses" in line or "resp_" in line)
+                  if '"eval"' in line and '"resp_' in line)
               for p in sorted(tmp_path.glob("events.*.jsonl"))]
-    assert len(served) == 2 and all(n > 0 for n in served), served
+    assert len(served) == 2 and all(n > 0 for n in served) and sum(served) == 24, served
