@@ -68,11 +68,18 @@ def test_real_model_responses(oai):
 
 def test_real_model_function_call(oai):
     model = oai.models.list().data[0].id
-    r = oai.responses.create(
-        model=model, input="What is the weather in Paris?", temperature=0,
-        tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER,
-                "strict": True}],
-        tool_choice="required", parallel_tool_calls=False, max_output_tokens=64)
+    kw = dict(model=model, input="What is the weather in Paris?", temperature=0,
+              tools=[{"type": "function", "name": "get_weather", "parameters": WEATHER,
+                      "strict": True}],
+              tool_choice="required", parallel_tool_calls=False, max_output_tokens=64)
+    r = oai.responses.create(**kw)
     [call] = r.output
     assert call.type == "function_call" and call.name == "get_weather"
     jsonschema.validate(json.loads(call.arguments), WEATHER)
+    # streamed, the model's own token pieces: the same call, byte for byte
+    with oai.responses.stream(**kw) as s:
+        pieces = [e.delta for e in s if e.type == "response.function_call_arguments.delta"]
+        final = s.get_final_response()
+    assert "".join(pieces) == call.arguments
+    assert [(o.type, o.name, o.arguments) for o in final.output] == \
+        [("function_call", call.name, call.arguments)]
