@@ -20,6 +20,10 @@ Part 2, requests/s with the store on and off: the same load with 4-token answers
 SmolLM2 (prefill-bound) and on the toy model with ``--toy-instant`` (no model compute:
 the HTTP layer and the store are all there is), interleaved.
 
+Part 4, the per-token render cost of a stream (in process, no server): one more token of an
+open answer through chat's chunk renderer and through the Responses event renderer
+(``response.output_text.delta`` with its sequence number), interleaved, median µs.
+
 Part 3, store write cost (in process, the server's own ResponseStore on a temporary
 file): the stored rows of real responses from part 1 (or toy ones) written one at a time
 (latency of one ``save``, µs) and by 16 concurrent writers (latency per save while group
@@ -201,6 +205,32 @@ def bench_store_writes(samples: list[StoredResponse], n: int) -> dict:
         "concurrent16_amortised_us": round(wall / len(conc) * 1e6, 1)}
 
 
+def bench_render(n: int = 20000, repeats: int = 7) -> dict:
+    """µs to render one streamed token: chat chunk vs Responses text-delta event."""
+    from tep.serving.chat import _Chunks
+    from tep.serving.responses import _Events
+    from tep.wire.chat import parse_chat_request
+    from tep.wire.responses import parse_responses_request
+
+    creq = parse_chat_request({"model": "m", "messages": [{"role": "user", "content": "x"}]},
+                              "chatcmpl-1", default_max_tokens=16)
+    rreq = parse_responses_request({"model": "m", "input": "x"})
+    makers = {"chat": lambda: _Chunks(creq, "chatcmpl-1"),
+              "responses": lambda: _Events(rreq, "resp_1", 0, False)}
+    times: dict[str, list[float]] = {k: [] for k in makers}
+    for _ in range(repeats):
+        for k, make in makers.items():
+            r = make()
+            list(r.delta(0, "a", None))
+            t0 = time.perf_counter()
+            for _ in range(n):
+                r.delta(0, " word", None)
+            times[k].append((time.perf_counter() - t0) / n * 1e6)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    return {"chat_us": round(med["chat"], 2), "responses_us": round(med["responses"], 2),
+            "ratio": round(med["responses"] / med["chat"], 2)}
+
+
 def main(argv: list[str] | None = None) -> dict:
     import signal
 
@@ -273,6 +303,7 @@ def main(argv: list[str] | None = None) -> dict:
     if not samples:
         samples = _stored_rows(tmp / "toy.sqlite3")
     out["store_writes"] = bench_store_writes(samples, args.store_writes)
+    out["render_per_token"] = bench_render()
 
     print(f"load average at start {out['machine']['loadavg_1_5_15']} "
           f"(the machine is shared: compare cases of one run only)")
@@ -306,6 +337,9 @@ def main(argv: list[str] | None = None) -> dict:
           f"{w['batched_mean_batch']}) | latency p50 {w['concurrent16_us_p50']:8.1f} us  "
           f"p99 {w['concurrent16_us_p99']:8.1f} us, amortised "
           f"{w['concurrent16_amortised_us']:.1f} us")
+    rr = out["render_per_token"]
+    print(f"\nrender one streamed token (median us): chat {rr['chat_us']}  responses "
+          f"{rr['responses_us']}  ratio {rr['ratio']}")
     for nr in out["not_run"]:
         print(f"not run: {nr['part']}: {nr['why']}")
     if checks:

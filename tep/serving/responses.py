@@ -22,7 +22,7 @@ from tep.serving import calls as C
 from tep.serving.chat import prepare_chat, run_chat, stream_chat
 from tep.serving.replies import Reply, StreamReply, json_reply
 from tep.serving.response_store import StoredResponse
-from tep.serving.sse import sse_event
+from tep.serving.sse import sse_event, sse_text_template
 from tep.serving.state import ServerState
 from tep.serving.stream import ChunkRenderer
 from tep.wire.chat import ChatRequest
@@ -35,6 +35,8 @@ from tep.wire.values import parse_json_body
 __all__ = ["responses", "get_response", "delete_response", "list_input_items"]
 
 log = logging.getLogger("tep.server")
+
+_DELTA = "response.output_text.delta"   # the event a stream sends most
 
 
 def _owner(rec: RequestRecord) -> str:
@@ -145,8 +147,20 @@ class _Events(ChunkRenderer):
         self.builder = OutputBuilder(req.calls_tools)
         self.reason = "stop"
         self.final: dict | None = None      # set by done()
+        self._tpl_key: tuple | None = None  # the text-delta byte template's item
+        self._tpl: Callable[[int, str], bytes] | None = None
 
     def _ev(self, etype: str, data: dict) -> bytes:
+        if etype == _DELTA and not data["logprobs"]:
+            key = (data["item_id"], data["output_index"])
+            if key != self._tpl_key:   # one byte template per message item
+                self._tpl_key = key
+                self._tpl = sse_text_template(
+                    lambda n, text: {"type": _DELTA, "sequence_number": n, **data,
+                                     "delta": text}, _DELTA)
+            if self._tpl is not None:
+                self.seq += 1
+                return self._tpl(self.seq - 1, data["delta"])
         obj = {"type": etype, "sequence_number": self.seq, **data}
         self.seq += 1
         return sse_event(etype, obj)
@@ -161,6 +175,11 @@ class _Events(ChunkRenderer):
                 self._ev("response.in_progress", {"response": r})]
 
     def delta(self, index: int, text: str, logprobs: list | None) -> Iterable[bytes]:
+        # the common case, a token of an open message: its byte template, no dicts
+        if text and self._tpl is not None and self.builder.open_text() == self._tpl_key:
+            self.builder.add_text(text)
+            self.seq += 1
+            return (self._tpl(self.seq - 1, text),)
         return self._events(self.builder.feed(text))
 
     def finish(self, index: int, reason: str) -> Iterable[bytes]:

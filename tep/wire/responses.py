@@ -486,6 +486,20 @@ class OutputBuilder:
             self._delta(d, out)
         return out
 
+    def open_text(self) -> tuple[str, int] | None:
+        """``(item_id, output_index)`` of the message being written when text goes
+        straight into it (no tool-call parsing), else None: then :meth:`add_text` may
+        stand for :meth:`feed` (it records the text; the caller sends the one
+        ``response.output_text.delta`` event itself)."""
+        o = self._open
+        if self._parser is None and o is not None and o["type"] == "message":
+            return o["id"], len(self.items) - 1
+        return None
+
+    def add_text(self, text: str) -> None:
+        """Record text for the open message (see :meth:`open_text`)."""
+        self._text.append(text)
+
     def finish(self, reason: str) -> list[OutputEvent]:
         """Close everything: ``reason`` is the engine's finish reason (``"length"``
         leaves the last item ``incomplete``). An answer with no text at all is one

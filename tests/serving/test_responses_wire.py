@@ -129,3 +129,36 @@ def test_route_labels():
     assert endpoint_label("/v1/responses/resp_1") == "/v1/responses/{response_id}"
     assert endpoint_label("/v1/responses/resp_1/input_items") == \
         "/v1/responses/{response_id}/input_items"
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.text(max_size=6), max_size=30), st.booleans())
+def test_stream_bytes_are_the_events_json(pieces, tools):
+    """The renderer's per-token byte template gives exactly ``sse_event``'s bytes, with
+    sequence numbers 0, 1, 2, ... and the text as sent."""
+    from tep.serving.responses import _Events
+    from tep.serving.sse import sse_event
+
+    body = {"model": "m", "input": "x"}
+    if tools:
+        body["tools"] = [{"type": "function", "name": "f"}]
+    ev = _Events(parse_responses_request(body), "resp_1", 0, False)
+    out = list(ev.opening())
+    for p in pieces:
+        out += ev.delta(0, p, None)
+    out += ev.finish(0, "stop")
+    out += ev.done(3, 4)
+    out.append(ev.closing())
+    objs = []
+    for b in out:
+        head, data = b.decode().split("\n", 1)
+        obj = json.loads(data[len("data: "):])
+        assert head == "event: " + obj["type"] and sse_event(obj["type"], obj) == b
+        objs.append(obj)
+    assert [o["sequence_number"] for o in objs] == list(range(len(objs)))
+    final = objs[-1]["response"]
+    assert objs[-1]["type"] == "response.completed" and final["usage"]["total_tokens"] == 7
+    if not tools:
+        assert final["output"][0]["content"][0]["text"] == "".join(pieces)
+        assert "".join(o["delta"] for o in objs
+                       if o["type"] == "response.output_text.delta") == "".join(pieces)
