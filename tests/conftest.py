@@ -6,11 +6,16 @@
 """
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+# Servers started by the tests keep no stored responses unless a test gives them a store
+# file (--responses-store): nothing is written under the user's data directory.
+os.environ.setdefault("TEP_RESPONSES_STORE", ":memory:")
 
 from support.process import child_env, free_port, start_process, stop_process
 

@@ -34,10 +34,11 @@ from tep.server.prelude import BODY_TIMEOUT_S, begin, http_error
 from tep.serving.calls import check_model, release
 from tep.serving.config import ServerConfig, load_backend
 from tep.serving.replies import Reply, StreamReply, error_reply, json_reply, unexpected_reply
+from tep.serving.responses import delete_response, get_response, list_input_items
 from tep.serving.routes import HANDLERS, Handler
 from tep.serving.state import ServerState
 from tep.wire.openapi import openapi_document
-from tep.wire.routes import endpoint_label, error_style
+from tep.wire.routes import ROUTES, endpoint_label, error_style, quart_path
 
 __all__ = ["create_app", "ServerState"]
 
@@ -60,6 +61,7 @@ def create_app(backend: Backend | str | None = None, **config: Any) -> Quart:
         backend = load_backend(backend)
     cfg = ServerConfig.from_env(**config)
     state = ServerState(backend, cfg)
+    state.responses.open()   # a bad store file fails here (StoreError), not per request
     app = Quart("tep")
     app.config["MAX_CONTENT_LENGTH"] = cfg.max_body_bytes
     app.config["BODY_TIMEOUT"] = BODY_TIMEOUT_S
@@ -243,6 +245,23 @@ def _register(app: Quart, state: ServerState) -> None:
     async def model(model_id: str) -> Response:
         check_model(state, model_id)
         return _json(_model_card(model_id))
+
+    # ---- stored responses (paths from tep.wire.routes.ROUTES)
+    stored = {(r.method, r.path): quart_path(r.path) for r in ROUTES
+              if r.path.startswith("/v1/responses/")}
+    one = stored[("GET", "/v1/responses/{response_id}")]
+
+    @app.get(one)
+    async def response_get(response_id: str) -> Response:
+        return _response(await get_response(state, _rec(), response_id))
+
+    @app.delete(stored[("DELETE", "/v1/responses/{response_id}")])
+    async def response_delete(response_id: str) -> Response:
+        return _response(await delete_response(state, _rec(), response_id))
+
+    @app.get(stored[("GET", "/v1/responses/{response_id}/input_items")])
+    async def response_input_items(response_id: str) -> Response:
+        return _response(await list_input_items(state, _rec(), response_id, request.args))
 
     # ---- inference (normally answered by the fast path; here for fast_path=False and
     # so that other methods on these paths get Quart's 405 with Allow)

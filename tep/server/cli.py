@@ -177,9 +177,10 @@ def serve(args: argparse.Namespace) -> int:
         raise _UsageError("an API key may not contain ','")
     os.environ.update(_config_env(args))
     try:
-        ServerConfig.from_env()  # every setting checked before anything starts
+        config = ServerConfig.from_env()  # every setting checked before anything starts
     except (ValueError, TypeError) as e:
         raise _UsageError(str(e)) from None
+    _check_responses_store(config)
     cfg = _hypercorn_config(args)
     try:
         sockets = cfg.create_sockets()  # bound here: a port in use is one clear line
@@ -212,6 +213,20 @@ def serve(args: argparse.Namespace) -> int:
     envelope_protocol_errors()
     asyncio.run(run())
     return 0
+
+
+def _check_responses_store(config: Any) -> None:
+    """Open the responses store once before serving: a corrupt, foreign or read-only file
+    is one line and exit status 2, not an error on every request."""
+    from tep.serving.response_store import ResponseStore, StoreError
+
+    store = ResponseStore(config.responses_store_path())
+    try:
+        store.open()
+    except StoreError as e:
+        raise _UsageError(str(e)) from None
+    finally:
+        store.close()
 
 
 # --------------------------------------------------------------------------- workers

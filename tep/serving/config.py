@@ -64,6 +64,12 @@ class ServerConfig:
             requests; False routes them through Quart.
         ui: serve the chat page (``tep/server/static/chat.html``) at ``GET /``; off,
             ``/`` is a 404 like any unknown path (``--no-ui``, ``TEP_UI=0``).
+        responses_store: the SQLite file of stored responses (``POST /v1/responses``
+            with ``store``); None = ``$XDG_DATA_HOME/tep/responses.sqlite3`` (else
+            ``~/.local/share/tep/...``); ``":memory:"`` keeps nothing.
+        responses_max_rows, responses_max_age: the store's bounds: most responses kept
+            (oldest dropped first) and the age in seconds past which one is dropped;
+            applied on every write.
     """
 
     max_concurrency: int = field(default=8, metadata={
@@ -97,6 +103,14 @@ class ServerConfig:
     stream_stall_timeout: float = field(default=30.0, metadata={
         "help": "seconds a stream's client may read nothing while events wait before its "
                 "sequence is cancelled (0 = never)"})
+    responses_store: str | None = field(default=None, metadata={
+        "help": "SQLite file of stored /v1/responses (':memory:' keeps nothing; "
+                "default $XDG_DATA_HOME/tep/responses.sqlite3, else "
+                "~/.local/share/tep/responses.sqlite3)"})
+    responses_max_rows: int = field(default=100_000, metadata={
+        "help": "most stored responses kept; the oldest are pruned on write"})
+    responses_max_age: float = field(default=30 * 86400.0, metadata={
+        "help": "seconds a stored response is kept; older ones are pruned on write"})
     metrics: bool = field(default=True, metadata={"cli": False})
     fast_path: bool = field(default=True, metadata={"cli": False})
     # "negate": the CLI option is --no-<name>, which sets it False
@@ -109,7 +123,8 @@ class ServerConfig:
     _PARSE = {"api_keys": _keys, "events_jsonl": str,
               "generation_timeout": float, "metrics": _bool,
               "grammar_compile_timeout": float, "stream_stall_timeout": float,
-              "fast_path": _bool, "ui": _bool}
+              "fast_path": _bool, "ui": _bool, "responses_store": str,
+              "responses_max_age": float}
 
     @classmethod
     def from_env(cls, **overrides: Any) -> "ServerConfig":
@@ -150,9 +165,17 @@ class ServerConfig:
                              "(0 = no limit)")
         if cfg.stream_buffer_events < 16:
             raise ValueError("stream_buffer_events must be >= 16")
+        if cfg.responses_max_rows < 1 or not cfg.responses_max_age > 0:
+            raise ValueError("responses_max_rows must be >= 1 and responses_max_age > 0")
         if cfg.retry_after < 0:
             raise ValueError("retry_after must be >= 0")
         return cfg
+
+    def responses_store_path(self) -> str:
+        """The responses store file (see ``responses_store``)."""
+        from tep.serving.response_store import default_store_path
+
+        return self.responses_store or default_store_path()
 
     def all_api_keys(self) -> tuple[str, ...]:
         """Every accepted key, empty = no auth."""

@@ -17,6 +17,7 @@ from tep.serving.completions import completions
 from tep.serving.embeddings import embeddings
 from tep.serving.messages import count_tokens, messages
 from tep.serving.replies import Reply, StreamReply
+from tep.serving.responses import responses
 from tep.serving.state import ServerState
 from tep.serving.tokenize import apply_template, detokenize, tokenize
 from tep.wire.routes import INFERENCE_PATHS
@@ -33,7 +34,8 @@ HANDLERS: dict[str, Handler] = {"/v1/completions": completions,
                                 "/v1/messages/count_tokens": count_tokens,
                                 "/tokenize": tokenize,
                                 "/detokenize": detokenize,
-                                "/apply-template": apply_template}
+                                "/apply-template": apply_template,
+                                "/v1/responses": responses}
 """Inference path -> handler (all ``POST``)."""
 
 assert set(HANDLERS) == INFERENCE_PATHS, "every inference route needs a handler"

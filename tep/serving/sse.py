@@ -26,14 +26,18 @@ _INDEX_MARK, _TEXT_MARK = 918273645, "\u2063tep-text\u2063"
 _encode_str = json.encoder.encode_basestring  # what json.dumps(str, ensure_ascii=False) gives
 
 
-def sse_text_template(make: Callable[[int, str], Any]) -> Callable[[int, str], bytes] | None:
-    """A fast ``lambda index, text: sse(make(index, text))`` for per-token chunks.
+def sse_text_template(make: Callable[[int, str], Any], event: str | None = None
+                      ) -> Callable[[int, str], bytes] | None:
+    """A fast ``lambda index, text: sse(make(index, text))`` for per-token chunks
+    (``sse_event(event, ...)`` when ``event`` is given; the integer may be any number
+    in the payload, e.g. a Responses ``sequence_number``).
 
     Renders ``make`` once with marker values and splits the bytes around them, so each
     token costs two joins and one string encode instead of a dict and a JSON encode; the
     bytes are the same. None when the markers do not appear exactly once (say, a model
     named like a marker): the caller then keeps rendering dicts."""
-    b = sse(make(_INDEX_MARK, _TEXT_MARK))
+    obj = make(_INDEX_MARK, _TEXT_MARK)
+    b = sse(obj) if event is None else sse_event(event, obj)
     idx, txt = str(_INDEX_MARK).encode(), _encode_str(_TEXT_MARK).encode()
     if b.count(idx) != 1 or b.count(txt) != 1 or b.index(idx) > b.index(txt):
         return None

@@ -13,6 +13,7 @@ from tep.serving.config import ServerConfig
 from tep.obs.events import EventLog, resolve_path
 from tep.serving.admission import Admission
 from tep.obs.metrics import Metrics
+from tep.serving.response_store import ResponseStore
 
 __all__ = ["ServerState"]
 
@@ -24,7 +25,7 @@ PREP_THREADS = min(4, max(2, os.cpu_count() or 2))
 
 class ServerState:
     """What the app shares between requests: backend, settings, worker pool, live
-    requests, admission gate, keys, metrics and events."""
+    requests, admission gate, keys, metrics, events and the responses store."""
 
     def __init__(self, backend: Backend, config: ServerConfig) -> None:
         self.backend = backend
@@ -51,6 +52,9 @@ class ServerState:
             running = max(running, int(getattr(engine.sched, "max_num_seqs", running)))
         self.admission = Admission(running, config.max_queue,
                                    on_change=self._queue_changed)
+        self.responses = ResponseStore(config.responses_store_path(),
+                                       max_rows=config.responses_max_rows,
+                                       max_age_s=config.responses_max_age)
 
     def _queue_changed(self, running: int, queued: int) -> None:
         if self.metrics.enabled:
@@ -106,7 +110,8 @@ class ServerState:
             ev.set()
 
     def shutdown(self) -> None:
-        """Cancel live requests, give their slots back and stop the pool."""
+        """Cancel live requests, give their slots back, stop the pool and close the
+        responses store (its queued writes finish first)."""
         for ev in list(self.active):
             ev.set()
         for release in list(self.slots.values()):
@@ -119,4 +124,5 @@ class ServerState:
             if self._prep is not None:
                 self._prep.shutdown(wait=False, cancel_futures=True)
                 self._prep = None
+        self.responses.close()
 

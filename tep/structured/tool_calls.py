@@ -206,6 +206,13 @@ class ToolCallStream:
                 return True
             return False
         if st == self._ARGS:
+            if not self.calls[-1].arguments:
+                # whitespace before the value: the head regex stops wherever the piece
+                # ended, so drop it here or a stream's arguments could start with a space
+                # that the whole text's do not
+                b = self._buf = b.lstrip(_WS)
+                if not b:
+                    return False
             i = self._scan_args(b)
             if i < 0:
                 self._args(b, out)

@@ -10,6 +10,7 @@ from typing import Any
 
 from tep.wire.fields import (CHAT_FIELDS, COMPLETION_FIELDS, EMBEDDING_FIELDS, Field,
                              schema_of)
+from tep.wire.responses import request_schema as responses_request_schema
 
 __all__ = ["openapi_document"]
 
@@ -121,6 +122,12 @@ def openapi_document() -> dict[str, Any]:
         "max_model_len": {"type": ["integer", "null"]}}}
     json_ok = lambda ref: {"description": "OK", "content": {"application/json": {  # noqa: E731
         "schema": {"$ref": f"#/components/schemas/{ref}"}}}}
+    rid = {"name": "response_id", "in": "path", "required": True, "schema": {"type": "string"}}
+    list_params = [
+        {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1,
+                                                    "maximum": 100}},
+        {"name": "order", "in": "query", "schema": {"enum": ["asc", "desc"]}},
+        {"name": "after", "in": "query", "schema": {"type": "string"}}]
     return {
         "openapi": "3.1.0",
         "info": {"title": "tep", "version": __version__,
@@ -160,6 +167,18 @@ def openapi_document() -> dict[str, Any]:
                                  400, 401, 404, 413, 429, 500, 501),
             "/apply-template": _post("The rendered chat prompt", "ApplyTemplateRequest",
                                      400, 401, 404, 413, 429, 500, 501),
+            "/v1/responses": _post("Create a response (OpenAI Responses API)",
+                                   "ResponseRequest", 400, 401, 404, 413, 429, 500, 501),
+            "/v1/responses/{response_id}": {
+                "get": {"summary": "Retrieve a stored response", "parameters": [rid],
+                        "responses": {"200": json_ok("Response"), **_error_responses(401, 404)}},
+                "delete": {"summary": "Delete a stored response", "parameters": [rid],
+                           "responses": {"200": json_ok("Deleted"),
+                                         **_error_responses(401, 404)}}},
+            "/v1/responses/{response_id}/input_items": {"get": {
+                "summary": "List a stored response's input items",
+                "parameters": [rid, *list_params],
+                "responses": {"200": json_ok("ItemList"), **_error_responses(400, 401, 404)}}},
             "/metrics": {"get": {"summary": "Prometheus metrics", "responses": {
                 "200": {"description": "Prometheus text exposition format",
                         "content": {"text/plain": {"schema": {"type": "string"}}}},
@@ -169,6 +188,19 @@ def openapi_document() -> dict[str, Any]:
             "CompletionRequest": completion, "ChatCompletionRequest": chat,
             "EmbeddingRequest": embedding, "Error": error, "Model": model_card,
             **_messages_schemas(),
+            "ResponseRequest": responses_request_schema(),
+            "Response": {"type": "object", "required": ["id", "object", "status", "output"],
+                         "properties": {"id": {"type": "string"},
+                                        "object": {"const": "response"},
+                                        "status": {"type": "string"},
+                                        "output": {"type": "array"}}},
+            "Deleted": {"type": "object", "properties": {
+                "id": {"type": "string"}, "object": {"const": "response.deleted"},
+                "deleted": {"type": "boolean"}}},
+            "ItemList": {"type": "object", "properties": {
+                "object": {"const": "list"}, "data": {"type": "array"},
+                "first_id": {"type": ["string", "null"]},
+                "last_id": {"type": ["string", "null"]}, "has_more": {"type": "boolean"}}},
             "ModelList": {"type": "object", "properties": {
                 "object": {"const": "list"},
                 "data": {"type": "array", "items": {"$ref": "#/components/schemas/Model"}}}},

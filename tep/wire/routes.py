@@ -5,13 +5,15 @@ from __future__ import annotations
 from typing import NamedTuple
 
 __all__ = ["RouteSpec", "ROUTES", "INFERENCE_PATHS", "KNOWN_PATHS", "MODEL_PATH_PREFIX",
-           "ANTHROPIC_PATHS", "endpoint_label", "needs_key", "error_style"]
+           "ANTHROPIC_PATHS", "RESPONSE_PATH_PREFIX", "endpoint_label", "needs_key",
+           "error_style", "quart_path"]
 
 
 class RouteSpec(NamedTuple):
     """One route: ``inference`` routes are POSTs that reach the backend (admission,
-    events, the ASGI fast path); the others are metadata GETs. ``errors`` names the
-    error envelope the route answers in: ``"openai"`` or ``"anthropic"``."""
+    events, the ASGI fast path); the others (metadata, stored responses) do not.
+    ``errors`` names the error envelope the route answers in: ``"openai"`` or
+    ``"anthropic"``."""
 
     method: str
     path: str
@@ -28,6 +30,10 @@ ROUTES: tuple[RouteSpec, ...] = (
     RouteSpec("POST", "/tokenize", True),
     RouteSpec("POST", "/detokenize", True),
     RouteSpec("POST", "/apply-template", True),
+    RouteSpec("POST", "/v1/responses", True),
+    RouteSpec("GET", "/v1/responses/{response_id}", False),
+    RouteSpec("DELETE", "/v1/responses/{response_id}", False),
+    RouteSpec("GET", "/v1/responses/{response_id}/input_items", False),
     RouteSpec("GET", "/v1/models", False),
     RouteSpec("GET", "/v1/models/{model_id}", False),
     RouteSpec("GET", "/health", False),
@@ -54,6 +60,7 @@ def error_style(path: str) -> str:
     """The error envelope a request path answers in: ``"anthropic"`` for the Messages
     routes, else ``"openai"``."""
     return "anthropic" if path in ANTHROPIC_PATHS else "openai"
+RESPONSE_PATH_PREFIX = "/v1/responses/"
 
 
 def endpoint_label(path: str) -> str:
@@ -63,4 +70,13 @@ def endpoint_label(path: str) -> str:
         return path
     if path.startswith(MODEL_PATH_PREFIX):
         return "/v1/models/{model_id}"
+    if path.startswith(RESPONSE_PATH_PREFIX):
+        return "/v1/responses/{response_id}/input_items" if path.endswith("/input_items") \
+            else "/v1/responses/{response_id}"
     return "other"
+
+
+def quart_path(template: str) -> str:
+    """A route template in Quart's spelling: ``/v1/responses/{response_id}`` ->
+    ``/v1/responses/<response_id>``."""
+    return template.replace("{", "<").replace("}", ">")

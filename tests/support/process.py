@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 
 __all__ = ["TESTS", "ROOT", "free_port", "wait_health", "child_env", "start_process",
-           "stop_process"]
+           "stop_process", "obey_file_modes"]
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
@@ -67,3 +67,17 @@ def stop_process(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+
+
+def obey_file_modes() -> None:
+    """For ``preexec_fn``: a root child drops CAP_DAC_OVERRIDE and CAP_DAC_READ_SEARCH from
+    its capability bounding set, so after ``exec`` a file's mode bits apply to it (root
+    writes a 0444 file otherwise). Does nothing for other users."""
+    if os.geteuid() != 0:
+        return
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    for cap in (1, 2):                     # CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH
+        if libc.prctl(24, cap, 0, 0, 0) != 0:   # PR_CAPBSET_DROP
+            raise OSError(ctypes.get_errno(), "prctl(PR_CAPBSET_DROP)")
