@@ -100,7 +100,9 @@ async def _complete(state: ServerState, rec: RequestRecord, req: ChatRequest, ri
         })
     rec.prompt_tokens, rec.completion_tokens = prompt_tokens, completion_tokens
     return json_reply({"id": rid, "object": "chat.completion", "created": now(),
-                       "model": req.model, "choices": choices,
+                       "model": req.model,
+                       "system_fingerprint": C.fingerprint(state, req.model),
+                       "choices": choices,
                        "usage": usage(prompt_tokens, completion_tokens)})
 
 
@@ -119,8 +121,9 @@ class _Chunks(ChunkRenderer):
 
     prompt_tokens = None  # from the backend's finish events
 
-    def __init__(self, req: ChatRequest, rid: str) -> None:
+    def __init__(self, req: ChatRequest, rid: str, fingerprint: str | None = None) -> None:
         self.req, self.rid, self.created = req, rid, now()
+        self.fingerprint = fingerprint
         self.n_choices = req.wire.n
         self.include_usage = req.wire.include_usage
         self._usage_null = {"usage": None} if self.include_usage else {}
@@ -134,7 +137,7 @@ class _Chunks(ChunkRenderer):
 
     def _payload(self, j: int, delta: dict, lp: Any, finish: str | None) -> dict:
         return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.req.model,
+                "model": self.req.model, "system_fingerprint": self.fingerprint,
                 "choices": [{"index": j, "delta": delta, "logprobs": lp,
                              "finish_reason": finish}], **self._usage_null}
 
@@ -170,7 +173,8 @@ class _Chunks(ChunkRenderer):
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return sse({"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.req.model, "choices": [],
+                    "model": self.req.model, "system_fingerprint": self.fingerprint,
+                    "choices": [],
                     "usage": usage(prompt_tokens, completion_tokens)})
 
 
@@ -195,6 +199,6 @@ async def _stream(state: ServerState, rec: RequestRecord, req: ChatRequest, rid:
         else:
             bridge.start(j, make, lambda sink, rj=rj: backend.chat_completion_stream(rj, sink))
     events, first = await first_event(state, bridge, C.deadline(state), "chat completion")
-    render = _Chunks(req, rid)
+    render = _Chunks(req, rid, C.fingerprint(state, req.model))
     return stream_reply(state, rec, bridge, events, first, render, "chat completion",
                         C.step_recorder(state, rid, render.n_choices, s.logprobs))
