@@ -21,9 +21,10 @@ follows the thread count and the padded cache length) when the micro-batch is on
 of one stream and that stream's padded cache is >= 512 cells, and a per-row one
 otherwise. The per-row kernel's result for a token depends only on the cells before it,
 so exact mode only ever lets that one run: each sequence is fed in pieces of at most
-``block_tokens`` (< 64) tokens, pieces of equal length go to llama.cpp together (so its
-micro-batch split never strands one token of one stream), and a lone token at position
->= 255 is fed with the token before it again (its cell is rewritten with the same bits).
+``block_tokens`` (< 64) tokens, pieces of equal length go to llama.cpp together sorted by
+slot (so its micro-batch split never strands one token of one stream), and a token at
+position >= 255 that would be alone in its micro-batch (no adjacent slot decoding with
+it) is fed with the token before it again (its cell is rewritten with the same bits).
 The cost and the evidence: docs/DETERMINISM.md.
 """
 from __future__ import annotations
@@ -423,12 +424,22 @@ class LlamaCppModel:
         n_rows = int(np.count_nonzero(want))
         row_of = np.cumsum(want) - 1          # token index -> its logit row
         rounds: list[list[tuple]] = []        # rounds[r]: the r-th piece of each segment
-        simple = True
+        simple, paired = True, False
+        # one-token segments go to llama.cpp in one call, sorted by slot; a run of adjacent
+        # slots shares a micro-batch (several streams: not the KV-split kernel), so only a
+        # slot without a neighbour there needs the lone-token rule. Valid while that call
+        # is not cut (it fits one decode and one micro-batch).
+        singles = {int(slots[a]) for a, b in zip(starts, ends) if b - a == 1}
+        if len(singles) > min(self.max_batch_tokens, self.n_ubatch):
+            singles = set()
         for a, b in zip(starts, ends):
             s, p0 = int(slots[a]), int(pos[a])
             t, w = tok[a:b], want[a:b]
             idx = np.arange(a, b)
-            if b - a == 1 and p0 > _LONE_TOKEN_LAST_SAFE:
+            if b - a == 1 and p0 > _LONE_TOKEN_LAST_SAFE and (
+                    s - 1 in singles or s + 1 in singles):
+                paired = True   # safe only if llama.cpp sees the slots sorted
+            elif b - a == 1 and p0 > _LONE_TOKEN_LAST_SAFE:
                 # one token alone would take the KV-split kernel: feed the one before it
                 # again (same inputs, same kernel: its cell gets the same bits back)
                 held = table.tokens(s)
@@ -448,7 +459,8 @@ class LlamaCppModel:
                     rounds.append([])
                 rounds[r].append((s, p0 + o, t[o:o + m], w[o:o + m], idx[o:o + m]))
         if simple and len(rounds) == 1 and len({len(pc[2]) for pc in rounds[0]}) == 1 \
-                and len(tok) <= self.max_batch_tokens:
+                and len(tok) <= self.max_batch_tokens and \
+                (not paired or bool(np.all(np.diff(slots[list(starts)]) > 0))):
             # one call of equal pieces in batch order: llama.cpp's buffer, no copy
             return self._decode(tok, pos, slots, want, 0, len(tok))
         out = np.empty((n_rows, self.vocab_size), dtype=np.float32)

@@ -353,3 +353,7 @@ def test_long_prompt_cache_and_neighbours_give_the_same_logit_bits(long_model):
     assert_same_bits((both[0][0], both[1][0]), want, "next to a short prompt")
     other = greedy(m, [q, p], 2, reuse=True)
     assert_same_bits((other[0][1], other[1][1]), want, "after a short prompt in the batch")
+    # all three slots busy: p's slot has a decoding neighbour (no token fed twice)
+    r = m.tokenize("Name three colours.")
+    three = greedy(m, [q, p, r], 2, reuse=True)
+    assert_same_bits((three[0][1], three[1][1]), want, "every slot busy")
