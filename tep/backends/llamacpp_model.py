@@ -336,6 +336,13 @@ class LlamaCppModel:
             self._slots.release(seq_id)
             self._slot_of[seq_id] = -1
 
+    def clear_prefix_cache(self) -> None:
+        """Forget what the free slots hold (their cache cells are removed); running
+        sequences keep theirs."""
+        for s in self._slots.free_slots():
+            self._lib.llama_memory_seq_rm(self._mem, s, 0, -1)
+            self._slots.forget(s)
+
     def structured_tokenizer(self) -> Any:
         """llguidance's view of this vocabulary (structured outputs), built once: each
         token's bytes and every end-of-generation id."""

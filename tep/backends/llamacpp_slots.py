@@ -130,6 +130,10 @@ class SlotTable:
         self._free.add(slot)
         return slot
 
+    def free_slots(self) -> list[int]:
+        """The slots no sequence runs in (sorted)."""
+        return sorted(self._free)
+
     def forget(self, slot: int) -> None:
         """The slot's cache was cleared (its tokens are gone)."""
         self._slots[slot].tokens.clear()
