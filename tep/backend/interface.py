@@ -47,6 +47,13 @@ class Backend:
         """What the model runs on ("cpu", "cuda", ...), for logs and events."""
         return "cpu"
 
+    def fingerprint(self, model: str) -> str | None:
+        """``system_fingerprint`` of ``model``'s answers: a short string that changes
+        whenever the same request could give other tokens (weights, code, settings that
+        change the arithmetic); see :func:`tep.backend.fingerprint.fingerprint_of`.
+        Called per request: compute it once. Default: None (the field is null)."""
+        return None
+
     # ---- completions
     def generate_from_tokens(self, model: str, token_ids: list[int],
                              sampling: "Sampling") -> Completion:

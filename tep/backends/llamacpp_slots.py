@@ -78,10 +78,11 @@ class SlotTable:
         """The tokens the slot's cache holds (the list itself; do not modify)."""
         return self._slots[slot].tokens
 
-    def acquire(self, seq_id: int, prompt: Sequence[int]) -> Placement:
+    def acquire(self, seq_id: int, prompt: Sequence[int], reuse: bool = True) -> Placement:
         """Place a new engine sequence: the free slot with the longest cached prefix of
         ``prompt`` (the least recently used among equals). At most ``len(prompt) - 1``
-        tokens are reused, so the last prompt token is always fed for its logits.
+        tokens are reused, so the last prompt token is always fed for its logits; none
+        when ``reuse`` is False (the prefix cache is off).
 
         Raises:
             ValueError: ``seq_id`` is already placed, or no slot is free.
@@ -95,7 +96,7 @@ class SlotTable:
             n = common_prefix_len(self._slots[s].tokens, prompt)
             if n > best_n or (n == best_n and self._slots[s].last_used < self._slots[best].last_used):
                 best, best_n = s, n
-        n = max(0, min(best_n, len(prompt) - 1))
+        n = max(0, min(best_n, len(prompt) - 1)) if reuse else 0
         self._free.remove(best)
         self._of_seq[seq_id] = best
         del self._slots[best].tokens[n:]
@@ -128,6 +129,10 @@ class SlotTable:
         self._slots[slot].last_used = self._tick
         self._free.add(slot)
         return slot
+
+    def free_slots(self) -> list[int]:
+        """The slots no sequence runs in (sorted)."""
+        return sorted(self._free)
 
     def forget(self, slot: int) -> None:
         """The slot's cache was cleared (its tokens are gone)."""

@@ -120,6 +120,7 @@ class ToyBackend(Backend):
             raise ValueError(f"vocab_size must be >= {N_BYTES + 1}, got {self.vocab_size}")
         if self.dim < 1:
             raise ValueError(f"dim must be >= 1, got {self.dim}")
+        self.weights_seed = weights_seed
         rng = np.random.default_rng(weights_seed)
         V, D = self.vocab_size, self.dim
         self._emb = (rng.standard_normal((3, _BUCKETS, D)) / np.sqrt(3)).astype(np.float32)
@@ -137,6 +138,15 @@ class ToyBackend(Backend):
     # ---- metadata
     def list_models(self) -> list[str]:
         return [self.model]
+
+    def fingerprint(self, model: str) -> str | None:
+        """The weights are a function of (vocab size, dim, seed): those and tep's version."""
+        from tep import __version__
+        from tep.backend.fingerprint import fingerprint_of
+
+        return fingerprint_of({"model": "tep-toy", "vocab_size": self.vocab_size,
+                               "dim": self.dim, "weights_seed": self.weights_seed,
+                               "instant": self.instant, "tep": __version__})
 
     def supports_chat(self) -> bool:
         return True
@@ -330,6 +340,10 @@ class ToyModel:
 
     def list_models(self) -> list[str]:
         return [self.toy.model]
+
+    def fingerprint(self) -> str | None:
+        """The toy's fingerprint (its logits do not depend on batching)."""
+        return self.toy.fingerprint(self.toy.model)
 
     def tokenize(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))

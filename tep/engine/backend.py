@@ -109,6 +109,11 @@ class EngineBackend(Backend):
     def list_models(self) -> list[str]:
         return list(self.model.list_models())
 
+    def fingerprint(self, model: str) -> str | None:
+        """The model's ``fingerprint()`` (optional hook), else None."""
+        fp = getattr(self.model, "fingerprint", None)
+        return fp() if callable(fp) else None
+
     def context_size(self, model: str) -> int | None:
         ctx = getattr(self.model, "context_size", None)
         return int(ctx) if ctx is not None else None

@@ -23,7 +23,7 @@ from tep.serving.state import ServerState
 
 __all__ = ["check_model", "backend_failure", "call", "admit", "release", "deadline",
            "gather_choices", "tokenize_all", "check_max_tokens", "step_recorder", "replay", "echo_parts", "TOKEN_IDS_ONLY", "submitted", "submit_choice", "parse_structure",
-           "max_tokens_limit"]
+           "max_tokens_limit", "fingerprint"]
 
 log = logging.getLogger("tep.server")
 
@@ -268,3 +268,14 @@ def echo_parts(backend: Backend, model: str, prompt: str | list[int], ids: list[
             e.text_offset = off
             off += len(e.token)
     return text, entries
+
+
+def fingerprint(state: ServerState, model: str) -> str | None:
+    """The answer's ``system_fingerprint`` (the backend's, computed once; None when it
+    has none or its hook fails, which is logged and never fails the request)."""
+    try:
+        fp = state.backend.fingerprint(model)
+    except Exception:  # noqa: BLE001 - a metadata hook must not fail an answer
+        log.exception("the backend's fingerprint() failed")
+        return None
+    return fp if isinstance(fp, str) else None

@@ -37,7 +37,8 @@ async def chat(state: ServerState, rec: RequestRecord,
     cancel = await C.admit(state, rec)
     try:
         if req.stream:
-            return await stream_chat(state, rec, req, rid, cancel, _Chunks(req, rid))
+            return await stream_chat(state, rec, req, rid, cancel,
+                                     _Chunks(req, rid, C.fingerprint(state, req.model)))
         out = await run_chat(state, rec, req, rid, cancel)
     except BaseException:
         C.release(state, cancel)
@@ -51,7 +52,9 @@ async def chat(state: ServerState, rec: RequestRecord,
         "finish_reason": ch.finish_reason,
     } for j, ch in enumerate(out.choices)]
     return json_reply({"id": rid, "object": "chat.completion", "created": now(),
-                       "model": req.model, "choices": choices,
+                       "model": req.model,
+                       "system_fingerprint": C.fingerprint(state, req.model),
+                       "choices": choices,
                        "usage": usage(out.prompt_tokens, out.completion_tokens)})
 
 
@@ -159,8 +162,9 @@ class _Chunks(ChunkRenderer):
 
     prompt_tokens = None  # from the backend's finish events
 
-    def __init__(self, req: ChatRequest, rid: str) -> None:
+    def __init__(self, req: ChatRequest, rid: str, fingerprint: str | None = None) -> None:
         self.req, self.rid, self.created = req, rid, now()
+        self.fingerprint = fingerprint
         self.n_choices = req.wire.n
         self.include_usage = req.wire.include_usage
         self._usage_null = {"usage": None} if self.include_usage else {}
@@ -174,7 +178,7 @@ class _Chunks(ChunkRenderer):
 
     def _payload(self, j: int, delta: dict, lp: Any, finish: str | None) -> dict:
         return {"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
-                "model": self.req.model,
+                "model": self.req.model, "system_fingerprint": self.fingerprint,
                 "choices": [{"index": j, "delta": delta, "logprobs": lp,
                              "finish_reason": finish}], **self._usage_null}
 
@@ -210,7 +214,8 @@ class _Chunks(ChunkRenderer):
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return sse({"id": self.rid, "object": "chat.completion.chunk", "created": self.created,
-                    "model": self.req.model, "choices": [],
+                    "model": self.req.model, "system_fingerprint": self.fingerprint,
+                    "choices": [],
                     "usage": usage(prompt_tokens, completion_tokens)})
 
 

@@ -121,7 +121,9 @@ async def _complete(state: ServerState, rec: RequestRecord, req: CompletionReque
     prompt_tokens = sum(len(x) for x in prompt_ids)
     rec.completion_tokens = completion_tokens
     return json_reply({"id": rid, "object": "text_completion", "created": now(),
-                       "model": req.model, "choices": choices,
+                       "model": req.model,
+                       "system_fingerprint": C.fingerprint(state, req.model),
+                       "choices": choices,
                        "usage": usage(prompt_tokens, completion_tokens)})
 
 
@@ -134,8 +136,9 @@ class _Chunks(ChunkRenderer):
     """``text_completion`` chunks."""
 
     def __init__(self, req: CompletionRequest, rid: str, prompt_ids: list[list[int]],
-                 echoes: list) -> None:
+                 echoes: list, fingerprint: str | None = None) -> None:
         self.req, self.rid, self.created = req, rid, now()
+        self.fingerprint = fingerprint
         self.echoes = echoes
         self.n_choices = len(prompt_ids) * req.wire.n
         self.prompt_tokens = sum(len(x) for x in prompt_ids)
@@ -151,7 +154,7 @@ class _Chunks(ChunkRenderer):
 
     def _payload(self, k: int, text: str, lp: Any, finish: str | None) -> dict:
         return {"id": self.rid, "object": "text_completion", "created": self.created,
-                "model": self.req.model,
+                "model": self.req.model, "system_fingerprint": self.fingerprint,
                 "choices": [{"index": k, "text": text, "logprobs": lp,
                              "finish_reason": finish}], **self._usage_null}
 
@@ -177,7 +180,8 @@ class _Chunks(ChunkRenderer):
 
     def usage(self, prompt_tokens: int, completion_tokens: int) -> bytes:
         return sse({"id": self.rid, "object": "text_completion", "created": self.created,
-                    "model": self.req.model, "choices": [],
+                    "model": self.req.model, "system_fingerprint": self.fingerprint,
+                    "choices": [],
                     "usage": usage(prompt_tokens, completion_tokens)})
 
 
@@ -188,7 +192,7 @@ async def _stream(state: ServerState, rec: RequestRecord, req: CompletionRequest
     token_text = backend._token_text_fn(req.model)
     bridge = StreamBridge(state.pool(), cancel, rid)
     submit = getattr(backend, "submit", None)   # a non-blocking entry (tep.engine)
-    render = _Chunks(req, rid, prompt_ids, echoes)
+    render = _Chunks(req, rid, prompt_ids, echoes, C.fingerprint(state, req.model))
     cons = await P.prepared_constraints(state, req.structured.constraint,
                                         render.n_choices) if submit is not None else None
     for k in range(render.n_choices):
