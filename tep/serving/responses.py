@@ -78,7 +78,7 @@ async def responses(state: ServerState, rec: RequestRecord,
         history = found
     body = chat_body(req, history)   # 400s here already name Responses' fields
     try:
-        creq = prepare_chat(state, rec, body, rid)
+        creq = await prepare_chat(state, rec, body, rid)
     except E.APIError as e:
         raise rename_chat_error(e) from None
     cancel = await C.admit(state, rec)
