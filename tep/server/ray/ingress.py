@@ -147,7 +147,7 @@ class RemoteBackend(Backend):
 
     # ---- one generation
     def _spawn(self, call: dict, key: bytes | None, sink: Any, on_done: Any) -> None:
-        from tep.server.ray.router import RouteTicket
+        from tep.server.ray.route_state import RouteTicket
 
         ticket = RouteTicket(RouteKey.of(key) if key is not None else None)
         served = SERVED.get()
@@ -216,7 +216,7 @@ def _lost(e: BaseException | None, name: str | None) -> E.APIError:
 def router_snapshot(deployment: str | None) -> dict | None:
     """The snapshot of this process's prefix router for ``deployment`` (None before the
     first routed call, or without prefix routing)."""
-    from tep.server.ray.router import routers
+    from tep.server.ray.route_state import routers
 
     for r in routers():
         if deployment is None or r.deployment_name == deployment:
@@ -225,7 +225,7 @@ def router_snapshot(deployment: str | None) -> dict | None:
 
 
 def _finished(deployment: str | None, ticket: Any, sink: Any) -> None:
-    from tep.server.ray.router import routers
+    from tep.server.ray.route_state import routers
 
     for r in routers():
         if deployment is None or r.deployment_name == deployment:

@@ -19,76 +19,25 @@ table predicted means it evicted them, and the table forgets that replica's olde
 (:meth:`PrefixTable.stale`). Dead or removed replicas are dropped from the table.
 
 Ray constructs the router (``RequestRouterConfig(request_router_class=PrefixRouter,
-request_router_kwargs={...})``); :func:`routers` lists the ones alive in this process so
-the ingress can export their counters.
+request_router_kwargs={...})``) from a by-value pickle of this module, so what the
+ingress shares with it (the ticket class, the registry of live routers) lives in
+:mod:`tep.server.ray.route_state`.
 """
 from __future__ import annotations
 
 import random
 import threading
 import time
-import weakref
-from dataclasses import dataclass, field
 from typing import Any, List, Optional
 
 from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequest,
                                       ReplicaID, ReplicaResult, RequestRouter,
                                       RunningReplica)
 
-from tep.server.ray.prefix_table import PrefixTable, RouteKey
+from tep.server.ray.prefix_table import PrefixTable
+from tep.server.ray.route_state import RouterCounters, RouteTicket, register, routers
 
 __all__ = ["PrefixRouter", "RouteTicket", "RouterCounters", "routers"]
-
-_ROUTERS: "weakref.WeakSet[PrefixRouter]" = weakref.WeakSet()
-
-
-def routers() -> list["PrefixRouter"]:
-    """The prefix routers alive in this process (one per deployment handle)."""
-    return list(_ROUTERS)
-
-
-class RouteTicket:
-    """The route of one call: its key, and (filled by the router) the replica chosen and
-    how many key blocks the table said it held. Shared between the ingress and the router
-    in one process; it pickles to an empty ticket, so the replica is sent nothing."""
-
-    __slots__ = ("key", "replica", "predicted", "how", "routed_at")
-
-    def __init__(self, key: RouteKey | None = None) -> None:
-        self.key = key
-        self.replica: str | None = None
-        self.predicted = 0
-        self.how = ""
-        self.routed_at = 0.0
-
-    def __reduce__(self) -> Any:
-        return (RouteTicket, ())
-
-
-@dataclass
-class RouterCounters:
-    """Routing decisions of one router (monotonic counts).
-
-    Attributes:
-        by_prefix: routed to a replica holding a prefix of the key.
-        no_match: had a key, no replica held its first block (least-loaded).
-        fallback: load imbalance past the threshold (least-loaded, prefix ignored).
-        no_key: calls without a key (metadata calls, tokenize, embeddings).
-        stale: answers that found less cached than the table predicted.
-        per_replica: replica -> {"by_prefix": n, "fallback": n, "no_match": n}.
-        route_s: seconds spent choosing (for the routing cost per request).
-        routed: calls routed.
-    """
-
-    by_prefix: int = 0
-    no_match: int = 0
-    fallback: int = 0
-    no_key: int = 0
-    stale: int = 0
-    routed: int = 0
-    route_s: float = 0.0
-    per_replica: dict = field(default_factory=dict)
-
 
 class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     """Longest-cached-prefix routing with a least-loaded fallback (see the module).
@@ -106,7 +55,7 @@ class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         self.inflight: dict[str, int] = {}
         self.lock = threading.Lock()
         self.deployment_name = getattr(getattr(self, "_deployment_id", None), "name", None)
-        _ROUTERS.add(self)
+        register(self)
 
     # ---- loads
     def _load(self, r: RunningReplica) -> int:
@@ -262,7 +211,7 @@ class ObservedPow2Router(_Pow2):
         self.inflight: dict[str, int] = {}
         self.lock = threading.Lock()
         self.deployment_name = getattr(getattr(self, "_deployment_id", None), "name", None)
-        _ROUTERS.add(self)
+        register(self)
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID,
                           result: ReplicaResult) -> None:
