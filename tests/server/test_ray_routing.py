@@ -51,3 +51,25 @@ def test_sse_streams_pass_through_unchanged(url):
 
 def test_killed_replica_is_routed_around(url):
     check_kill(ray, url)
+
+
+def test_build_app_arguments():
+    """``serve run tep.server.ray:build_app ...``: routing, model options and autoscaling
+    reach the model deployment; without prefix_routing the app is today's whole-app one."""
+    import tep.server.ray
+
+    a = tep.server.ray.build_app({"backend": "llamacpp", "num_replicas": "auto",
+                                  "prefix_routing": "true", "model": "/m.gguf",
+                                  "n_threads": "1", "max_concurrency": "4"})
+    ingress = a._bound_deployment
+    model = ingress.init_args[0]._bound_deployment
+    assert (ingress.name, model.name) == ("tep", "tep-model")
+    assert model.init_args == ("llamacpp", {"model": "/m.gguf", "n_threads": 1})
+    cfg = model._deployment_config
+    assert cfg.request_router_config.request_router_class.endswith("router.PrefixRouter")
+    assert cfg.autoscaling_config is not None and cfg.autoscaling_config.max_replicas > 1
+    whole = tep.server.ray.build_app({"backend": "toy", "num_replicas": "2",
+                                      "prefix_routing": "false"})._bound_deployment
+    assert (whole.name, whole.num_replicas, whole.init_args) == ("tep", 2, ())
+    with pytest.raises(ValueError):
+        tep.server.ray.app("toy", router="round-robin")
