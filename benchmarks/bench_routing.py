@@ -181,8 +181,8 @@ def deploy_and_run(serve, port: int, backend: str, options: dict, n: int, router
 
 
 def key_hash_cost(users: int, turns: int) -> dict:
-    """Route-key bytes + hash chain + table match/insert at 8 replicas, per request (us),
-    on this workload's chat histories (answers stand in as 40 characters)."""
+    """Route-key bytes + hash chain + table match/insert at 8 replicas, per request (us
+    of CPU), on this workload's chat histories (answers stand in as 40 characters)."""
     from tep.server.ray.prefix_table import PrefixTable, RouteKey, chat_key_bytes
 
     convs = []
@@ -195,14 +195,57 @@ def key_hash_cost(users: int, turns: int) -> dict:
             msgs = msgs + [{"role": "assistant", "content": "x" * 40}]
     reps = [f"r{i}" for i in range(8)]
     table = PrefixTable()
-    t0 = time.perf_counter()
+    t0 = time.thread_time()
     for i, m in enumerate(convs):
         k = RouteKey.of(chat_key_bytes("m", m))
         best, _ = table.match(k.chain, reps)
         table.insert(best[0] if best else reps[i % 8], k.chain)
-    per = (time.perf_counter() - t0) / len(convs)
+    per = (time.thread_time() - t0) / len(convs)
     return {"key_hash_match_insert_us": 1e6 * per, "mean_key_blocks":
             statistics.mean(len(RouteKey.of(chat_key_bytes("m", m)).chain) for m in convs)}
+
+
+def router_microbench(users: int, turns: int, n: int = 8) -> dict:
+    """CPU time of one ``PrefixRouter.choose_replicas`` + ``on_request_routed`` over ``n``
+    replicas, in-process on this workload's keys (stand-in replicas, no Ray cluster)."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from ray.serve._private.common import DeploymentID, ReplicaID
+
+    from tep.server.ray.prefix_table import RouteKey, chat_key_bytes
+    from tep.server.ray.route_state import RouteTicket
+    from tep.server.ray.router import PrefixRouter
+
+    dep = DeploymentID(name="m", app_name="a")
+    reps = [SimpleNamespace(replica_id=ReplicaID(unique_id=f"r{i}", deployment_id=dep))
+            for i in range(n)]
+    router = object.__new__(PrefixRouter)   # the routing logic alone, no Ray state
+    router.initialize_state()
+    keys = []
+    for u in range(users):
+        msgs = [{"role": "system", "content": SYSTEM}]
+        for t in range(turns):
+            msgs = msgs + [{"role": "user", "content": f"I am user {u}. Question {t}: what "
+                            f"is {u + 3 * t} plus {7 * t + 1}?"}]
+            keys.append(RouteKey.of(chat_key_bytes("m", msgs)))
+            msgs = msgs + [{"role": "assistant", "content": "x" * 40}]
+
+    async def go() -> float:
+        cpu = 0.0
+        for k in keys:
+            pr = SimpleNamespace(kwargs={"route": RouteTicket(k)})
+            t0 = time.thread_time()
+            ranks = await router.choose_replicas(reps, pr)
+            router.on_request_routed(pr, ranks[0][0].replica_id, None)
+            cpu += time.thread_time() - t0
+        return cpu
+
+    asyncio.run(go())                     # warm: fills the table
+    router.initialize_state()
+    cpu = asyncio.run(go())
+    return {"choose_and_record_us": 1e6 * cpu / len(keys), "replicas": n,
+            "by_prefix_share": router.counters.by_prefix / len(keys)}
 
 
 def prefill_cost(n_threads: int = 1) -> dict:
@@ -324,6 +367,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
     out["key_cost"] = key_hash_cost(args.users, args.turns)
+    out["router_cpu"] = router_microbench(args.users, args.turns)
     model_vs_measured(out)
     report(out)
     write_result(args.json, out)
@@ -383,11 +427,14 @@ def report(out: dict) -> None:
     for r in out["runs"]:
         print(f"{r['model']:<12} {r['replicas']:>2} {r['router']:<8} {r['hit_rate']:>8.3f} "
               f"{r['ttft_p50_ms']:>7.1f}ms {r['ttft_p99_ms']:>7.1f}ms "
-              f"{r['tokens_per_s']:>7.1f} {r['route_us_per_call'] or 0:>8.0f} "
+              f"{r['tokens_per_s']:>7.1f} {r['route_us_per_call'] or 0:>8.1f} "
               f"{r['same_replica_share']:>6.2f}")
     kc = out["key_cost"]
     print(f"route key (bytes + hash chain, {kc['mean_key_blocks']:.0f} blocks) + table "
           f"match/insert at 8 replicas: {kc['key_hash_match_insert_us']:.1f} us/request")
+    rc = out["router_cpu"]
+    print(f"PrefixRouter choose_replicas + on_request_routed at {rc['replicas']} replicas, "
+          f"in-process: {rc['choose_and_record_us']:.1f} us CPU/request")
     checks = []
     for model, ns in (("smollm2", [2]), ("toy-instant", [4, 8])):
         single = _find(out, model, 1, "prefix")
