@@ -120,6 +120,18 @@ def local_sse(backend: Any, path: str, body: dict) -> list[Any]:
     return sse_payloads(asyncio.run(go()))
 
 
+def local_json(backend: Any, path: str, body: dict) -> Any:
+    """The same request's JSON answer from an in-process app (the reference)."""
+
+    async def go() -> Any:
+        async with client_for(backend) as c:
+            r = await c.post(path, json=body)
+            assert r.status_code == 200
+            return await r.get_json()
+
+    return asyncio.run(go())
+
+
 def kill_replica_mid_stream(url: str, kill: Any) -> tuple[str, list[Any]]:
     """Start a long stream, kill its replica (``kill(name)``) after the first tokens, and
     return the replica's name and the stream's payloads."""
@@ -231,6 +243,17 @@ def check_sse(url: str) -> None:
             assert r.status_code == 200 and r.headers[HEADER]
             assert r.headers["content-type"].startswith("text/event-stream")
             assert sse_payloads(r.content) == local_sse(local, path, body)
+        # embeddings (batched on the replica) and a non-streamed chat: the same JSON
+        emb = {"model": "tep-toy", "input": ["hello there", [104, 105]]}
+        r = httpx.post(url + "/v1/embeddings", json=emb, timeout=60)
+        assert r.status_code == 200 and r.headers[HEADER]
+        assert [d["embedding"] for d in r.json()["data"]] == \
+            [d["embedding"] for d in local_json(local, "/v1/embeddings", emb)["data"]]
+        chat = {"model": "tep-toy", "max_tokens": 7, "seed": 2,
+                "messages": [{"role": "user", "content": "once more"}]}
+        got = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).json()
+        want = local_json(local, "/v1/chat/completions", chat)
+        assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
     finally:
         local.close()
     # answers that need no model name the ingress; errors keep their envelope

@@ -7,8 +7,10 @@ The key is cut into blocks of ``block_bytes``; block i is named by a hash chaine
 blocks 0..i, so one hash names a whole prefix and a table lookup per block finds the
 longest prefix a replica has served. The trailing partial block is not hashed.
 
-Per replica the table is an LRU of hashes with a bound (``max_blocks``); what falls out
-is forgotten, and :meth:`PrefixTable.stale` forgets everything a replica used before an
+Per replica the table is an LRU of hashes with a bound (``max_blocks``), each marked if a
+key ended there (:meth:`PrefixTable.ends_at`: the next turn of a chat continues exactly
+such a key, while a new conversation only shares a system turn); what falls out is
+forgotten, and :meth:`PrefixTable.stale` forgets everything a replica used before an
 entry that it turned out to have evicted (in an LRU cache, an evicted entry means that
 every older one went too). :meth:`drop` forgets a replica (it died or was scaled down).
 Pure Python, no Ray: the router (:mod:`tep.server.ray.router`) holds one per deployment
@@ -82,7 +84,9 @@ class PrefixTable:
     def __init__(self, max_blocks: int = 1 << 16) -> None:
         self.max_blocks = max(1, int(max_blocks))
         self._holders: dict[int, set[str]] = {}
-        self._lru: dict[str, "OrderedDict[int, None]"] = {}
+        # per replica: hash -> True where a key it was sent ends (a conversation's turn)
+        self._lru: dict[str, "OrderedDict[int, bool]"] = {}
+        self._n_keys: dict[str, int] = {}   # end marks per replica
         self.forgotten = 0   # hashes dropped by the LRU bound or stale()
 
     def replicas(self) -> list[str]:
@@ -91,6 +95,10 @@ class PrefixTable:
     def size(self, replica: str) -> int:
         """Hashes remembered for ``replica``."""
         return len(self._lru.get(replica, ()))
+
+    def n_keys(self, replica: str) -> int:
+        """Keys (distinct ends: conversations, prompts) remembered for ``replica``."""
+        return self._n_keys.get(replica, 0)
 
     def match(self, chain: Sequence[int], candidates: Iterable[str]) -> tuple[list[str], int]:
         """The candidates holding the longest prefix of ``chain`` and its length in
@@ -122,24 +130,36 @@ class PrefixTable:
             d += 1
         return d
 
+    def ends_at(self, replica: str, h: int) -> bool:
+        """Whether a key sent to ``replica`` ended with block ``h`` (so a request matching
+        up to ``h`` continues that key, e.g. the next turn of a chat)."""
+        lru = self._lru.get(replica)
+        return bool(lru and lru.get(h))
+
     def insert(self, replica: str, chain: Sequence[int]) -> None:
         """``replica`` now holds ``chain`` (marked most recently used)."""
         lru = self._lru.get(replica)
         if lru is None:
             lru = self._lru[replica] = OrderedDict()
         holders = self._holders
+        last = chain[-1] if chain else None
         for h in chain:
             if h in lru:
                 lru.move_to_end(h)
+                if h == last and not lru[h]:
+                    lru[h] = True
+                    self._n_keys[replica] = self._n_keys.get(replica, 0) + 1
             else:
-                lru[h] = None
+                lru[h] = h == last
+                if h == last:
+                    self._n_keys[replica] = self._n_keys.get(replica, 0) + 1
                 hs = holders.get(h)
                 if hs is None:
                     holders[h] = {replica}
                 else:
                     hs.add(replica)
         while len(lru) > self.max_blocks:
-            self._forget(replica, lru.popitem(last=False)[0])
+            self._forget(replica, *lru.popitem(last=False))
 
     def stale(self, replica: str, chain: Sequence[int], kept_blocks: int) -> int:
         """``replica`` served ``chain`` with only ``kept_blocks`` of it cached although the
@@ -153,22 +173,22 @@ class PrefixTable:
             return 0
         n = 0
         while lru:
-            h, _ = lru.popitem(last=False)
-            self._forget(replica, h)
+            h, end = lru.popitem(last=False)
+            self._forget(replica, h, end)
             n += 1
             if h == h_evicted:
                 break
         # the rest of this chain is older than the evicted block too (inserted with it)
         for h in chain[kept_blocks:]:
             if h in lru:
-                del lru[h]
-                self._forget(replica, h)
+                self._forget(replica, h, lru.pop(h))
                 n += 1
         return n
 
     def drop(self, replica: str) -> None:
         """Forget ``replica`` entirely (it died or was removed)."""
         lru = self._lru.pop(replica, None)
+        self._n_keys.pop(replica, None)
         if lru:
             for h in lru:
                 self._unhold(replica, h)
@@ -181,8 +201,10 @@ class PrefixTable:
             self.drop(r)
         return gone
 
-    def _forget(self, replica: str, h: int) -> None:
+    def _forget(self, replica: str, h: int, end: bool = False) -> None:
         self.forgotten += 1
+        if end:
+            self._n_keys[replica] -= 1
         self._unhold(replica, h)
 
     def _unhold(self, replica: str, h: int) -> None:

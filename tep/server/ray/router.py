@@ -9,8 +9,10 @@ each call's arguments: the ingress passes a :class:`RouteTicket` (the prompt's
    lengths when larger) — if the busiest minus the idlest is past ``imbalance`` requests,
    or the request has no key, fall back to the least-loaded candidates (*fallback*);
 2. otherwise the candidates holding the longest prefix (:class:`PrefixTable`), the
-   least-loaded of them first (*by prefix*); no candidate holds the first block → the
-   least-loaded candidates remembering the fewest blocks (*no match*, a new
+   least-loaded of them first (*by prefix*), if that prefix continues a key they were
+   sent (the next turn of a chat) or covers ``min_share`` of the request's key; no
+   candidate holds such a prefix → the
+   least-loaded candidates remembering the fewest keys (*no match*, a new
    conversation: this spreads conversations evenly).
 
 When the request is routed, the table records that the replica now holds the key. A
@@ -34,7 +36,7 @@ from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequ
                                       ReplicaID, ReplicaResult, RequestRouter,
                                       RunningReplica)
 
-from tep.server.ray.prefix_table import PrefixTable
+from tep.server.ray.prefix_table import BLOCK_BYTES, PrefixTable
 from tep.server.ray.route_state import RouterCounters, RouteTicket, register, routers
 
 __all__ = ["PrefixRouter", "RouteTicket", "RouterCounters", "routers"]
@@ -44,12 +46,15 @@ class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
 
     ``request_router_kwargs``: ``imbalance`` (requests, default 8): the busiest minus the
     idlest candidate's load past which prefixes are ignored; ``max_blocks`` (default
-    65536): key blocks remembered per replica.
+    65536): key blocks remembered per replica; ``min_share`` (default 0.8): a match that
+    does not continue a key the replica was sent (a new conversation sharing only a system
+    turn) counts only if it covers this share of the request's key.
     """
 
     def initialize_state(self, imbalance: int = 8, max_blocks: int = 1 << 16,
-                         **kwargs: Any) -> None:
+                         min_share: float = 0.8, **kwargs: Any) -> None:
         self.imbalance = int(imbalance)
+        self.min_share = float(min_share)
         self.table = PrefixTable(max_blocks)
         self.counters = RouterCounters()
         self.inflight: dict[str, int] = {}
@@ -93,15 +98,19 @@ class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 how = "fallback"
             else:
                 by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
-                best, depth = self.table.match(ticket.key.chain, by_id)
+                chain = ticket.key.chain
+                best, depth = self.table.match(chain, by_id)
+                if best and not any(self.table.ends_at(b, chain[depth - 1]) for b in best) \
+                        and depth * BLOCK_BYTES < self.min_share * ticket.key.n_bytes:
+                    best = []   # only a short shared head (a system turn): a new conversation
                 if best:
                     first = self._least_loaded([by_id[b] for b in best], loads)
                     rest = [r for r in candidate_replicas if r not in first]
                     ranks = [first] + ([self._least_loaded(rest, loads)] if rest else [])
                     how = "by_prefix"
-                else:   # a new conversation: the least-loaded, least-filled replica
+                else:   # a new conversation: the least-loaded replica with the fewest keys
                     first = self._least_loaded(candidate_replicas, loads)
-                    sizes = {r.replica_id.unique_id: self.table.size(r.replica_id.unique_id)
+                    sizes = {r.replica_id.unique_id: self.table.n_keys(r.replica_id.unique_id)
                              for r in first}
                     lo = min(sizes.values())
                     ranks = [[r for r in first if sizes[r.replica_id.unique_id] == lo]]
