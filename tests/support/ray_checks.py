@@ -207,8 +207,9 @@ def check_routing(url: str, n_replicas: int) -> None:
     on their first one, and the replicas' prefix caches are hit (ingress /metrics)."""
     turns = chat_turns(url, n_conv=4 * n_replicas, n_turns=5)
     firsts = {names[0] for names in turns.values()}
-    assert len(firsts) == n_replicas, turns           # conversations spread over all
-    assert stickiness(turns) >= 0.95, turns           # and stay where their cache is
+    why = (turns, metric_values(metrics(url), "tep_router_routed_total"))
+    assert len(firsts) == n_replicas, why             # conversations spread over all
+    assert stickiness(turns) >= 0.95, why             # and stay where their cache is
     text = wait_replica_stats(url, firsts)
     hits = {replica_of(k): v for k, v in
             metric_values(text, "tep_replica_prefix_cache_hit_tokens_total").items()}
@@ -244,11 +245,12 @@ def check_sse(url: str) -> None:
             assert r.headers["content-type"].startswith("text/event-stream")
             assert sse_payloads(r.content) == local_sse(local, path, body)
         # embeddings (batched on the replica) and a non-streamed chat: the same JSON
-        emb = {"model": "tep-toy", "input": ["hello there", [104, 105]]}
-        r = httpx.post(url + "/v1/embeddings", json=emb, timeout=60)
-        assert r.status_code == 200 and r.headers[HEADER]
-        assert [d["embedding"] for d in r.json()["data"]] == \
-            [d["embedding"] for d in local_json(local, "/v1/embeddings", emb)["data"]]
+        for emb in ({"model": "tep-toy", "input": ["hello there", "again"]},
+                    {"model": "tep-toy", "input": [[104, 105], [33]]}):
+            r = httpx.post(url + "/v1/embeddings", json=emb, timeout=60)
+            assert r.status_code == 200 and r.headers[HEADER]
+            assert [d["embedding"] for d in r.json()["data"]] == \
+                [d["embedding"] for d in local_json(local, "/v1/embeddings", emb)["data"]]
         chat = {"model": "tep-toy", "max_tokens": 7, "seed": 2,
                 "messages": [{"role": "user", "content": "once more"}]}
         got = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).json()

@@ -127,7 +127,8 @@ class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
         with self.lock:
             c = self.counters
             c.routed += 1
-            self.inflight[rid] = self.inflight.get(rid, 0) + 1
+            if ticket is not None:   # generations: the ingress reports their end
+                self.inflight[rid] = self.inflight.get(rid, 0) + 1
             how = ticket.how if ticket is not None and ticket.how else "no_key"
             setattr(c, how, getattr(c, how) + 1)
             per = c.per_replica.setdefault(rid, {"by_prefix": 0, "fallback": 0,
