@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import re
 import statistics
 import sys
@@ -74,7 +75,7 @@ def _router_cost(url: str) -> tuple[float, float]:
 
 
 def run_workload(url: str, model: str, users: int, turns: int, workers: int,
-                 max_tokens: int) -> dict:
+                 max_tokens: int, think_s: float = 0.0) -> dict:
     """The chat workload; TTFTs, tokens, wall time and the replica of every turn."""
     ttft: list[float] = []
     tokens = [0]
@@ -86,8 +87,11 @@ def run_workload(url: str, model: str, users: int, turns: int, workers: int,
     def user(u: int) -> None:
         msgs = [{"role": "system", "content": SYSTEM}]
         first = None
+        rnd = random.Random(u)
         with httpx.Client(base_url=url, timeout=300) as cl:
             for t in range(turns):
+                if t and think_s:
+                    time.sleep(rnd.uniform(0, think_s))   # the user reads, then types
                 msgs.append({"role": "user", "content": f"I am user {u}. Question {t}: what "
                              f"is {u + 3 * t} plus {7 * t + 1}?"})
                 body = {"model": model, "messages": msgs, "max_tokens": max_tokens,
@@ -158,7 +162,8 @@ def deploy_and_run(serve, port: int, backend: str, options: dict, n: int, router
         time.sleep(0.2)
     start_s = time.perf_counter() - t0
     model = model or httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
-    res = run_workload(url, model, args.users, args.turns, args.workers, max_tokens)
+    res = run_workload(url, model, args.users, args.turns, args.workers, max_tokens,
+                       args.think_ms / 1e3)
     # the replicas' counters reach the ingress every 0.5 s: wait until they settle
     last = None
     for _ in range(40):
@@ -321,6 +326,11 @@ def main() -> None:
     ap.add_argument("--users", type=int, default=32)
     ap.add_argument("--turns", type=int, default=6)
     ap.add_argument("--workers", type=int, default=8)
+    ap.add_argument("--think-ms", type=float, default=0.0,
+                    help="a pause of up to this many ms before each later turn (a user "
+                         "reading); 0: the next turn is sent at once")
+    ap.add_argument("--no-single", action="store_true",
+                    help="skip the single-replica runs")
     ap.add_argument("--json", type=Path, default=HERE / "results" / "routing.json")
     args = ap.parse_args()
     if args.quick:
@@ -336,7 +346,7 @@ def main() -> None:
                                        "RAY_USAGE_STATS_ENABLED": "0"}})
     serve.start(http_options={"host": "127.0.0.1", "port": port}, proxy_location="HeadOnly")
     out: dict = {"machine": describe(), "users": args.users, "turns": args.turns,
-                 "workers": args.workers, "runs": []}
+                 "workers": args.workers, "think_ms": args.think_ms, "runs": []}
     print(f"bench_routing: {args.users} users x {args.turns} turns, {args.workers} at once "
           f"(2 shared cores: small runs, ratios from this run only)", flush=True)
     try:
@@ -347,7 +357,8 @@ def main() -> None:
             print(f"  llama.cpp prefill {1e3 * out['prefill']['prefill_s_per_token']:.3f} "
                   f"ms/token (1 thread)", flush=True)
             opts = {"n_threads": 1, "context_size": 1024, "max_num_seqs": 8}
-            for n, router in [(1, "prefix"), (2, "default"), (2, "prefix")]:
+            for n, router in [(1, "prefix"), (2, "default"), (2, "prefix")][
+                    1 if args.no_single else 0:]:
                 r = deploy_and_run(serve, port, "llamacpp", opts, n, router, args,
                                    None, max_tokens=16)
                 out["runs"].append({"model": "smollm2", **r})

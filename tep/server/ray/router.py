@@ -39,7 +39,8 @@ from ray.serve.request_router import (LocalityMixin, MultiplexMixin, PendingRequ
 from tep.server.ray.prefix_table import BLOCK_BYTES, PrefixTable
 from tep.server.ray.route_state import RouterCounters, RouteTicket, register, routers
 
-__all__ = ["PrefixRouter", "RouteTicket", "RouterCounters", "routers"]
+__all__ = ["PrefixRouter", "ObservedPow2Router", "RouteTicket", "RouterCounters", "routers"]
+
 
 class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     """Longest-cached-prefix routing with a least-loaded fallback (see the module).
@@ -113,7 +114,9 @@ class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                     sizes = {r.replica_id.unique_id: self.table.n_keys(r.replica_id.unique_id)
                              for r in first}
                     lo = min(sizes.values())
-                    ranks = [[r for r in first if sizes[r.replica_id.unique_id] == lo]]
+                    top = [r for r in first if sizes[r.replica_id.unique_id] == lo]
+                    rest = [r for r in candidate_replicas if r not in top]
+                    ranks = [top] + ([self._least_loaded(rest, loads)] if rest else [])
                     how = "no_match"
             if ticket is not None:
                 ticket.how = how
