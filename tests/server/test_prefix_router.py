@@ -103,12 +103,13 @@ def test_imbalance_falls_back_to_least_loaded():
 def test_stale_answer_and_dead_replica_are_forgotten():
     r, reps = _router(2)
     homes = {}
-    for c in range(3):                     # conversations 0 and 2 share a replica
+    for c in range(4):                     # two conversations per replica
         t, homes[c] = _route(r, reps, _conv(c, 1))
         r.finished(t, None, None)
     home = homes[0]
-    assert homes[2] == home != homes[1]
-    chain2 = RouteKey.of(chat_key_bytes("m", _conv(2, 1))).chain
+    (mate,) = [c for c in (1, 2, 3) if homes[c] == home]
+    (away,) = [c for c in (1, 2, 3) if homes[c] != home][:1]
+    chain2 = RouteKey.of(chat_key_bytes("m", _conv(mate, 1))).chain
     assert r.table.depth(home, chain2) == len(chain2)
     t, name = _route(r, reps, _conv(0, 3))
     assert name == home and t.predicted > 0
@@ -117,7 +118,7 @@ def test_stale_answer_and_dead_replica_are_forgotten():
     shared = next(i for i, (a, b) in enumerate(zip(chain2, t.key.chain)) if a != b)
     assert r.table.depth(home, chain2) == shared   # only the system turn it just fed again
     assert r.table.depth(home, t.key.chain) == len(t.key.chain)   # it just computed this
-    assert r.table.depth(homes[1], RouteKey.of(chat_key_bytes("m", _conv(1, 1))).chain) > 0
+    assert r.table.depth(homes[away], RouteKey.of(chat_key_bytes("m", _conv(away, 1))).chain) > 0
     dead = next(x for x in reps if x.replica_id.unique_id == home)
     r.on_replica_actor_died(dead.replica_id)
     assert home not in r.table.replicas()
