@@ -21,6 +21,8 @@ from tep.server.ray.prefix_table import RouteKey, chat_key_bytes  # noqa: E402
 from tep.server.ray.route_state import RouteTicket  # noqa: E402
 from tep.server.ray.router import PrefixRouter  # noqa: E402
 
+pytestmark = pytest.mark.ray
+
 DEP = DeploymentID(name="m", app_name="a")
 
 
