@@ -12,6 +12,9 @@ from pathlib import Path
 
 import pytest
 
+# the Ray checks are shared by two test modules: let their asserts explain failures
+pytest.register_assert_rewrite("support.ray_checks")
+
 from support.process import child_env, free_port, start_process, stop_process
 
 @pytest.fixture

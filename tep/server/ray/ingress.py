@@ -177,10 +177,13 @@ class RemoteBackend(Backend):
                     exc = info.exception() if info is not None else None
                     ended = True
                     items = items[:-1]
-                if not replay(items, sink) and not ended:
-                    gen.cancel()   # the sink says stop: the replica's sequence ends too
+                replay(items, sink)
+                if cancel.is_set() and not ended:
+                    gen.cancel()   # the client went away: end the replica's sequence
                     ended = True
                     break
+                # a stop or max_tokens: the replica's sink stopped at the same token;
+                # wait for its end, so the next turn finds this one released to the cache
             if not ended and not cancel.is_set():
                 exc = _lost(None, name)
         except asyncio.CancelledError:

@@ -34,7 +34,7 @@ class RouteTicket:
     how many key blocks the table said it held. Shared between the ingress and the router
     in one process; it pickles to an empty ticket, so the replica is sent nothing."""
 
-    __slots__ = ("key", "replica", "predicted", "how", "routed_at")
+    __slots__ = ("key", "replica", "predicted", "how", "routed_at", "attempts")
 
     def __init__(self, key: RouteKey | None = None) -> None:
         self.key = key
@@ -42,6 +42,7 @@ class RouteTicket:
         self.predicted = 0
         self.how = ""
         self.routed_at = 0.0
+        self.attempts = 0
 
     def __reduce__(self) -> Any:
         return (RouteTicket, ())

@@ -49,12 +49,17 @@ class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
     idlest candidate's load past which prefixes are ignored; ``max_blocks`` (default
     65536): key blocks remembered per replica; ``min_share`` (default 0.8): a match that
     does not continue a key the replica was sent (a new conversation sharing only a system
-    turn) counts only if it covers this share of the request's key.
+    turn) counts only if it covers this share of the request's key; ``patience``
+    (default 4): routing attempts (Ray retries with growing backoff and probe deadlines)
+    during which only the replicas holding the prefix are offered, before every other
+    replica is offered as a second choice.
     """
 
     def initialize_state(self, imbalance: int = 8, max_blocks: int = 1 << 16,
-                         min_share: float = 0.8, **kwargs: Any) -> None:
+                         min_share: float = 0.8, patience: int = 4,
+                         **kwargs: Any) -> None:
         self.imbalance = int(imbalance)
+        self.patience = int(patience)
         self.min_share = float(min_share)
         self.table = PrefixTable(max_blocks)
         self.counters = RouterCounters()
@@ -107,7 +112,11 @@ class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                 if best:
                     first = self._least_loaded([by_id[b] for b in best], loads)
                     rest = [r for r in candidate_replicas if r not in first]
-                    ranks = [first] + ([self._least_loaded(rest, loads)] if rest else [])
+                    ranks = [first]
+                    if rest and ticket.attempts >= self.patience:
+                        # the cache holders did not take it in `patience` tries (full, or
+                        # their queue-length probes were late): anyone will do
+                        ranks.append(self._least_loaded(rest, loads))
                     how = "by_prefix"
                 else:   # a new conversation: the least-loaded replica with the fewest keys
                     first = self._least_loaded(candidate_replicas, loads)
@@ -120,6 +129,7 @@ class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
                     how = "no_match"
             if ticket is not None:
                 ticket.how = how
+                ticket.attempts += 1
             c.route_s += time.thread_time() - t0
         return ranks
 
