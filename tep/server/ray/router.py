@@ -180,8 +180,10 @@ class PrefixRouter(LocalityMixin, MultiplexMixin, RequestRouter):
             if n > 0:
                 self.inflight[rid] = n - 1
             key = ticket.key
-            if key is None or not key.chain or ticket.predicted <= 0 or \
-                    cached_tokens is None or not prompt_tokens:
+            # only a continuation's prediction rests on a finished request (a new
+            # conversation's shared head may still be computing elsewhere on the replica)
+            if ticket.how != "by_prefix" or key is None or not key.chain or \
+                    ticket.predicted <= 0 or cached_tokens is None or not prompt_tokens:
                 return
             # the key's blocks the replica really had, by the share of prompt tokens
             kept = int(len(key.chain) * min(1.0, cached_tokens / prompt_tokens))
