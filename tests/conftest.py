@@ -16,6 +16,8 @@ import pytest
 # Servers started by the tests keep no stored responses unless a test gives them a store
 # file (--responses-store): nothing is written under the user's data directory.
 os.environ.setdefault("TEP_RESPONSES_STORE", ":memory:")
+# the Ray checks are shared by two test modules: let their asserts explain failures
+pytest.register_assert_rewrite("support.ray_checks")
 
 from support.process import child_env, free_port, start_process, stop_process
 

@@ -56,6 +56,8 @@ class StreamSink:
         self._on_delta = on_delta
         self._token_text = token_text
         self.prompt_tokens = prompt_tokens
+        # prompt tokens the backend found in its prefix cache (set by tep.engine), or None
+        self.cached_tokens: int | None = None
         self._stops = StopMatcher(sampling.stop)
         self._stop_ids = frozenset(sampling.stop_token_ids)
         self._want_lp = sampling.logprobs is not None

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import codecs
 import os
+from collections import OrderedDict
 from typing import Any
 
 import numpy as np
@@ -315,6 +316,9 @@ class ToyModel:
             (default: a new one from the keyword arguments / environment).
         max_num_seqs: slots (sequence IDs ``0..max_num_seqs-1``).
         context_size: most positions per sequence (prompt + generated), or None.
+        prefix_cache: finished sequences kept for prefix reuse (0 = no prefix cache). A
+            new sequence starts from the kept one sharing the longest prefix with its
+            prompt; the least recently used one is evicted past this many.
         **kw: passed to :class:`ToyBackend` when ``toy`` is None.
     """
 
@@ -324,7 +328,8 @@ class ToyModel:
     eog_token_ids = (EOS,)
 
     def __init__(self, toy: ToyBackend | None = None, *, max_num_seqs: int = 256,
-                 context_size: int | None = None, **kw: Any) -> None:
+                 context_size: int | None = None, prefix_cache: int = 0,
+                 **kw: Any) -> None:
         self.toy = toy if toy is not None else ToyBackend(**kw)
         self.vocab_size = self.toy.vocab_size
         self.embedding_dim = self.toy.dim
@@ -333,6 +338,15 @@ class ToyModel:
         # the cache: per slot, the last three tokens seen (-1 = none) and the length
         self._last = np.full((max_num_seqs, 3), -1, np.int64)
         self._len = np.zeros(max_num_seqs, np.int64)
+        # the prefix cache: every token of each live slot, and the kept finished ones
+        self.prefix_cache = max(0, int(prefix_cache))
+        self.evicted = 0
+        self._hist: list[list[int]] | None = None
+        self._kept: "OrderedDict[int, np.ndarray]" = OrderedDict()
+        self._kept_seq = 0
+        if self.prefix_cache:
+            self._hist = [[] for _ in range(max_num_seqs)]
+            self.reuse_prefix = self._reuse_prefix  # the engine looks this hook up
         if self.toy.instant:
             n = len(_LOREM)
             self._instant_rows = np.zeros((n, self.vocab_size), np.float32)
@@ -383,6 +397,10 @@ class ToyModel:
                 w = np.concatenate([last[sq], toks[b:e + 1]])[-3:]
                 last[sq] = w
         length[rs] = pos[ends] + 1
+        if self._hist is not None:
+            hist, tl = self._hist, toks.tolist()
+            for b, e, sq in zip(starts.tolist(), ends.tolist(), rs.tolist()):
+                hist[sq].extend(tl[b:e + 1])
         rows = np.flatnonzero(want)
         if self.toy.instant:
             return self._instant_rows[pos[rows] % len(_LOREM)]
@@ -397,6 +415,37 @@ class ToyModel:
     def release(self, seq_id: int) -> None:
         self._last[seq_id] = -1
         self._len[seq_id] = 0
+        if self._hist is not None and self._hist[seq_id]:
+            self._kept[self._kept_seq] = np.asarray(self._hist[seq_id], np.int64)
+            self._kept_seq += 1
+            self._hist[seq_id] = []
+            while len(self._kept) > self.prefix_cache:
+                self._kept.popitem(last=False)
+                self.evicted += 1
+
+    def _reuse_prefix(self, seq_id: int, prompt: Any) -> int:
+        """Start ``seq_id`` from the kept sequence sharing the longest prefix with
+        ``prompt`` (at most ``len(prompt) - 1`` tokens, the last is always fed): the toy's
+        cache at position n is the three tokens before n, so reuse is exact."""
+        p = np.asarray(prompt, np.int64)
+        best, best_key = 0, None
+        for key, kept in self._kept.items():
+            m = min(kept.shape[0], p.shape[0] - 1)
+            if m <= best:
+                continue
+            diff = np.flatnonzero(kept[:m] != p[:m])
+            n = int(diff[0]) if diff.size else m
+            if n > best:
+                best, best_key = n, key
+        if best_key is not None:
+            self._kept.move_to_end(best_key)  # recently used: evicted last
+        self._last[seq_id] = -1
+        if best:
+            w = p[max(0, best - 3):best]
+            self._last[seq_id, 3 - w.shape[0]:] = w
+        self._len[seq_id] = best
+        self._hist[seq_id] = p[:best].tolist()  # type: ignore[index]
+        return best
 
     def structured_tokenizer(self) -> Any:
         """The byte vocabulary for llguidance (structured outputs)."""

@@ -295,6 +295,10 @@ class Engine:
             log.exception("reuse_prefix failed; evaluating the whole prompt")
             n = 0
         n = max(0, min(n, s.plen - 1))
+        try:
+            s.sink.cached_tokens = n   # per request (a router learns what was cached)
+        except AttributeError:
+            pass
         self.stats.prefix_hit_tokens += n
         self.stats.prefix_miss_tokens += s.plen - n
         return n

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import time
 
+import httpx
 import openai
 import pytest
 from support.process import ROOT, TESTS, free_port, wait_health
@@ -63,6 +64,9 @@ def test_two_replicas_answer_openai_requests(ray_serve_url):
     assert "".join(p.choices[0].delta.content or "" for p in parts) == \
         chat.choices[0].message.content
     assert len(c.embeddings.create(model="script", input=[3, 4]).data[0].embedding) == 8
+    # every response names the replica that served it (here: one of the two whole apps)
+    names = {httpx.get(url + "/health").headers["x-tep-replica"] for _ in range(12)}
+    assert 1 <= len(names) <= 2 and all(names)
     with pytest.raises(openai.NotFoundError):
         c.completions.create(model="nope", prompt=[9])
     # both replicas are up, each built its own backend and wrote its own events file
