@@ -75,6 +75,9 @@ class RemoteBackend(Backend):
     def device_kind(self) -> str:
         return str(self.info.get("device_kind", "cpu"))
 
+    def fingerprint(self, model: str) -> str | None:
+        return self.info.get("fingerprint", {}).get(model)
+
     def supports_chat(self) -> bool:
         return bool(self.info.get("supports_chat"))
 

@@ -89,6 +89,9 @@ class ModelReplica:
             "replica": self.name,
             "models": models,
             "context_size": {m: b.context_size(m) for m in models},
+            # every replica loads the same model with the same settings, so one
+            # replica's fingerprint is the deployment's
+            "fingerprint": {m: b.fingerprint(m) for m in models},
             "embedding_dimensions": {m: b.embedding_dimensions(m) for m in models},
             "supports_chat": b.supports_chat(),
             "supports_embeddings": b.supports_embeddings(),
