@@ -28,3 +28,12 @@ def verify_batch(logits: npt.NDArray[np.float32], row_start: npt.NDArray[np.int6
     row_start[r] + n_draft[r]; row j is sampled at step + j with the accepted drafts in the
     output history; drafts are accepted while they equal the samples. out_tokens [B, K+1],
     out_count [B] (emitted tokens), out_status [B]; logprob outputs [B, K+1(, n_top)]."""
+def rejection_batch(logits: npt.NDArray[np.float32], row_start: npt.NDArray[np.int64],
+                    n_draft: npt.NDArray[np.int64], drafts: npt.NDArray[np.int32],
+                    draft_probs: npt.NDArray[np.float32], q_start: npt.NDArray[np.int64],
+                    temperature: npt.NDArray[np.float32], seed: npt.NDArray[np.uint64],
+                    step: npt.NDArray[np.uint64], n_threads: int,
+                    out_tokens: npt.NDArray[np.int64], out_count: npt.NDArray[np.int64],
+                    out_status: npt.NDArray[np.int32]) -> None:
+    """Speculative (rejection) sampling: accept draft j with min(1, p_j/q_j), resample
+    the first rejection from max(0, p - q) normalised, bonus from p_k after k accepts."""

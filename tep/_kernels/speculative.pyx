@@ -252,3 +252,139 @@ def verify_batch(const float32_t[:, ::1] logits, const int64_t[::1] row_start,
                 scratch_free(psc)
             free(psc)
         free(hist)
+
+
+# ---- rejection sampling (draft-model drafts with a distribution) -----------------------------
+
+from libc.math cimport exp, INFINITY
+from tep._kernels.sampling cimport TEP_NO_FINITE, TEP_POS_INF, philox_uniform
+
+cdef uint64_t KEY_ACCEPT = 0x9E3779B97F4A7C15ULL   # independent Philox keys per draw kind
+cdef uint64_t KEY_RESIDUAL = 0xD1B54A32D192ED03ULL
+
+
+cdef int target_probs(const float32_t* x, intp_t V, float temperature,
+                      float64_t* p) noexcept nogil:
+    """p[0:V] = softmax(x / T) in double (NaN counts as -inf); T < 1e-5 is one-hot on the
+    argmax (lowest id on ties)."""
+    cdef intp_t i, best = -1
+    cdef float m = -INFINITY, v
+    cdef double z = 0.0, inv
+    for i in range(V):
+        v = x[i]
+        if v == INFINITY:
+            return TEP_POS_INF
+        if v > m:
+            m = v
+            best = i
+    if best < 0:
+        return TEP_NO_FINITE
+    if temperature < 1e-5:
+        for i in range(V):
+            p[i] = 0.0
+        p[best] = 1.0
+        return TEP_OK
+    inv = 1.0 / <double>temperature
+    for i in range(V):
+        v = x[i]
+        p[i] = exp((<double>v - <double>m) * inv) if v > -INFINITY else 0.0
+        z += p[i]
+    for i in range(V):
+        p[i] /= z
+    return TEP_OK
+
+
+cdef int64_t draw(const float64_t* w, intp_t V, double total, double u) noexcept nogil:
+    """Inverse CDF over non-negative weights w (sum total): the last positive index when
+    rounding leaves the target past the end."""
+    cdef double acc = 0.0, target = u * total
+    cdef intp_t i, last = -1
+    for i in range(V):
+        if w[i] > 0.0:
+            acc += w[i]
+            last = i
+            if target < acc:
+                return i
+    return last
+
+
+cdef int rejection_row(const float32_t* x, intp_t V, const int32_t* draft,
+                       const float32_t* q, intp_t k, float temperature, uint64_t seed,
+                       uint64_t step, float64_t* p, int64_t* tok_out,
+                       intp_t* n_out) noexcept nogil:
+    """Leviathan / Chen speculative sampling for one sequence: draft j (drawn from the
+    draft distribution q[j*V:(j+1)*V]) is accepted with probability min(1, p_j(d)/q_j(d))
+    (p_j = softmax(x_j / T)); the first rejected position draws from the normalised
+    residual max(0, p_j - q_j); after k acceptances a bonus token draws from p_k. The
+    emitted tokens are distributed exactly as sampling from the target one by one.
+    Uniforms: Philox keyed on (seed ^ key, step + j)."""
+    cdef intp_t j, i
+    cdef int st
+    cdef int32_t d
+    cdef double pd, qd, z, u
+    cdef int64_t t
+    n_out[0] = 0
+    for j in range(k + 1):
+        st = target_probs(x + j * V, V, temperature, p)
+        if st != TEP_OK:
+            return st
+        if j < k:
+            d = draft[j]
+            if d < 0 or d >= V:
+                return TEP_BAD_DRAFT
+            pd = p[d]
+            qd = q[j * V + d]
+            u = philox_uniform(seed ^ KEY_ACCEPT, step + <uint64_t>j)
+            if (qd <= 0.0 and pd > 0.0) or (qd > 0.0 and u * qd < pd):
+                tok_out[j] = d
+                n_out[0] = j + 1
+                continue
+            z = 0.0
+            for i in range(V):
+                p[i] = p[i] - <double>q[j * V + i]
+                if p[i] < 0.0:
+                    p[i] = 0.0
+                z += p[i]
+            if z <= 0.0:      # p == q up to rounding: the residual is empty; draw from p
+                st = target_probs(x + j * V, V, temperature, p)
+                z = 1.0
+        else:
+            z = 1.0
+        u = philox_uniform(seed ^ KEY_RESIDUAL, step + <uint64_t>j)
+        t = draw(p, V, z, u)
+        if t < 0:
+            return TEP_NO_FINITE
+        tok_out[j] = t
+        n_out[0] = j + 1
+        return TEP_OK
+    return TEP_OK
+
+
+def rejection_batch(const float32_t[:, ::1] logits, const int64_t[::1] row_start,
+                    const int64_t[::1] n_draft, const int32_t[:, ::1] drafts,
+                    const float32_t[:, ::1] draft_probs, const int64_t[::1] q_start,
+                    const float32_t[::1] temperature, const uint64_t[::1] seed,
+                    const uint64_t[::1] step, int n_threads,
+                    int64_t[:, ::1] out_tokens, int64_t[::1] out_count,
+                    int32_t[::1] out_status):
+    """Rejection-sampling verification of B sequences (pre-validated): sequence r owns
+    logits rows row_start[r] .. + n_draft[r] and draft-distribution rows q_start[r] ..
+    + n_draft[r] - 1 of draft_probs [M, V]; temperature/seed/step [B]."""
+    cdef intp_t B = row_start.shape[0], V = logits.shape[1], r, w = drafts.shape[1] + 1
+    cdef float64_t* p
+    cdef intp_t n
+    if B == 0:
+        return
+    with nogil, parallel(num_threads=<int>min(max(n_threads, 1), B)):
+        p = <float64_t*>malloc((V + 1) * sizeof(float64_t))
+        for r in prange(B, schedule="static"):
+            n = 0
+            if p == NULL:
+                out_status[r] = TEP_NO_MEMORY
+            else:
+                out_status[r] = rejection_row(
+                    &logits[row_start[r], 0], V, &drafts[r, 0],
+                    &draft_probs[q_start[r], 0] if n_draft[r] > 0 else &draft_probs[0, 0],
+                    n_draft[r], temperature[r], seed[r], step[r], p, &out_tokens[r, 0], &n)
+            out_count[r] = n
+        free(p)

@@ -20,12 +20,12 @@ from typing import Any, Mapping, NamedTuple, Sequence
 import numpy as np
 
 from tep._kernels import speculative as _k
-from tep.kernels.sampling import (_NO_MASK, MAX_LOGPROBS, STATUS_MESSAGES, RowStatus,
-                                  TokenSpans, _bitmask, _int_knob, _knob_matrix,
-                                  _logits_2d, _ragged_bias, _ragged_ids, _seeds,
-                                  _threads)
+from tep.kernels.sampling import (_FLOAT_KNOBS, _NO_MASK, MAX_LOGPROBS, STATUS_MESSAGES,
+                                  RowStatus, TokenSpans, _bitmask, _float_knob, _int_knob,
+                                  _knob_matrix, _logits_2d, _ragged_bias, _ragged_ids,
+                                  _seeds, _threads)
 
-__all__ = ["verify", "Verified", "MAX_DRAFT_TOKENS"]
+__all__ = ["verify", "verify_rejection", "Verified", "MAX_DRAFT_TOKENS"]
 
 MAX_DRAFT_TOKENS = 64       # K per sequence; a verify forward holds K + 1 rows of it
 _BAD_DRAFT = 5
@@ -207,3 +207,77 @@ def verify(logits: np.ndarray, draft_token_ids: Any, *, n_draft: Any = None,
     if not want_lp:
         return Verified(tokens, count, status, None, None, None, None)
     return Verified(tokens, count, status, lps, ranks, top_ids, top_lps)
+
+
+def verify_rejection(logits: np.ndarray, draft_token_ids: Any, draft_probs: np.ndarray, *,
+                     n_draft: Any = None, temperature: float | Sequence[float] = 1.0,
+                     seed: int | Sequence[int] | None = None, step: int | Sequence[int] = 0,
+                     n_threads: int | None = None, row_status: bool = False) -> Verified:
+    """Speculative (rejection) sampling of B sequences' drafts (Leviathan et al. 2023,
+    Chen et al. 2023): draft j, drawn from the draft distribution q_j, is accepted with
+    probability min(1, p_j(d) / q_j(d)) where p_j = softmax(logits_j / temperature); the
+    first rejected position samples the normalised residual max(0, p_j - q_j), and after
+    K acceptances a bonus token samples p_K. The emitted tokens are distributed as the
+    target's own samples - but a seeded output is not the one exact verification (or no
+    speculation) gives. Only temperature shapes p here (no top-k/top-p/min-p, penalties,
+    bias or masks: use :func:`verify` for those).
+
+    ``logits``/``draft_token_ids``/``n_draft`` as in :func:`verify`; ``draft_probs``:
+    float32 [M, V], M = sum(n_draft), the draft distribution of each draft in order
+    (rows finite, >= 0, summing to 1 within 1e-3, giving its own draft a positive
+    probability). Returns a :class:`Verified` without logprobs.
+    """
+    x, one = _logits_2d(logits)
+    if one:
+        raise ValueError("logits must be [N, V]: K + 1 rows per sequence")
+    N, V = x.shape
+    drafts, nd = _drafts(draft_token_ids, n_draft, V)
+    B, K = drafts.shape
+    if int((nd + 1).sum()) != N:
+        raise ValueError(f"logits has {N} rows; the drafts need sum(n_draft + 1) = "
+                         f"{int((nd + 1).sum())} (K + 1 rows per sequence)")
+    M = int(nd.sum())
+    if not isinstance(draft_probs, np.ndarray) or draft_probs.dtype != np.float32:
+        raise TypeError("draft_probs must be a float32 numpy array [sum(n_draft), V]")
+    if draft_probs.shape != (M, V):
+        raise ValueError(f"draft_probs must have shape ({M}, {V}) (one row per draft), got "
+                         f"{draft_probs.shape}")
+    q = np.ascontiguousarray(draft_probs)
+    if M:
+        if not np.isfinite(q).all() or (q < 0).any():
+            raise ValueError("draft_probs must be finite and >= 0")
+        sums = q.sum(axis=1, dtype=np.float64)
+        if (np.abs(sums - 1.0) > 1e-3).any():
+            r = int(np.flatnonzero(np.abs(sums - 1.0) > 1e-3)[0])
+            raise ValueError(f"draft_probs row {r} sums to {sums[r]:.6g}, not 1")
+    row_start = np.zeros(B, np.int64)
+    q_start = np.zeros(B, np.int64)
+    if B > 1:
+        np.cumsum(nd[:-1] + 1, out=row_start[1:])
+        np.cumsum(nd[:-1], out=q_start[1:])
+    for r in range(B):
+        for j in range(int(nd[r])):
+            if q[q_start[r] + j, drafts[r, j]] <= 0:
+                raise ValueError(f"draft_token_ids[{r}][{j}] = {int(drafts[r, j])} has "
+                                 f"probability 0 under its draft_probs row")
+    temp = _float_knob(_FLOAT_KNOBS[0], temperature, B).astype(np.float32)
+    sd = _seeds(seed, B)
+    sd = np.broadcast_to(sd, (B,)).copy() if sd.shape[0] == 1 else sd
+    st = _int_knob("step", step, B, 0, 2**64 - 1 - MAX_DRAFT_TOKENS, np.uint64)
+    tokens = np.full((B, K + 1), -1, np.int64)
+    count = np.zeros(B, np.int64)
+    status = np.zeros(B, np.int32)
+    if B:
+        _k.rejection_batch(x, row_start, nd, drafts, q if M else np.zeros((1, V), np.float32),
+                           q_start, temp, sd, st, _threads(n_threads, B, V), tokens, count,
+                           status)
+        bad = np.flatnonzero(status)
+        if bad.size:
+            r, code = int(bad[0]), int(status[bad[0]])
+            if code == RowStatus.NO_MEMORY:
+                raise MemoryError(f"verify_rejection: scratch allocation failed for row {r}")
+            if not row_status:
+                raise ValueError(f"logits of sequence {r} at draft position {int(count[r])}: "
+                                 f"the row {STATUS_MESSAGES.get(code, f'failed ({code})')}")
+        tokens[np.arange(K + 1)[None, :] >= count[:, None]] = -1
+    return Verified(tokens, count, status, None, None, None, None)

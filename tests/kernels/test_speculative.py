@@ -157,3 +157,58 @@ def test_bad_input_is_a_clear_error():
     r = verify(nan, [[0, 0]], temperature=0.0, row_status=True)
     assert r.status[0] == RowStatus.NO_FINITE and r.n_tokens[0] == 1   # the token before
     assert verify(x, [[0, 0]], temperature=0.0).n_tokens[0] == 3       # still works
+
+
+# ---- rejection sampling ----------------------------------------------------------------------
+
+from tep.kernels import verify_rejection  # noqa: E402
+from support.kernel_checks import merged_chisquare  # noqa: E402
+
+
+def _softmax(x, T):
+    z = x.astype(np.float64) / T
+    e = np.exp(z - z.max())
+    return e / e.sum()
+
+
+@pytest.mark.parametrize("T", [0.7, 1.0])
+def test_rejection_sampling_emits_the_target_distribution(T):
+    """Chi-square: with drafts drawn from a different distribution q, the first emitted
+    token is distributed as p_0 and the second (when there is one) as p_1."""
+    rng = np.random.default_rng(int(T * 10))
+    V, K, n = 12, 2, 40_000
+    rows = rng.standard_normal((K + 1, V)).astype(np.float32) * 1.5
+    p = [_softmax(r, T) for r in rows]
+    q = [_softmax(rng.standard_normal(V).astype(np.float32), 1.0) for _ in range(K)]
+    drafts = np.stack([rng.choice(V, size=n, p=q[j]) for j in range(K)], axis=1)
+    logits = np.ascontiguousarray(np.tile(rows, (n, 1)))
+    probs = np.ascontiguousarray(np.tile(np.stack(q).astype(np.float32), (n, 1)))
+    res = verify_rejection(logits, drafts, probs, temperature=T,
+                           seed=np.arange(n, dtype=np.uint64) * 7 + 1, step=5)
+    first = np.bincount(res.token_ids[:, 0], minlength=V)
+    assert merged_chisquare(first, p[0]) > 1e-3
+    two = res.n_tokens >= 2
+    second = np.bincount(res.token_ids[two, 1], minlength=V)
+    assert merged_chisquare(second, p[1]) > 1e-3
+    # drafts are accepted at the rate sum_x min(p, q) (the theory), within noise
+    want = np.minimum(p[0], q[0]).sum()
+    accepted0 = np.mean(res.n_tokens >= 2)
+    assert abs(accepted0 - want) < 0.02, (accepted0, want)
+
+
+def test_rejection_sampling_bad_input():
+    V = 6
+    x = np.zeros((3, V), np.float32)
+    q = np.full((2, V), 1 / V, np.float32)
+    assert_raises_naming(lambda: verify_rejection(x, [[1, 2]], q[:1]), "draft_probs")
+    assert_raises_naming(lambda: verify_rejection(x, [[1, 2]], q * 2), "sums to")
+    z = q.copy()
+    z[0] = 0
+    z[0, 3] = 1
+    assert_raises_naming(lambda: verify_rejection(x, [[1, 2]], z), "probability 0")
+    assert_raises_naming(lambda: verify_rejection(x, [[1, 9]], q), "outside the vocabulary")
+    nan = x.copy()
+    nan[0] = np.nan
+    assert_raises_naming(lambda: verify_rejection(nan, [[1, 2]], q), "no finite")
+    r = verify_rejection(x, [[1, 2]], q, seed=3)
+    assert 1 <= r.n_tokens[0] <= 3
