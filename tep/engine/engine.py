@@ -137,6 +137,7 @@ class Engine:
         self.spec = speculative if speculative is not None and speculative.on else None
         self.spec_stats = self.stats.spec
         self._drafter: Any = None
+        self._reject = False
         if self.spec is not None:
             self._rewind = getattr(model, "rewind", None)
             if not callable(self._rewind):
@@ -323,8 +324,14 @@ class Engine:
     # ---- speculative decoding
     def _propose(self, plan: Plan) -> dict:
         """{slot: draft tokens} for this step's decoding samplers (empty: a plain step).
-        A step with a constrained sequence does not speculate (its masks are per row)."""
+        A step that prefills or holds a constrained sequence (its masks are per row) does
+        not speculate; drafts never take the step past ``max_batch_tokens``."""
         spec, rows = self.spec, self.rows
+        if plan.prefills:
+            # a step that prefills stays exactly the step it would be without speculation
+            # (llama.cpp's logits for a prompt can depend on what else its decode holds)
+            return {}
+        budget = self.sched.max_batch_tokens - len(plan.seqs)
         want: dict[int, int] = {}
         for s in plan.samplers:
             if s.constraint is not None:
@@ -336,19 +343,28 @@ class Engine:
             cap = int(s.sampling.max_tokens) - s.n_out - 1
             if self._ctx is not None:
                 cap = min(cap, int(self._ctx) - 1 - int(rows.pos[s.slot]))
-            k = min(k, cap)
+            k = min(k, cap, budget)
             if k > 0:
                 k = self._adapt.k_for(s.slot, k)
                 if k > 0:
                     want[s.slot] = k
+                    budget -= k
         if not want:
             return {}
         d = self._drafter
+        self._reject = False
         if isinstance(d, NgramDrafter):
             out = {slot: d.propose(slot, k) for slot, k in want.items()}
         else:
+            sample_from = None
+            if spec.acceptance == "rejection" and all(  # type: ignore[union-attr]
+                    rows.rejection_ok(s.slot) for s in plan.samplers):
+                self._reject = True
+                sample_from = {s.slot: (float(rows.temperature[s.slot]), int(rows.seed[s.slot]),
+                                        int(rows.step[s.slot])) for s in plan.samplers
+                               if s.slot in want}
             try:
-                out = d.propose_many(want)
+                out = d.propose_many(want, sample_from)
             except Exception:  # noqa: BLE001 - a drafter failure costs speed, never output
                 log.exception("the draft model failed; decoding this step without drafts")
                 return {}
@@ -413,7 +429,10 @@ class Engine:
         static = None
         if self._decode is not None and self._decode.plan is plan:
             static = self._decode.static
-        res, errors = rows.verify_rows(logits, slots, dr, nd, static)
+        if self._reject:
+            res, errors = self._verify_rejection(logits, slots, dr, nd, drafts)
+        else:
+            res, errors = rows.verify_rows(logits, slots, dr, nd, static)
         t3 = time.perf_counter()
         st.sample_s += t3 - t2
         if self.steps is not None:
@@ -450,6 +469,32 @@ class Engine:
         for i, (s, toks, err) in enumerate(runs):
             self._deliver_run(s, toks, i, res, err)
         st.step_s += time.perf_counter() - t0
+
+    def _verify_rejection(self, logits: np.ndarray, slots: np.ndarray, dr: np.ndarray,
+                          nd: np.ndarray, drafts: dict) -> tuple[Any, list]:
+        """Rejection-sampling verification of draft-model drafts (every row of the step is
+        temperature-only: ``RowState.rejection_ok``)."""
+        from tep.kernels import verify_rejection
+
+        rows = self.rows
+        q = self._drafter.last_probs
+        V = logits.shape[1]
+        parts = []
+        for i, slot in enumerate(slots.tolist()):
+            k = int(nd[i])
+            if k:
+                p = q[slot][:k, :V]
+                if p.shape[1] < V:
+                    p = np.pad(p, ((0, 0), (0, V - p.shape[1])))
+                parts.append(p)
+        probs = np.ascontiguousarray(np.concatenate(parts)) if parts else \
+            np.zeros((0, V), np.float32)
+        t0 = time.perf_counter()
+        res = verify_rejection(logits, dr, probs, n_draft=nd,
+                               temperature=rows.temperature[slots], seed=rows.seed[slots],
+                               step=rows.step[slots], row_status=True)
+        rows.kernel_s += time.perf_counter() - t0
+        return res, [None] * slots.shape[0]
 
     def _deliver_run(self, s: Seq, toks: list, i: int, res: Any,
                      err: BaseException | None) -> None:

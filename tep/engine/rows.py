@@ -162,6 +162,14 @@ class RowState:
             self.hist[ps, col] = tokens[pen]
             self.out_len[ps] += 1
 
+    def rejection_ok(self, slot: int) -> bool:
+        """The row's distribution is softmax(logits / T) alone (no filters, penalties,
+        bias, allowed set or logprobs): rejection sampling applies to it."""
+        return bool(self.top_k[slot] in (0, -1) and self.top_p[slot] >= 1.0
+                    and self.min_p[slot] <= 0.0 and not self.penalized[slot]
+                    and self.logit_bias[slot] is None and self.allowed[slot] is None
+                    and self.n_logprobs[slot] < 0 and not self.invalid[slot])
+
     def record_run(self, slot: int, tokens: list) -> None:
         """Append several tokens to one slot (a verified speculative run): its step
         advances by ``len(tokens)`` and its last token is the run's last."""

@@ -231,19 +231,25 @@ class DraftModelDrafter:
         if t is not None:
             t.extend(tokens)
 
-    def propose_many(self, want: dict[int, int], with_probs: bool = False) -> dict[int, list[int]]:
-        """Drafts for several slots at once: ``want`` = {slot: k}. Greedy decoding on the
-        draft model; with ``with_probs`` the draft distribution (softmax of its logits)
-        of each proposed token is kept in ``last_probs[slot]`` ([k, V])."""
+    def propose_many(self, want: dict[int, int],
+                     sample_from: dict[int, tuple[float, int, int]] | None = None
+                     ) -> dict[int, list[int]]:
+        """Drafts for several slots at once: ``want`` = {slot: k}. Greedy on the draft
+        model, except the slots in ``sample_from`` = {slot: (temperature, seed, step)}:
+        those draw each draft from q = softmax(draft logits / T) (a generator keyed on
+        (seed, step + j)) and keep q in ``last_probs[slot]`` (float32 [k, V]) for
+        rejection sampling."""
         from tep.engine.model import StepBatch
 
         live = [s for s, k in want.items() if k > 0 and self._toks[s] is not None]
+        self.last_probs = {}
         if not live:
             return {}
+        sample_from = sample_from or {}
         out: dict[int, list[int]] = {s: [] for s in live}
-        probs: dict[int, list[np.ndarray]] = {s: [] for s in live}
-        # catch up: feed each slot's tokens not yet in the drafter cache (all but its last,
-        # which is fed with the first decode below)
+        probs: dict[int, list[np.ndarray]] = {s: [] for s in live if s in sample_from}
+        # catch up: feed each slot's tokens not yet in the drafter cache (its last token
+        # included: its logits give the first draft)
         tok, pos, sid, lg = [], [], [], []
         for s in live:
             t = self._toks[s]
@@ -264,16 +270,22 @@ class DraftModelDrafter:
                               positions=np.asarray(pos, np.int32),
                               seq_ids=np.asarray(sid, np.int32), logits=np.asarray(lg, bool))
             logits = np.asarray(self.model.forward(batch), np.float32)[:, :self.vocab_size]
-            nxt = logits.argmax(axis=1)
             tok, pos, sid, lg = [], [], [], []
             keep = []
             for i, s in enumerate(cur):
-                t = int(nxt[i])
+                if s in sample_from:
+                    T, seed, step = sample_from[s]
+                    z = logits[i].astype(np.float64) / max(T, 1e-5)
+                    q = np.exp(z - z.max())
+                    q /= q.sum()
+                    q32 = q.astype(np.float32)
+                    q32 /= q32.sum(dtype=np.float64)
+                    rng = np.random.default_rng([seed, step + j, 0x5EC])
+                    t = int(rng.choice(q32.shape[0], p=q32.astype(np.float64) / q32.sum()))
+                    probs[s].append(q32)
+                else:
+                    t = int(np.argmax(logits[i]))
                 out[s].append(t)
-                if with_probs:
-                    z = logits[i].astype(np.float64)
-                    e = np.exp(z - z.max())
-                    probs[s].append(e / e.sum())
                 if len(out[s]) < want[s] and j + 1 < k_max:
                     keep.append(s)
                     tok.append(t)
@@ -284,8 +296,7 @@ class DraftModelDrafter:
             cur = keep
             if not cur:
                 break
-        if with_probs:
-            self.last_probs = {s: np.stack(p) for s, p in probs.items() if p}
+        self.last_probs = {s: np.stack(p) for s, p in probs.items() if p}
         return out
 
     def verified(self, slot: int, accepted: int) -> None:

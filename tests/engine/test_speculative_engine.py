@@ -161,3 +161,23 @@ def test_adaptive_k_backs_off_when_drafts_fail():
         a.update(0, 4, 4)
     a.pause[0] = 0
     assert a.k_for(0, 8) == 8
+
+
+def test_draft_model_exact_equals_plain_and_rejection_runs():
+    rng = random.Random(21)
+    reqs = [(repetitive_prompt(rng), Sampling(max_tokens=40, temperature=T, seed=i,
+                                              logit_bias={EOG: -100.0}))
+            for i, T in enumerate([0.0, 0.7, 1.0, 0.0, 0.9, 1.3])]
+    plain, _ = generate(reqs, spec=None, slots=8)
+    drafter = InductionModel(8, peak=5.0)       # a weaker copier than the target
+    spec, eng = generate(reqs, spec=SpecConfig(mode="draft", k=4, draft_model=drafter),
+                         slots=8)
+    assert spec == plain
+    assert eng.spec_stats.drafted["draft"] > 0 and eng.spec_stats.accepted["draft"] > 0
+    # rejection sampling: a different seeded output is allowed, the run must complete
+    rej, eng = generate(reqs, spec=SpecConfig(mode="draft", k=4, acceptance="rejection",
+                                              draft_model=InductionModel(8, peak=5.0)),
+                        slots=8)
+    assert [len(r[0]) for r in rej] == [40] * 6
+    assert rej[0] == plain[0] and rej[3] == plain[3]     # greedy rows are greedy
+    assert eng.spec_stats.accepted["draft"] > 0
