@@ -111,7 +111,7 @@ def _run(model, prompts, samplings, spec, slots=16):
 @pytest.mark.parametrize("temperature", [0.0, 0.8])
 def test_engine_tokens_with_ngram_equal_without(model, prompts, temperature):
     spec = SpecConfig(mode="ngram", k=6)
-    ss = [Sampling(max_tokens=48, temperature=temperature, seed=100 + i)
+    ss = [Sampling(max_tokens=32, temperature=temperature, seed=100 + i)
           for i in range(len(prompts))]
     alone_plain = [_run(model, [p], [s], None, slots=1)[0][0] for p, s in zip(prompts, ss)]
     alone_spec = []
@@ -122,12 +122,12 @@ def test_engine_tokens_with_ngram_equal_without(model, prompts, temperature):
         drafted += eng.spec_stats.drafted.get("ngram", 0)
     assert alone_spec == alone_plain
     assert drafted > 0
-    # 16 concurrent (the 10 prompts plus 6 repeats with other seeds), with speculation
+    # 16 concurrent (the 10 prompts plus 6 repeats with other seeds): the same tokens as
+    # the same 16 without speculation (same admissions, so the same prefill batches)
     ps = prompts + prompts[:6]
-    ss16 = ss + [Sampling(max_tokens=48, temperature=temperature, seed=500 + i)
+    ss16 = ss + [Sampling(max_tokens=32, temperature=temperature, seed=500 + i)
                  for i in range(6)]
     many, eng = _run(model, ps, ss16, spec)
-    assert many[:10] == alone_plain
     plain16, _ = _run(model, ps, ss16, None)
     assert many == plain16
     assert eng.spec_stats.accepted.get("ngram", 0) > 0

@@ -181,3 +181,25 @@ def test_draft_model_exact_equals_plain_and_rejection_runs():
     assert [len(r[0]) for r in rej] == [40] * 6
     assert rej[0] == plain[0] and rej[3] == plain[3]     # greedy rows are greedy
     assert eng.spec_stats.accepted["draft"] > 0
+
+
+def test_settings_and_the_request_field():
+    from tep.errors import BadRequestError
+    from tep.serving.config import ServerConfig
+    from tep.wire.sampling import parse_sampling
+
+    cfg = ServerConfig.from_env(speculative="ngram", num_speculative_tokens=5)
+    sc = cfg.speculative_config()
+    assert sc.mode == "ngram" and sc.k == 5 and sc.acceptance == "exact"
+    assert ServerConfig.from_env().speculative_config() is None
+    for bad in (dict(speculative="lookahead"), dict(num_speculative_tokens=0),
+                dict(speculative="draft"), dict(speculative="ngram",
+                                                speculative_acceptance="rejection")):
+        with pytest.raises(ValueError):
+            ServerConfig.from_env(**bad)
+    s, _ = parse_sampling({"num_speculative_tokens": 3}, default_max_tokens=16)
+    assert s.num_speculative_tokens == 3
+    assert parse_sampling({}, default_max_tokens=16)[0].num_speculative_tokens is None
+    for v in (-1, 65, "x"):
+        with pytest.raises(BadRequestError):
+            parse_sampling({"num_speculative_tokens": v}, default_max_tokens=16)
