@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     up = []
     for s in servers:
         try:
-            up.append(s.start())
+            up.append(s.start(timeout_s=600))
         except RuntimeError as e:
             not_run[s.name] = str(e)[:300]
     cases = [(s.name, kind, T, c) for kind in args.kinds for T in args.temperatures
