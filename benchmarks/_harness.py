@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import socket
+import statistics
 import subprocess
 import tempfile
 import time
@@ -21,8 +22,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["ROOT", "free_port", "Server", "pct", "StreamResult", "stream_chat",
-           "run_clients", "summarize", "print_table", "interleaved_rounds"]
+__all__ = ["ROOT", "free_port", "Server", "answers_chat", "pct", "StreamResult", "stream_chat",
+           "run_clients", "run_async", "summarize", "rounds", "table", "print_table"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -108,6 +109,23 @@ class Server:
         self.log.close()
 
 
+def answers_chat(model: str) -> Callable[[str], bool]:
+    """A ``ready`` probe for :class:`Server`: a 2-token chat completion answers 200 (a
+    model server is only ready once it answers; peers have no common health route)."""
+    body = json.dumps({"model": model, "messages": [{"role": "user", "content": "hi"}],
+                       "max_tokens": 2}).encode()
+
+    def probe(url: str) -> bool:
+        try:
+            req = urllib.request.Request(url + "/v1/chat/completions", data=body,
+                                         headers={"Content-Type": "application/json"})
+            with urllib.request.urlopen(req, timeout=60) as r:
+                return r.status == 200
+        except OSError:
+            return False
+    return probe
+
+
 def pct(xs: Sequence[float], q: float) -> float | None:
     """The ``q``-th percentile (linear interpolation, numpy's default); None if empty."""
     if not xs:
@@ -191,30 +209,44 @@ async def run_clients(url: str, clients: int, per_client: int,
     return summarize(results, wall), results
 
 
-def interleaved_rounds(rounds: int, cases: Sequence[Any], run: Callable[[Any], dict]
-                       ) -> dict[Any, list[dict]]:
-    """Run every case once per round, in turn, so drift in machine load hits all cases
-    alike (this box is 2 shared cores): ``{case: [result of each round]}``."""
-    out: dict[Any, list[dict]] = {c: [] for c in cases}
-    for _ in range(rounds):
+def run_async(coro: Any) -> Any:
+    """Run one coroutine to completion from synchronous benchmark code."""
+    return asyncio.run(coro)
+
+
+def rounds(cases: Sequence[Any], n_rounds: int, measure: Callable[[int, Any], dict],
+           key: str = "tokens_per_s") -> dict:
+    """Measure every case once per round, in turn, round after round, so drift in machine
+    load (this box is 2 shared cores) hits all cases alike. Returns ``{case: {"runs":
+    [measure(round, case) ...], "median": median of run[key]}}``."""
+    out: dict = {c: {"runs": []} for c in cases}
+    for r in range(n_rounds):
         for c in cases:
-            out[c].append(run(c))
+            out[c]["runs"].append(measure(r, c))
+    for c in cases:
+        vals = [run[key] for run in out[c]["runs"] if run.get(key) is not None]
+        out[c]["median"] = statistics.median(vals) if vals else None
     return out
 
 
-def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> None:
-    """A plain-text table: floats with 3 significant decimals, None as '-'."""
+def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    """A plain-text table, right-aligned, a rule under the header: floats with 3
+    significant digits (whole numbers from 1000 up), None as '-'."""
     def fmt(v: Any) -> str:
         if v is None:
             return "-"
         if isinstance(v, float):
             return f"{v:.3g}" if abs(v) < 1000 else f"{v:.0f}"
         return str(v)
-    cells = [[fmt(v) for v in r] for r in rows]
-    widths = [max(len(str(h)), *(len(r[i]) for r in cells)) if cells else len(str(h))
-              for i, h in enumerate(header)]
+    cells = [[str(h) for h in header]] + [[fmt(v) for v in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: str = "") -> None:
+    """Print :func:`table` (after ``title`` when given)."""
     if title:
         print(title)
-    print("  ".join(str(h).rjust(w) for h, w in zip(header, widths)))
-    for r in cells:
-        print("  ".join(c.rjust(w) for c, w in zip(r, widths)))
+    print(table(header, rows))

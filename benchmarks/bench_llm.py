@@ -30,12 +30,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
 import statistics
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -44,7 +42,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from _machine import describe  # noqa: E402
-from _harness import Server, run_clients  # noqa: E402
+from _harness import Server, answers_chat, run_clients  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
 SERVERS = ("tep", "llama-server", "llama-cpp-python")
@@ -109,24 +107,10 @@ def server_cmd(name: str, port: int, args: argparse.Namespace) -> tuple[list[str
 
 
 def start_server(name: str, args: argparse.Namespace) -> Server:
-    """``name`` started and answering a chat request (the peers have no common health
-    route, and a model is only ready once it answers)."""
-    srv = Server(["{port}"], name=name, timeout_s=180.0, ready=_answers_chat)
-    srv.cmd, env = server_cmd(name, srv.port, args)
-    srv.env = env
+    """``name`` started and answering a chat request."""
+    srv = Server(["{port}"], name=name, timeout_s=180.0, ready=answers_chat(MODEL_ID[0]))
+    srv.cmd, srv.env = server_cmd(name, srv.port, args)
     return srv.start()
-
-
-def _answers_chat(url: str) -> bool:
-    body = json.dumps({"model": MODEL_ID[0], "messages": [{"role": "user", "content": "hi"}],
-                       "max_tokens": 2}).encode()
-    try:
-        req = urllib.request.Request(url + "/v1/chat/completions", data=body,
-                                     headers={"Content-Type": "application/json"})
-        with urllib.request.urlopen(req, timeout=30) as r:
-            return r.status == 200
-    except OSError:
-        return False
 
 
 # ------------------------------------------------------------------------------ client

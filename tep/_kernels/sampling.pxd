@@ -63,5 +63,8 @@ cdef int sample_row(const float32_t* x, intp_t V, const Knobs* kn, const RowEdit
 cdef int raw_logprobs_row(const float32_t* x, intp_t V, int64_t token, int n_top, bint reuse_bmax,
                           Scratch* sc, float32_t* lp_out, int64_t* rank_out,
                           int64_t* top_ids_out, float32_t* top_lp_out) noexcept nogil
+cdef int scratch_alloc(Scratch* sc, intp_t V, bint need_work, intp_t max_hist,
+                       bint need_raw, bint greedy_only=*) noexcept nogil
+cdef void scratch_free(Scratch* sc) noexcept nogil
 cdef int log_softmax_row(const float32_t* x, intp_t V, float32_t* bmax,
                          float32_t* out) noexcept nogil

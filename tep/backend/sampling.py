@@ -39,6 +39,8 @@ class Sampling:
             are taken mod 2**64). A backend uses ``step = index of the generated token``.
         logprobs: None when not requested; otherwise how many top alternatives (0..20)
             to report per token.
+        num_speculative_tokens: engine backends with speculative decoding on: most draft
+            tokens per step for this request (0 = off for it; None = the server's).
     """
 
     max_tokens: int = 16
@@ -55,6 +57,7 @@ class Sampling:
     stop_token_ids: list[int] = field(default_factory=list)
     seed: int | None = None
     logprobs: int | None = None
+    num_speculative_tokens: int | None = None
 
     def for_choice(self, j: int) -> "Sampling":
         """The Sampling of choice ``j`` of a prompt: the seed shifted by ``j`` (mod 2**64)."""

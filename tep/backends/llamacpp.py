@@ -110,7 +110,13 @@ def LlamaCppBackend(model_path: str | os.PathLike | None = None, **kwargs: Any):
     entry point; see the module docstring for the settings)."""
     from tep.engine import EngineBackend  # noqa: PLC0415 - the engine imports the server
 
+    from tep.serving.config import ServerConfig  # noqa: PLC0415
+
     model = load_model(model_path, **kwargs)
+    cfg = ServerConfig.from_env()
+    spec = cfg.speculative_config(lambda path: load_model(
+        path, max_num_seqs=model.max_num_seqs, context_size=model.context_size,
+        n_threads=model.n_threads, max_batch_tokens=model.max_batch_tokens))
     # the engine's step never exceeds what one llama_decode takes
     return EngineBackend(model, max_num_seqs=model.max_num_seqs,
-                         max_batch_tokens=model.max_batch_tokens)
+                         max_batch_tokens=model.max_batch_tokens, speculative=spec)

@@ -348,6 +348,20 @@ class LlamaCppModel:
         self._slot_of[seq_id] = p.slot
         return p.reused
 
+    def rewind(self, seq_id: int, n_tokens: int) -> None:
+        """Drop ``seq_id``'s cache from position ``n_tokens`` on (speculative decoding:
+        the KV of rejected draft tokens), with ``llama_memory_seq_rm``."""
+        self._check_seq_id(seq_id)
+        s = int(self._slot_of[seq_id])
+        if s < 0:
+            return
+        try:
+            drop = self._slots.fed(s, n_tokens, ())
+        except ValueError:     # the slot holds fewer tokens: nothing to drop
+            return
+        if drop >= 0:
+            self._lib.llama_memory_seq_rm(self._mem, s, drop, -1)
+
     def release(self, seq_id: int) -> None:
         """The sequence ended: its slot becomes free and keeps its cache for reuse."""
         if 0 <= seq_id < self.max_num_seqs:

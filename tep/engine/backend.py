@@ -61,18 +61,20 @@ class EngineBackend(Backend):
             its batch (when the model has ``embed``).
         embed_max_batch: most inputs in one ``embed`` call.
         chat_prompt: optional ``f(messages) -> str`` used instead of ``model.chat_template``.
+        speculative: a :class:`tep.engine.speculative.SpecConfig` (None = off).
     """
 
     def __init__(self, model: Any, *, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
                  embed_wait_ms: float = 2.0, embed_max_batch: int = 256,
                  chat_prompt: Callable[[list], str] | None = None,
-                 record_steps: bool = False) -> None:
+                 record_steps: bool = False, speculative: Any = None) -> None:
         for name in ("vocab_size", "list_models", "forward", "release"):
             if not hasattr(model, name):
                 raise TypeError(f"the model has no '{name}': it is not a tep.engine.Model")
         self.model = model
         self.engine = Engine(model, max_num_seqs=max_num_seqs,
-                             max_batch_tokens=max_batch_tokens, record_steps=record_steps)
+                             max_batch_tokens=max_batch_tokens, record_steps=record_steps,
+                             speculative=speculative)
         self._chat_prompt = chat_prompt
         self._embed = None
         if callable(getattr(model, "embed", None)):

@@ -22,14 +22,16 @@ import codecs
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import numpy as np
 
 from tep.engine.model import StepBatch
-from tep.engine.rows import RowState, as_ids, fresh_seed
+from tep.engine.rows import RowState, _status_text, as_ids, fresh_seed
 from tep.engine.scheduler import Plan, Scheduler, Seq
+from tep.engine.speculative import (AdaptiveK, DraftModelDrafter, NgramDrafter, SpecConfig,
+                                    SpecStats)
 
 __all__ = ["Engine", "EngineStats", "StepRecord"]
 
@@ -49,6 +51,8 @@ class EngineStats:
         finished: sequences ended normally; cancelled: ended by their client, timeout or
             shutdown; failed: ended by a model or sampling error.
         forward_s, sample_s, step_s: seconds spent in forward, in sample, in whole steps.
+        spec: speculative decoding counters per draft source (a
+            :class:`~tep.engine.speculative.SpecStats`).
     """
 
     steps: int = 0
@@ -62,6 +66,7 @@ class EngineStats:
     forward_s: float = 0.0
     sample_s: float = 0.0
     step_s: float = 0.0
+    spec: SpecStats = field(default_factory=SpecStats)
 
 
 @dataclass
@@ -99,10 +104,14 @@ class Engine:
         record_steps: keep a :class:`StepRecord` per step in ``self.steps`` (tests).
         sample_threads: threads of the one ``sample`` call per step (None = the kernel's
             automatic choice; 1 avoids OpenMP on an oversubscribed machine).
+        speculative: a :class:`~tep.engine.speculative.SpecConfig` (None or mode "off":
+            no speculation). Needs ``model.rewind`` (the cache of rejected drafts is
+            dropped through it).
     """
 
     def __init__(self, model: Any, *, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
-                 record_steps: bool = False, sample_threads: int | None = None) -> None:
+                 record_steps: bool = False, sample_threads: int | None = None,
+                 speculative: SpecConfig | None = None) -> None:
         self.model = model
         cap = getattr(model, "max_num_seqs", None)
         if cap is not None and max_num_seqs > int(cap):
@@ -125,6 +134,20 @@ class Engine:
         self._cv = threading.Condition()
         self._stop = False
         self._thread: threading.Thread | None = None
+        self.spec = speculative if speculative is not None and speculative.on else None
+        self.spec_stats = self.stats.spec
+        self._drafter: Any = None
+        self._reject = False
+        if self.spec is not None:
+            self._rewind = getattr(model, "rewind", None)
+            if not callable(self._rewind):
+                raise ValueError("speculative decoding needs a model with rewind(seq_id, n) "
+                                 f"({type(model).__name__} has none)")
+            S = self.sched.max_num_seqs
+            self._adapt = AdaptiveK(S, self.spec.k)
+            self._drafter = (NgramDrafter(S) if self.spec.mode == "ngram" else
+                             DraftModelDrafter(self.spec.draft_model, S, self.vocab_size))
+            self._ctx = getattr(model, "context_size", None)
 
     # ---- lifecycle
     def start(self) -> "Engine":
@@ -232,6 +255,9 @@ class Engine:
                 return
             for s in plan.admitted:
                 rows.admit(s.slot, s.sampling, s.seed, s.prompt, s.n_fed)
+                if self._drafter is not None:
+                    self._drafter.admit(s.slot, s.prompt)
+                    self._adapt.reset(s.slot)
             batch, fed_slots, fed_counts = self._build_batch(plan)
             slots = np.fromiter((s.slot for s in plan.samplers), np.int64, len(plan.samplers))
             self._decode = None
@@ -239,6 +265,11 @@ class Engine:
                 self._decode = _DecodePlan(self.sched.version, plan, slots,
                                            batch.seq_ids, batch.logits,
                                            rows.static_kwargs(slots))
+        if self._drafter is not None:
+            drafts = self._propose(plan)
+            if drafts:
+                self._spec_step(plan, drafts, t0)
+                return
         n_rows = slots.shape[0]
         constrained = [(i, s.constraint) for i, s in enumerate(plan.samplers)
                        if s.constraint is not None] if self._decode is None else []
@@ -283,8 +314,216 @@ class Engine:
             st.sample_s += t3 - t2
             st.tokens_sampled += n_rows
             rows.record(slots, res.token_ids)
+            if self._drafter is not None:
+                ext = self._drafter.extend
+                for slot, tok in zip(slots.tolist(), res.token_ids.tolist()):
+                    ext(slot, (tok,))
             self._update_from_output(plan.samplers, res)
         st.step_s += time.perf_counter() - t0
+
+    # ---- speculative decoding
+    def _propose(self, plan: Plan) -> dict:
+        """{slot: draft tokens} for this step's decoding samplers (empty: a plain step).
+        A step that prefills or holds a constrained sequence (its masks are per row) does
+        not speculate; drafts never take the step past ``max_batch_tokens``."""
+        spec, rows = self.spec, self.rows
+        if plan.prefills:
+            # a step that prefills stays exactly the step it would be without speculation
+            # (llama.cpp's logits for a prompt can depend on what else its decode holds)
+            return {}
+        budget = self.sched.max_batch_tokens - len(plan.seqs)
+        want: dict[int, int] = {}
+        for s in plan.samplers:
+            if s.constraint is not None:
+                return {}
+            if s.n_fed < s.plen:
+                continue                     # finishing its prompt this step
+            k = getattr(s.sampling, "num_speculative_tokens", None)
+            k = spec.k if k is None else min(int(k), spec.k)  # type: ignore[union-attr]
+            cap = int(s.sampling.max_tokens) - s.n_out - 1
+            if self._ctx is not None:
+                cap = min(cap, int(self._ctx) - 1 - int(rows.pos[s.slot]))
+            k = min(k, cap, budget)
+            if k > 0:
+                k = self._adapt.k_for(s.slot, k)
+                if k > 0:
+                    want[s.slot] = k
+                    budget -= k
+        if not want:
+            return {}
+        d = self._drafter
+        self._reject = False
+        if isinstance(d, NgramDrafter):
+            out = {slot: d.propose(slot, k) for slot, k in want.items()}
+        else:
+            sample_from = None
+            if spec.acceptance == "rejection" and all(  # type: ignore[union-attr]
+                    rows.rejection_ok(s.slot) for s in plan.samplers):
+                self._reject = True
+                sample_from = {s.slot: (float(rows.temperature[s.slot]), int(rows.seed[s.slot]),
+                                        int(rows.step[s.slot])) for s in plan.samplers
+                               if s.slot in want}
+            try:
+                out = d.propose_many(want, sample_from)
+            except Exception:  # noqa: BLE001 - a drafter failure costs speed, never output
+                log.exception("the draft model failed; decoding this step without drafts")
+                return {}
+        return {slot: t[:want[slot]] for slot, t in out.items() if t}
+
+    def _spec_step(self, plan: Plan, drafts: dict, t0: float) -> None:
+        """A step with drafts: each drafting sequence feeds its last token plus its drafts
+        (K + 1 logits rows), one ``verify`` for all samplers, the rejected drafts' cache
+        rewound, and every emitted token delivered in order."""
+        rows, samplers = self.rows, plan.samplers
+        B = len(samplers)
+        slots = np.fromiter((s.slot for s in samplers), np.int64, B)
+        nd = np.zeros(B, np.int64)
+        K = max(len(t) for t in drafts.values())
+        dr = np.zeros((B, K), np.int32)
+        for i, s in enumerate(samplers):
+            t = drafts.get(s.slot)
+            if t:
+                nd[i] = len(t)
+                dr[i, :len(t)] = t
+        tok: list[int] = []
+        pos: list[int] = []
+        sid: list[int] = []
+        want: list[bool] = []
+        for s, n in zip(plan.seqs, plan.counts):
+            a = s.n_fed
+            if a < s.plen:
+                tok += s.prompt[a:a + n].tolist()
+                pos += range(a, a + n)
+                want += [False] * (n - 1) + [a + n == s.plen]
+                sid += [s.slot] * n
+            else:
+                t = drafts.get(s.slot, ())
+                p0 = int(rows.pos[s.slot])
+                tok.append(int(rows.last[s.slot]))
+                tok += t
+                pos += range(p0, p0 + 1 + len(t))
+                want += [True] * (1 + len(t))
+                sid += [s.slot] * (1 + len(t))
+        batch = StepBatch(token_ids=np.asarray(tok, np.int32), positions=np.asarray(pos, np.int32),
+                          seq_ids=np.asarray(sid, np.int32), logits=np.asarray(want, bool))
+        decoding = [s.n_fed >= s.plen for s in samplers]
+        t1 = time.perf_counter()
+        try:
+            with self.model_lock:
+                out = self.model.forward(batch)
+            logits = self._check_logits(out, int(nd.sum()) + B)
+        except Exception as e:  # the model failed this step: only its sequences fail
+            log.warning("model forward failed; failing %d sequences: %r", len(plan.seqs), e)
+            for s in list(plan.seqs):
+                self._finish(s, e)
+            return
+        t2 = time.perf_counter()
+        st = self.stats
+        st.steps += 1
+        st.tokens_fed += batch.n_tokens
+        st.forward_s += t2 - t1
+        for s, n in zip(plan.seqs, plan.counts):
+            if s.n_fed < s.plen:
+                rows.pos[s.slot] += n
+                s.n_fed += n
+        static = None
+        if self._decode is not None and self._decode.plan is plan:
+            static = self._decode.static
+        if self._reject:
+            res, errors = self._verify_rejection(logits, slots, dr, nd, drafts)
+        else:
+            res, errors = rows.verify_rows(logits, slots, dr, nd, static)
+        t3 = time.perf_counter()
+        st.sample_s += t3 - t2
+        if self.steps is not None:
+            self.steps.append(StepRecord(len(plan.seqs), batch.n_tokens, tuple(slots.tolist())))
+        counts = res.n_tokens.tolist()
+        source = self._drafter.source
+        runs = []
+        for i, s in enumerate(samplers):
+            n, k, slot = counts[i], int(nd[i]), s.slot
+            toks = res.token_ids[i, :n].tolist()
+            if decoding[i]:
+                p0 = int(rows.pos[slot])
+                rows.pos[slot] = p0 + n
+                if n < k + 1 and n > 0:
+                    try:   # the rejected drafts' cache
+                        self._rewind(slot, p0 + n)
+                    except Exception as e:  # noqa: BLE001
+                        log.warning("model.rewind failed: %r", e)
+                        runs.append((s, [], e))
+                        continue
+            if n:
+                if k:
+                    a = n - 1
+                    self._drafter.verified(slot, a)
+                    self._adapt.update(slot, k, a)
+                    self.spec_stats.add(source, k, a, n)
+                self._drafter.extend(slot, toks)
+                rows.record_run(slot, toks)
+            st.tokens_sampled += n
+            err = errors[i]
+            if err is None and int(res.status[i]) != 0:
+                err = ValueError(f"logits: the row {_status_text(int(res.status[i]))}")
+            runs.append((s, toks, err))
+        for i, (s, toks, err) in enumerate(runs):
+            self._deliver_run(s, toks, i, res, err)
+        st.step_s += time.perf_counter() - t0
+
+    def _verify_rejection(self, logits: np.ndarray, slots: np.ndarray, dr: np.ndarray,
+                          nd: np.ndarray, drafts: dict) -> tuple[Any, list]:
+        """Rejection-sampling verification of draft-model drafts (every row of the step is
+        temperature-only: ``RowState.rejection_ok``)."""
+        from tep.kernels import verify_rejection
+
+        rows = self.rows
+        q = self._drafter.last_probs
+        V = logits.shape[1]
+        parts = []
+        for i, slot in enumerate(slots.tolist()):
+            k = int(nd[i])
+            if k:
+                p = q[slot][:k, :V]
+                if p.shape[1] < V:
+                    p = np.pad(p, ((0, 0), (0, V - p.shape[1])))
+                parts.append(p)
+        probs = np.ascontiguousarray(np.concatenate(parts)) if parts else \
+            np.zeros((0, V), np.float32)
+        t0 = time.perf_counter()
+        res = verify_rejection(logits, dr, probs, n_draft=nd,
+                               temperature=rows.temperature[slots], seed=rows.seed[slots],
+                               step=rows.step[slots], row_status=True)
+        rows.kernel_s += time.perf_counter() - t0
+        return res, [None] * slots.shape[0]
+
+    def _deliver_run(self, s: Seq, toks: list, i: int, res: Any,
+                     err: BaseException | None) -> None:
+        """Deliver a verified run token by token until the sequence ends."""
+        k = s.sampling.logprobs
+        for j, tok in enumerate(toks):
+            if s.done:
+                return
+            s.n_out += 1
+            kw: dict = {}
+            if k is not None and res.logprobs is not None:
+                kw = {"logprob": float(res.logprobs[i, j]),
+                      "top_logprobs": list(zip(res.top_token_ids[i, j, :k].tolist(),
+                                               res.top_logprobs[i, j, :k].tolist())),
+                      "token_bytes": self._piece(tok)}
+            sink = s.sink
+            if tok in self._eog:
+                sink.emit_token(s.decoder.decode(b"", final=True), tok, **kw)
+                sink.emit_finish("stop")
+                self._finish(s, None)
+                return
+            text = self._text_cache.get(tok) if not s.pending else None
+            if not sink.emit_token(text if text is not None else self._text_of(s, tok),
+                                   tok, **kw):
+                self._finish(s, None, cancelled=sink._cancel.is_set()
+                             if hasattr(sink, "_cancel") else False)
+                return
+        if err is not None and not s.done:
+            self._finish(s, err)
 
     # ---- pieces of a step
     def _reuse_prefix(self, s: Seq) -> int:
@@ -438,6 +677,8 @@ class Engine:
         self.sched.free(s)
         if slot >= 0:
             self.rows.release(slot)
+            if self._drafter is not None:
+                self._drafter.release(slot)
             try:
                 self.model.release(slot)
             except Exception:

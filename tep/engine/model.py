@@ -12,7 +12,8 @@ from typing import Protocol, Sequence, runtime_checkable
 
 import numpy as np
 
-__all__ = ["StepBatch", "Model", "TextModel", "PrefixCachingModel", "EmbeddingModel"]
+__all__ = ["StepBatch", "Model", "TextModel", "PrefixCachingModel", "RewindableModel",
+           "EmbeddingModel"]
 
 
 @dataclass(frozen=True)
@@ -55,7 +56,8 @@ class Model(Protocol):
     (looked up with ``getattr``): ``tokenize``/``detokenize`` for text, ``chat_template``
     (+ ``bos_token``/``eos_token``) for chat, ``eog_token_ids`` (tokens that end a
     sequence), ``context_size`` (most positions per sequence), ``max_num_seqs`` (most
-    sequences the model can hold), ``reuse_prefix`` (prefix caching) and ``embed``
+    sequences the model can hold), ``reuse_prefix`` (prefix caching), ``rewind``
+    (speculative decoding, see :class:`RewindableModel`) and ``embed``
     (+ ``embedding_dim``) for embeddings (see :class:`EmbeddingModel`).
 
     How the engine uses them: ``detokenize([t])`` of one token is taken to be
@@ -107,6 +109,19 @@ class PrefixCachingModel(Model, Protocol):
         copying another sequence's cache) and return its length n, with
         ``0 <= n <= len(prompt) - 1`` (the last prompt token is always fed, for its
         logits). The engine then feeds ``prompt[n:]`` at positions ``n...``."""
+        ...
+
+
+class RewindableModel(Model, Protocol):
+    """Optional cache rewind, needed for speculative decoding: a step may feed a sequence
+    its last token plus K draft tokens (K + 1 logits rows, row j after token j); the
+    drafts the engine rejects are then dropped from the cache. For the seeded outputs to
+    be the same with and without speculation, a row's logits must not depend on how many
+    tokens of its sequence the step held (llama.cpp on CPU: they are the same bits)."""
+
+    def rewind(self, seq_id: int, n_tokens: int) -> None:
+        """Drop positions ``>= n_tokens`` of ``seq_id``'s cache (the next feed of that
+        sequence is at position ``n_tokens``)."""
         ...
 
 

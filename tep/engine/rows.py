@@ -8,8 +8,11 @@ prompt then the output; a sampled token is one store, never a rebuilt list, and 
 kernel reads the histories in place as :class:`tep.kernels.TokenSpans` of the flat buffer
 (O(B) per step, however long the histories).
 
-``sample_rows`` is the only place that calls :func:`tep.kernels.sample`; it asks for a
-status per row, so a row the kernel refuses fails alone.
+Knobs are validated once, at admission (:func:`tep.kernels.sampling.prepare_row`, the
+wrapper's own checks and errors); a step hands the kernel the gathered, pre-validated
+arrays (:func:`~tep.kernels.sampling.sample_prepared`), checking shapes only. A sequence
+whose knobs fail validation gets that error as its row's failure at its first sample.
+``sample_rows`` asks for a status per row, so a row the kernel refuses fails alone.
 """
 from __future__ import annotations
 
@@ -19,8 +22,10 @@ from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
-from tep.kernels import TokenSpans, sample
-from tep.kernels.sampling import STATUS_MESSAGES, RowStatus
+from tep._kernels import sampling as _k
+from tep.kernels import TokenSpans
+from tep.kernels.sampling import (STATUS_MESSAGES, RowKnobs, RowStatus, _threads,
+                                  prepare_batch, prepare_row, sample_prepared)
 
 __all__ = ["RowState", "RowSample"]
 
@@ -77,6 +82,9 @@ class RowState:
         self.hist = np.zeros((S, max(1, hist_capacity)), np.int32)
         self.logit_bias: list[dict | None] = [None] * S
         self.allowed: list[np.ndarray | None] = [None] * S
+        self.prepared: list[RowKnobs | None] = [None] * S
+        self.invalid = np.zeros(S, bool)            # knobs failed validation at admission
+        self.invalid_error: list[BaseException | None] = [None] * S
 
     # ---- admission / release
     def admit(self, slot: int, sampling: Any, seed: int, prompt: np.ndarray,
@@ -106,12 +114,28 @@ class RowState:
         self.logit_bias[slot] = dict(s.logit_bias) if s.logit_bias else None
         self.allowed[slot] = (np.asarray(s.allowed_token_ids, np.int64)
                               if s.allowed_token_ids else None)
+        try:
+            self.prepared[slot] = prepare_row(
+                self.vocab_size, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                min_p=s.min_p, repetition_penalty=s.repetition_penalty,
+                presence_penalty=s.presence_penalty, frequency_penalty=s.frequency_penalty,
+                logit_bias=self.logit_bias[slot], allowed_token_ids=self.allowed[slot])
+            self.invalid[slot] = False
+            self.invalid_error[slot] = None
+        except (TypeError, ValueError) as e:   # fails this sequence at its first sample
+            self.prepared[slot] = _DEFAULT_ROWS.get(self.vocab_size) or \
+                _DEFAULT_ROWS.setdefault(self.vocab_size, prepare_row(self.vocab_size))
+            self.invalid[slot] = True
+            self.invalid_error[slot] = e
 
     def release(self, slot: int) -> None:
         """Forget ``slot``'s sparse state (the dense arrays are overwritten on admit)."""
         self.logit_bias[slot] = None
         self.allowed[slot] = None
+        self.prepared[slot] = None
         self.penalized[slot] = False
+        self.invalid[slot] = False
+        self.invalid_error[slot] = None
 
     def _reserve(self, n: int) -> None:
         cap = self.hist.shape[1]
@@ -138,13 +162,92 @@ class RowState:
             self.hist[ps, col] = tokens[pen]
             self.out_len[ps] += 1
 
+    def rejection_ok(self, slot: int) -> bool:
+        """The row's distribution is softmax(logits / T) alone (no filters, penalties,
+        bias, allowed set or logprobs): rejection sampling applies to it."""
+        return bool(self.top_k[slot] in (0, -1) and self.top_p[slot] >= 1.0
+                    and self.min_p[slot] <= 0.0 and not self.penalized[slot]
+                    and self.logit_bias[slot] is None and self.allowed[slot] is None
+                    and self.n_logprobs[slot] < 0 and not self.invalid[slot])
+
+    def record_run(self, slot: int, tokens: list) -> None:
+        """Append several tokens to one slot (a verified speculative run): its step
+        advances by ``len(tokens)`` and its last token is the run's last."""
+        n = len(tokens)
+        self.step[slot] += n
+        self.last[slot] = tokens[-1]
+        if self.penalized[slot]:
+            col = int(self.prompt_len[slot] + self.out_len[slot])
+            if col + n > self.hist.shape[1]:
+                self._reserve(col + n)
+            self.hist[slot, col:col + n] = tokens
+            self.out_len[slot] += n
+
+    def verify_rows(self, logits: np.ndarray, slots: np.ndarray, drafts: np.ndarray,
+                    n_draft: np.ndarray, static: dict | None = None) -> tuple[Any, list]:
+        """One :func:`tep.kernels.verify` call: row i (slot ``slots[i]``) owns
+        ``n_draft[i] + 1`` consecutive rows of ``logits`` and proposes ``drafts[i, :n]``.
+        Returns the :class:`tep.kernels.Verified` (``row_status=True``: a row the kernel
+        refuses gets a status) and one entry per row, None or the exception that row
+        raised: an argument the wrapper refuses for one row (a knob valid in float64 but
+        not float32) is found by verifying the rows one by one."""
+        from tep.kernels import verify
+
+        B = slots.shape[0]
+        n_lp = int(self.n_logprobs[slots].max()) if B else -1
+        kw = self._kwargs(slots, static)
+        if n_lp >= 0:
+            kw["logprobs"] = n_lp
+        t0 = time.perf_counter()
+        try:
+            r = verify(logits, drafts, n_draft=n_draft, row_status=True, **kw)
+            errors: list = [None] * B
+        except ValueError:
+            r, errors = self._verify_one_by_one(logits, slots, drafts, n_draft, n_lp)
+        self.kernel_s += time.perf_counter() - t0
+        return r, errors
+
+    def _verify_one_by_one(self, logits, slots, drafts, n_draft, n_lp):  # noqa: ANN001, ANN202
+        from tep.kernels import Verified, verify
+
+        B, K = drafts.shape
+        toks = np.full((B, K + 1), -1, np.int64)
+        count = np.zeros(B, np.int64)
+        status = np.zeros(B, np.int32)
+        W = K + 1
+        n = max(n_lp, 0)
+        lps = np.full((B, W), np.nan, np.float32) if n_lp >= 0 else None
+        ranks = np.zeros((B, W), np.int64) if n_lp >= 0 else None
+        tids = np.full((B, W, n), -1, np.int64) if n_lp >= 0 else None
+        tlps = np.full((B, W, n), np.nan, np.float32) if n_lp >= 0 else None
+        errors: list = [None] * B
+        start = 0
+        for i in range(B):
+            rows = int(n_draft[i]) + 1
+            one = self._kwargs(slots[i:i + 1])
+            if n_lp >= 0:
+                one["logprobs"] = n_lp
+            try:
+                r = verify(logits[start:start + rows], drafts[i:i + 1], n_draft=n_draft[i:i + 1],
+                           row_status=True, **one)
+            except ValueError as e:
+                status[i] = -1
+                errors[i] = e
+            else:
+                toks[i], count[i], status[i] = r.token_ids[0], r.n_tokens[0], r.status[0]
+                if n_lp >= 0:
+                    lps[i], ranks[i] = r.logprobs[0], r.ranks[0]   # type: ignore[index]
+                    tids[i], tlps[i] = r.top_token_ids[0], r.top_logprobs[0]  # type: ignore[index]
+            start += rows
+        return Verified(toks, count, status, lps, ranks, tids, tlps), errors
+
     def sample_rows(self, logits: np.ndarray, slots: np.ndarray,
                     static: dict | None = None,
                     token_bitmask: np.ndarray | None = None) -> RowSample:
-        """One :func:`tep.kernels.sample` call for the rows of ``logits`` (float32 [B, V]),
-        row i belonging to ``slots[i]``. A row the kernel refuses (say, no finite logit)
-        fails alone: the batch is re-sampled row by row to find it; the (seed, step)
-        keying makes the other rows' tokens the same either way."""
+        """One kernel call for the rows of ``logits`` (C-contiguous float32 [B, V]), row i
+        belonging to ``slots[i]``, on the arrays validated at admission. A row the kernel
+        refuses (say, no finite logit) or whose knobs failed validation fails alone; the
+        (seed, step) keying makes the other rows' tokens the same either way."""
         B = slots.shape[0]
         n_lp = int(self.n_logprobs[slots].max()) if B else -1
         if B == 1 and n_lp < 0 and token_bitmask is None:
@@ -152,75 +255,47 @@ class RowState:
             if tok is not None:
                 return RowSample(np.array([tok], np.int64), np.ones(1, bool), [None],
                                  None, None, None)
-        kw = self._kwargs(slots, static)
-        if n_lp >= 0:
-            kw["logprobs"] = n_lp
-        if token_bitmask is not None:
-            kw["token_bitmask"] = token_bitmask
-        try:
-            t0 = time.perf_counter()
-            r = sample(logits, row_status=True, **kw)
-            self.kernel_s += time.perf_counter() - t0
-        except ValueError:
-            # an argument the kernel refuses (say, a knob that is valid in float64 but not
-            # in float32): find its row by sampling the rows one by one
-            return self._one_by_one(logits, slots, n_lp, token_bitmask)
-        status = np.asarray(r.status)
+        st = static if static is not None else self.static_kwargs(slots)
+        prompt = output = None
+        if st["_penalized"]:
+            prompt, output = self._spans(slots)
+        t0 = time.perf_counter()
+        r = sample_prepared(logits, st["prepared"], self.step[slots],
+                            prompt_token_ids=prompt, output_token_ids=output,
+                            token_bitmask=token_bitmask,
+                            logprobs=n_lp if n_lp >= 0 else None, n_threads=st["threads"])
+        self.kernel_s += time.perf_counter() - t0
+        status = r.status
         ok = status == 0
         errors: list = [None] * B
+        if st["_invalid"]:
+            bad = self.invalid[slots]
+            ok &= ~bad
+            for i in np.flatnonzero(bad).tolist():
+                errors[i] = self.invalid_error[int(slots[i])]
         if not ok.all():
             for i in np.flatnonzero(~ok).tolist():
-                errors[i] = ValueError(f"logits: the row {_status_text(int(status[i]))}")
+                if errors[i] is None:
+                    errors[i] = ValueError(f"logits: the row {_status_text(int(status[i]))}")
         lp = r.logprobs
         if lp is not None:
-            return RowSample(np.asarray(r.token_ids), ok, errors, np.asarray(lp.logprobs),
-                             np.asarray(lp.top_token_ids), np.asarray(lp.top_logprobs))
-        return RowSample(np.asarray(r.token_ids), ok, errors, None, None, None)
-
-    def _one_by_one(self, logits: np.ndarray, slots: np.ndarray, n_lp: int,
-                    token_bitmask: np.ndarray | None = None) -> RowSample:
-        B = slots.shape[0]
-        toks = np.zeros(B, np.int64)
-        ok = np.ones(B, bool)
-        errors: list = [None] * B
-        lps = np.zeros(B, np.float32) if n_lp >= 0 else None
-        tids = np.zeros((B, max(n_lp, 0)), np.int64) if n_lp >= 0 else None
-        tlps = np.zeros((B, max(n_lp, 0)), np.float32) if n_lp >= 0 else None
-        for i in range(B):
-            one = self._kwargs(slots[i:i + 1])
-            if n_lp >= 0:
-                one["logprobs"] = n_lp
-            if token_bitmask is not None:
-                one["token_bitmask"] = token_bitmask[i:i + 1]
-            try:
-                r = sample(logits[i:i + 1], **one)
-            except (ValueError, MemoryError) as e:
-                ok[i] = False
-                errors[i] = e
-                continue
-            if n_lp >= 0:
-                toks[i], lps[i] = r.token_ids[0], r.logprobs[0]  # type: ignore[index]
-                tids[i], tlps[i] = r.top_token_ids[0], r.top_logprobs[0]  # type: ignore[index]
-            else:
-                toks[i] = r[0]
-        return RowSample(toks, ok, errors, lps, tids, tlps)
+            return RowSample(r.token_ids, ok, errors, lp.logprobs, lp.top_token_ids,
+                             lp.top_logprobs)
+        return RowSample(r.token_ids, ok, errors, None, None, None)
 
     def _sample_one(self, logits: np.ndarray, s: int) -> int | None:
-        """One plain row (no history, bias, allowed set or logprobs) with scalar knobs:
-        the kernel's one-row entry. None when the row is not plain or the kernel refuses
-        it (the caller then takes the general path, which reports the error)."""
-        if self.penalized[s] or self.logit_bias[s] is not None or self.allowed[s] is not None:
+        """One plain row (no history, bias, allowed set or logprobs): the kernel's one-row
+        entry on the knobs validated at admission. None when the row is not plain or the
+        kernel refuses it (the general path then reports the error)."""
+        if self.penalized[s] or self.logit_bias[s] is not None or self.allowed[s] is not None \
+                or self.invalid[s]:
             return None
-        args = dict(temperature=float(self.temperature[s]), top_k=int(self.top_k[s]),
-                    top_p=float(self.top_p[s]), min_p=float(self.min_p[s]),
-                    seed=int(self.seed[s]), step=int(self.step[s]))
-        try:
-            t0 = time.perf_counter()
-            tok = int(sample(logits[0], **args))
-            self.kernel_s += time.perf_counter() - t0
-            return tok
-        except (ValueError, MemoryError):
-            return None
+        kn = self.prepared[s].knobs  # type: ignore[union-attr]
+        t0 = time.perf_counter()
+        tok = _k.sample_one(logits[0], kn[0], int(kn[1]), kn[2], kn[3], int(self.seed[s]),
+                            int(self.step[s]), None)
+        self.kernel_s += time.perf_counter() - t0
+        return tok if tok >= 0 else None
 
     def static_kwargs(self, slots: np.ndarray) -> dict:
         """The ``sample`` arguments of ``slots`` that stay the same while the same
@@ -233,6 +308,10 @@ class RowState:
             presence_penalty=self.presence_penalty[slots],
             frequency_penalty=self.frequency_penalty[slots],
             seed=self.seed[slots], n_threads=self.n_threads)
+        kw["prepared"] = prepare_batch([self.prepared[s] for s in slots.tolist()],
+                                       self.seed[slots])
+        kw["threads"] = _threads(self.n_threads, slots.shape[0], self.vocab_size)
+        kw["_invalid"] = bool(self.invalid[slots].any())
         biases = [self.logit_bias[s] for s in slots.tolist()]
         if any(b is not None for b in biases):
             kw["logit_bias"] = biases
@@ -242,8 +321,23 @@ class RowState:
         kw["_penalized"] = bool(self.penalized[slots].any())
         return kw
 
+    def _spans(self, slots: np.ndarray) -> tuple[TokenSpans, TokenSpans]:
+        """The histories in place: row i's prompt is hist[s, :P], its output
+        hist[s, P:P+O] (empty spans for rows without penalties)."""
+        cap = self.hist.shape[1]
+        pen = self.penalized[slots]
+        base = slots * cap
+        p_end = np.where(pen, base + self.prompt_len[slots], 0)
+        o_end = np.where(pen, p_end + self.out_len[slots], 0)
+        flat = self.hist.reshape(-1)
+        return (TokenSpans(flat, np.where(pen, base, 0), p_end),
+                TokenSpans(flat, p_end, o_end))
+
     def _kwargs(self, slots: np.ndarray, static: dict | None = None) -> dict:
+        """:func:`tep.kernels.verify` keyword arguments (validated there again)."""
         kw = dict(static if static is not None else self.static_kwargs(slots))
+        for k in ("prepared", "threads", "_invalid"):
+            kw.pop(k, None)
         kw["step"] = self.step[slots]
         if kw.pop("_penalized"):
             # the histories in place: row i's prompt is hist[s, :P], its output
@@ -257,6 +351,9 @@ class RowState:
             kw["prompt_token_ids"] = TokenSpans(flat, np.where(pen, base, 0), p_end)
             kw["output_token_ids"] = TokenSpans(flat, p_end, o_end)
         return kw
+
+
+_DEFAULT_ROWS: dict[int, RowKnobs] = {}
 
 
 def _status_text(code: int) -> str:

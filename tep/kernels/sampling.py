@@ -37,7 +37,8 @@ import numpy as np
 from tep._kernels import sampling as _k
 
 __all__ = ["sample", "SampleResult", "SampledRows", "TokenSpans", "RowStatus", "log_softmax",
-           "apply_token_bitmask"]
+           "apply_token_bitmask", "RowKnobs", "prepare_row", "PreparedBatch",
+           "prepare_batch", "sample_prepared"]
 
 _F32 = np.dtype(np.float32)
 _I32 = np.dtype(np.int32)
@@ -695,3 +696,149 @@ def log_softmax(logits: np.ndarray, *, n_threads: int | None = None) -> np.ndarr
         _k.log_softmax_batch(x, out, status, _threads(n_threads, B, V))
         _raise_status(status)
     return out[0] if one else out
+
+
+# ---- validate once, sample many times (an engine's persistent rows) ------------------------
+
+class RowKnobs(NamedTuple):
+    """One row's sampling arguments, validated once by :func:`prepare_row`.
+
+    knobs: float64 [7], the kernel's knob column (temperature, top_k (0 = off), top_p,
+        min_p, repetition, presence, frequency), values already rounded to float32.
+    bias_ids: int32 [n], bias_values: float32 [n] (n = 0: no bias).
+    allowed: int32 [m] allowed token ids, or None (every token).
+    """
+
+    knobs: np.ndarray
+    bias_ids: np.ndarray
+    bias_values: np.ndarray
+    allowed: np.ndarray | None
+
+    @property
+    def penalized(self) -> bool:
+        k = self.knobs
+        return bool(k[4] != 1.0 or k[5] != 0.0 or k[6] != 0.0)
+
+
+def prepare_row(vocab_size: int, *, temperature: Any = 1.0, top_k: Any = 0, top_p: Any = 1.0,
+                min_p: Any = 0.0, repetition_penalty: Any = 1.0, presence_penalty: Any = 0.0,
+                frequency_penalty: Any = 0.0, logit_bias: Mapping[int, float] | None = None,
+                allowed_token_ids: Sequence[int] | None = None) -> RowKnobs:
+    """Validate one row's knobs exactly as :func:`sample` does (same errors) for a
+    vocabulary of ``vocab_size`` tokens, once; :func:`sample_prepared` then takes them
+    every step without looking at them again."""
+    V = int(vocab_size)
+    knobs = _knob_matrix(1, V, dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty))[:, 0].copy()
+    bi, bv = _ragged_bias(logit_bias, 1, V, True)
+    n = int(bi.ends[0] - bi.starts[0])
+    ids = bi.ids[:n].copy() if n else np.zeros(0, np.int32)
+    vals = bv[:n].copy() if n else np.zeros(0, np.float32)
+    allowed = None
+    if allowed_token_ids is not None:
+        al = _ragged_ids("allowed_token_ids", [allowed_token_ids], 1, V, False)
+        allowed = al.ids[:int(al.ends[0])].copy()
+    return RowKnobs(knobs, ids, vals, allowed)
+
+
+class PreparedBatch(NamedTuple):
+    """The per-batch arguments of :func:`sample_prepared` that stay the same while the
+    same rows run (gathered once by :func:`prepare_batch`)."""
+
+    knobs: np.ndarray        # float64 [7, B], C-contiguous
+    seeds: np.ndarray        # uint64 [B]
+    bias: _Ragged
+    bias_values: np.ndarray
+    allowed: _Ragged
+    sparse: bool             # any bias or allowed set
+
+
+def prepare_batch(rows: Sequence[RowKnobs], seeds: np.ndarray) -> PreparedBatch:
+    """B prepared rows (and their uint64 seeds) in the kernel's batch layout."""
+    B = len(rows)
+    knobs = np.ascontiguousarray(np.stack([r.knobs for r in rows], axis=1)) if B else \
+        np.zeros((7, 0), np.float64)
+    off = np.zeros(B + 1, np.int64)
+    aoff = np.zeros(B + 1, np.int64)
+    present = np.zeros(B, np.uint8)
+    for i, r in enumerate(rows):
+        off[i + 1] = off[i] + r.bias_ids.shape[0]
+        if r.allowed is not None:
+            present[i] = 1
+            aoff[i + 1] = aoff[i] + r.allowed.shape[0]
+        else:
+            aoff[i + 1] = aoff[i]
+    b_ids = np.concatenate([r.bias_ids for r in rows]) if off[-1] else _EMPTY_I32
+    b_vals = np.concatenate([r.bias_values for r in rows]) if off[-1] else _EMPTY_F32
+    a_ids = np.concatenate([r.allowed for r in rows if r.allowed is not None]) \
+        if aoff[-1] else _EMPTY_I32
+    seeds = np.ascontiguousarray(seeds, np.uint64)
+    if seeds.shape != (B,):
+        raise ValueError(f"seeds must be uint64 [{B}], got shape {seeds.shape}")
+    return PreparedBatch(knobs, seeds, _from_offsets(b_ids, off, np.ones(B, np.uint8)),
+                         b_vals, _from_offsets(a_ids, aoff, present),
+                         bool(off[-1] or present.any()))
+
+
+_NO_SPANS_CACHE: dict = {}
+
+
+def _no_spans(B: int) -> _Ragged:
+    r = _NO_SPANS_CACHE.get(B)
+    if r is None:
+        z = np.zeros(B, np.int64)
+        r = _NO_SPANS_CACHE[B] = _Ragged(_EMPTY_I32, z, z, np.zeros(B, np.uint8))
+    return r
+
+
+def sample_prepared(logits: np.ndarray, batch: PreparedBatch, steps: np.ndarray, *,
+                    prompt_token_ids: TokenSpans | None = None,
+                    output_token_ids: TokenSpans | None = None,
+                    token_bitmask: np.ndarray | None = None, logprobs: int | None = None,
+                    n_threads: int = 1) -> SampledRows:
+    """:func:`sample` (with ``row_status=True``) for rows whose knobs were validated by
+    :func:`prepare_row`: only shapes and dtypes are checked here (O(1), TokenSpans O(B)),
+    never the values. ``logits``: C-contiguous float32 [B, V]; ``steps``: uint64 [B]."""
+    if (not isinstance(logits, np.ndarray) or logits.dtype != _F32 or logits.ndim != 2
+            or not logits.flags.c_contiguous):
+        raise TypeError("logits must be a C-contiguous float32 [B, V] array")
+    B, V = logits.shape
+    if batch.knobs.shape != (7, B) or batch.seeds.shape != (B,):
+        raise ValueError(f"the prepared batch holds {batch.knobs.shape[1]} rows, logits {B}")
+    if not isinstance(steps, np.ndarray) or steps.dtype != np.uint64 or steps.shape != (B,):
+        raise TypeError(f"steps must be uint64 [{B}]")
+    pr = _no_spans(B) if prompt_token_ids is None else _spans("prompt_token_ids",
+                                                               prompt_token_ids, B)
+    ou = _no_spans(B) if output_token_ids is None else _spans("output_token_ids",
+                                                               output_token_ids, B)
+    mask = _NO_MASK if token_bitmask is None else _bitmask(token_bitmask, B, V, False)
+    n_top = int(logprobs or 0)
+    want_lp = logprobs is not None
+    max_hist = int((pr.lengths + ou.lengths).max()) if B and (
+        prompt_token_ids is not None or output_token_ids is not None) else 0
+    need_work = bool(batch.sparse or max_hist)
+    tokens = np.empty(B, np.int64)
+    status = np.zeros(B, np.int32)
+    if want_lp:
+        lps, ranks = np.empty(B, np.float32), np.empty(B, np.int64)
+        top_ids, top_lps = np.empty((B, n_top), np.int64), np.empty((B, n_top), np.float32)
+    else:
+        lps, ranks, top_ids, top_lps = _NO_LP, _NO_RANK, _NO_TOP_IDS, _NO_TOP_LPS
+    if B:
+        _k.sample_batch(logits, batch.knobs, batch.seeds, steps, pr.ids, pr.starts, pr.ends,
+                        ou.ids, ou.starts, ou.ends, batch.bias.ids, batch.bias_values,
+                        batch.bias.starts, batch.bias.ends, batch.allowed.ids,
+                        batch.allowed.starts, batch.allowed.ends, batch.allowed.present,
+                        mask, token_bitmask is not None, n_top, want_lp, need_work, max_hist,
+                        max(1, min(int(n_threads), B)), tokens, status, lps, ranks, top_ids,
+                        top_lps)
+        if (status == RowStatus.NO_MEMORY).any():
+            raise MemoryError("sample: scratch allocation failed")
+        if want_lp and status.any():
+            failed = status != 0
+            lps[failed], ranks[failed] = np.nan, 0
+            top_ids[failed], top_lps[failed] = -1, np.nan
+    res = SampleResult(tokens, lps, ranks, top_ids, top_lps) if want_lp else None
+    return SampledRows(tokens, status, res)

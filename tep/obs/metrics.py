@@ -116,7 +116,10 @@ class Metrics:
         :class:`tep.engine.EngineStats`), read at scrape time: ``tep_engine_steps_total``,
         ``tep_engine_tokens_fed_total``, ``tep_engine_tokens_sampled_total``,
         ``tep_prefix_cache_hit_tokens_total`` / ``..._miss_tokens_total`` and the hit rate
-        ``tep_prefix_cache_hit_rate`` (hit / (hit + miss) prompt tokens). Per process."""
+        ``tep_prefix_cache_hit_rate`` (hit / (hit + miss) prompt tokens); with speculative
+        decoding, per draft ``source``: ``tep_spec_drafted_tokens_total``,
+        ``tep_spec_accepted_tokens_total``, ``tep_spec_runs_total`` (verifications),
+        ``tep_spec_acceptance_rate`` and ``tep_spec_mean_accepted_length``. Per process."""
         if not self.enabled:
             return
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -137,6 +140,23 @@ class Metrics:
                 yield GaugeMetricFamily("tep_prefix_cache_hit_rate", "Share of prompt "
                                         "tokens found in the prefix cache",
                                         value=s.prefix_hit_tokens / total if total else 0.0)
+                sp = getattr(s, "spec", None)
+                if sp is not None and sp.runs:
+                    fams = [CounterMetricFamily(n, d, labels=["source"]) for n, d in (
+                        ("tep_spec_drafted_tokens", "Draft tokens verified"),
+                        ("tep_spec_accepted_tokens", "Draft tokens accepted"),
+                        ("tep_spec_runs", "Verifications (sequence-steps with drafts)"))]
+                    gauges = [GaugeMetricFamily(n, d, labels=["source"]) for n, d in (
+                        ("tep_spec_acceptance_rate", "Accepted / drafted tokens"),
+                        ("tep_spec_mean_accepted_length", "Accepted drafts per verification"))]
+                    for src in sorted(sp.runs):
+                        fams[0].add_metric([src], sp.drafted.get(src, 0))
+                        fams[1].add_metric([src], sp.accepted.get(src, 0))
+                        fams[2].add_metric([src], sp.runs.get(src, 0))
+                        gauges[0].add_metric([src], sp.acceptance_rate(src))
+                        gauges[1].add_metric([src], sp.mean_accepted_length(src))
+                    yield from fams
+                    yield from gauges
 
         self.registry.register(_EngineCollector())
         self._engine_collector = _EngineCollector()

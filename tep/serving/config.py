@@ -58,6 +58,14 @@ class ServerConfig:
             cancelled and the stream ends with an error event.
         stream_stall_timeout: seconds a stream may have unread events before its
             sequence is cancelled (the client stopped reading; 0 = never).
+        speculative: engine backends: draft source of speculative decoding, "off",
+            "ngram" (prompt/history lookup) or "draft" (``draft_model``, a smaller GGUF).
+        draft_model: the draft model's GGUF path (``speculative="draft"``).
+        num_speculative_tokens: most draft tokens per sequence per step (K, 1..64;
+            adapted per sequence from its acceptance; a request may lower it).
+        speculative_acceptance: "exact" (seeded outputs are the same as without
+            speculation) or "rejection" (draft-model drafts accepted with min(1, p/q):
+            the target's distribution, not its seeded tokens).
         fast_path: answer ``POST`` on the inference routes in an ASGI layer in front of
             Quart (:mod:`tep.server.fastpath`; same answers, less overhead). Quart's own
             ``before_request``/``after_request`` hooks and extensions do not see those
@@ -111,6 +119,15 @@ class ServerConfig:
         "help": "most stored responses kept; the oldest are pruned on write"})
     responses_max_age: float = field(default=30 * 86400.0, metadata={
         "help": "seconds a stored response is kept; older ones are pruned on write"})
+    speculative: str = field(default="off", metadata={
+        "help": "engine backends: speculative decoding draft source: off, ngram or draft"})
+    draft_model: str | None = field(default=None, metadata={
+        "help": "speculative draft: the draft model's GGUF path"})
+    num_speculative_tokens: int = field(default=4, metadata={
+        "help": "speculative decoding: most draft tokens per sequence per step (1..64)"})
+    speculative_acceptance: str = field(default="exact", metadata={
+        "help": "speculative decoding: exact (seeded outputs unchanged) or rejection "
+                "(draft-model drafts; the target's distribution)"})
     metrics: bool = field(default=True, metadata={"cli": False})
     fast_path: bool = field(default=True, metadata={"cli": False})
     # "negate": the CLI option is --no-<name>, which sets it False
@@ -120,7 +137,8 @@ class ServerConfig:
     DEFAULT_MAX_TOKENS_LIMIT = 1 << 20
 
     # how each field is read from its TEP_<NAME> variable
-    _PARSE = {"api_keys": _keys, "events_jsonl": str,
+    _PARSE = {"api_keys": _keys, "events_jsonl": str, "speculative": str,
+              "draft_model": str, "speculative_acceptance": str,
               "generation_timeout": float, "metrics": _bool,
               "grammar_compile_timeout": float, "stream_stall_timeout": float,
               "fast_path": _bool, "ui": _bool, "responses_store": str,
@@ -169,6 +187,18 @@ class ServerConfig:
             raise ValueError("responses_max_rows must be >= 1 and responses_max_age > 0")
         if cfg.retry_after < 0:
             raise ValueError("retry_after must be >= 0")
+        if cfg.speculative not in ("off", "ngram", "draft"):
+            raise ValueError(f"speculative must be off, ngram or draft, got {cfg.speculative!r}")
+        if cfg.speculative_acceptance not in ("exact", "rejection"):
+            raise ValueError(f"speculative_acceptance must be exact or rejection, got "
+                             f"{cfg.speculative_acceptance!r}")
+        if not 1 <= cfg.num_speculative_tokens <= 64:
+            raise ValueError("num_speculative_tokens must be in [1, 64]")
+        if cfg.speculative == "draft" and not cfg.draft_model:
+            raise ValueError("speculative 'draft' needs --draft-model PATH (a GGUF)")
+        if cfg.speculative_acceptance == "rejection" and cfg.speculative != "draft":
+            raise ValueError("speculative_acceptance 'rejection' needs speculative 'draft' "
+                             "(n-gram drafts have no distribution)")
         return cfg
 
     def responses_store_path(self) -> str:
@@ -176,6 +206,22 @@ class ServerConfig:
         from tep.serving.response_store import default_store_path
 
         return self.responses_store or default_store_path()
+
+    def speculative_config(self, load_draft: Any = None) -> Any:
+        """The engine's :class:`tep.engine.speculative.SpecConfig` for these settings
+        (None when off); ``load_draft(path)`` builds the draft model."""
+        if self.speculative == "off":
+            return None
+        from tep.engine.speculative import SpecConfig
+
+        draft = None
+        if self.speculative == "draft":
+            if load_draft is None:
+                raise ValueError("speculative 'draft' is served by the llamacpp backend "
+                                 "(it loads --draft-model)")
+            draft = load_draft(self.draft_model)
+        return SpecConfig(mode=self.speculative, k=self.num_speculative_tokens,
+                          acceptance=self.speculative_acceptance, draft_model=draft)
 
     def all_api_keys(self) -> tuple[str, ...]:
         """Every accepted key, empty = no auth."""
@@ -237,4 +283,5 @@ def _engine_backend(model: Any) -> Any:
 
     cfg = ServerConfig.from_env()
     return EngineBackend(model, max_num_seqs=cfg.max_num_seqs,
-                         max_batch_tokens=max(cfg.max_batch_tokens, cfg.max_num_seqs))
+                         max_batch_tokens=max(cfg.max_batch_tokens, cfg.max_num_seqs),
+                         speculative=cfg.speculative_config())

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from tep.kernels.sampling import MAX_LOGPROBS
+from tep.kernels.speculative import MAX_DRAFT_TOKENS
 
 __all__ = ["Field", "F", "MAX_LOGPROBS", "MAX_N", "MAX_STOP", "MAX_TOP_K", "SEED_MIN",
            "SEED_MAX", "COMPLETION_FIELDS", "CHAT_FIELDS", "EMBEDDING_FIELDS",
@@ -70,6 +71,8 @@ class F:
     repetition_penalty = Field("repetition_penalty", "number", lo=REPETITION_PENALTY_MIN,
                                hi=100.0)
     n = Field("n", "integer", lo=1, hi=MAX_N)
+    num_speculative_tokens = Field("num_speculative_tokens", "integer", lo=0,
+                                   hi=MAX_DRAFT_TOKENS)
     seed = Field("seed", "integer", lo=SEED_MIN, hi=SEED_MAX)
     user = Field("user", "string")
     echo = Field("echo", "boolean")
@@ -134,7 +137,7 @@ TOOL_FIELDS: tuple[Field, ...] = (F.tools, F.tool_choice, F.parallel_tool_calls)
 _SAMPLING = (F.model, F.stream, F.stream_options, F.max_tokens, F.temperature, F.top_p,
              F.n, F.stop, F.stop_token_ids, F.seed, F.presence_penalty, F.frequency_penalty,
              F.repetition_penalty, F.top_k, F.min_p, F.logit_bias, F.user,
-             F.allowed_token_ids)
+             F.allowed_token_ids, F.num_speculative_tokens)
 COMPLETION_FIELDS: tuple[Field, ...] = _SAMPLING + (F.prompt, F.echo, F.logprobs_int,
                                                     F.best_of, F.suffix) + CONSTRAINT_FIELDS
 CHAT_FIELDS: tuple[Field, ...] = _SAMPLING + (F.messages, F.logprobs_bool, F.top_logprobs,

@@ -41,6 +41,7 @@ def parse_sampling(body: dict, *, default_max_tokens: int) -> tuple[Sampling, Wi
     s.presence_penalty = read(body, F.presence_penalty, 0.0)
     s.frequency_penalty = read(body, F.frequency_penalty, 0.0)
     s.repetition_penalty = read(body, F.repetition_penalty, 1.0)
+    s.num_speculative_tokens = read(body, F.num_speculative_tokens)
     seed = read(body, F.seed)
     s.seed = None if seed is None else seed % SEED_MODULUS
 

@@ -288,17 +288,17 @@ def test_histories_reach_the_kernel_as_spans_not_lists(monkeypatch):
     from tep.kernels import TokenSpans
 
     seen = []
-    real = rows_mod.sample
+    real = rows_mod.sample_prepared
 
-    def spy(logits, **kw):
-        if "output_token_ids" in kw:
+    def spy(logits, batch, steps, **kw):
+        if kw.get("output_token_ids") is not None:
             p, o = kw["prompt_token_ids"], kw["output_token_ids"]
             assert isinstance(p, TokenSpans) and isinstance(o, TokenSpans)
             seen.append([(p.ids[a:b].tolist(), o.ids[c:d].tolist())
                          for a, b, c, d in zip(p.starts, p.ends, o.starts, o.ends)])
-        return real(logits, **kw)
+        return real(logits, batch, steps, **kw)
 
-    monkeypatch.setattr(rows_mod, "sample", spy)
+    monkeypatch.setattr(rows_mod, "sample_prepared", spy)
     eng = Engine(HashModel(4), max_num_seqs=4, max_batch_tokens=64)
     s = Sampling(max_tokens=5, seed=1, frequency_penalty=1.0, logit_bias={EOG: -100.0})
     plain = Sampling(max_tokens=5, seed=2, logit_bias={EOG: -100.0})

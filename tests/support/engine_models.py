@@ -88,3 +88,64 @@ class InstantModel:
 
     def release(self, seq_id: int) -> None:
         pass
+
+
+class InductionModel:
+    """A copying model with a rewindable cache, for speculative decoding: the logits of a
+    row are hash noise (seeded by the last two tokens and the position, like HashModel)
+    plus ``peak`` on the token that followed the latest earlier occurrence of the current
+    token - so text that repeats keeps repeating, as an LLM copying a paragraph does.
+    A row depends only on its sequence's tokens up to it (never on the batch, nor on how
+    many of its tokens one forward held). ``rewind(seq_id, n)`` drops positions >= n."""
+
+    eog_token_ids = (EOG,)
+
+    def __init__(self, max_num_seqs: int = 16, *, peak: float = 9.0,
+                 context_size: int | None = None) -> None:
+        self.vocab_size = V
+        self.max_num_seqs = max_num_seqs
+        self.peak = peak
+        if context_size is not None:
+            self.context_size = context_size
+        self.hist: list[list[int]] = [[] for _ in range(max_num_seqs)]
+        self.batches: list = []
+        self.rewinds = 0
+
+    def list_models(self) -> list[str]:
+        return ["induction"]
+
+    def tokenize(self, text: str) -> list[int]:
+        return list(text.encode())
+
+    def detokenize(self, ids) -> bytes:
+        return HashModel.detokenize(self, ids)
+
+    def _row(self, h: list[int]) -> np.ndarray:
+        p, t = len(h) - 1, h[-1]
+        prev = h[-2] if len(h) > 1 else -1
+        key = (prev + 1) * 1_000_003 + t * 7919 + p
+        row = np.random.default_rng(key).standard_normal(V) * 1.5
+        for i in range(len(h) - 2, -1, -1):
+            if h[i] == t:
+                row[h[i + 1]] += self.peak
+                break
+        return row.astype(np.float32)
+
+    def forward(self, batch) -> np.ndarray:
+        self.batches.append((batch.n_tokens, batch.n_logit_rows))
+        rows = []
+        for t, p, s, w in zip(batch.token_ids.tolist(), batch.positions.tolist(),
+                              batch.seq_ids.tolist(), batch.logits.tolist()):
+            h = self.hist[s]
+            assert p == len(h), (s, p, len(h))
+            h.append(t)
+            if w:
+                rows.append(self._row(h))
+        return np.stack(rows) if rows else np.zeros((0, V), np.float32)
+
+    def rewind(self, seq_id: int, n_tokens: int) -> None:
+        self.rewinds += 1
+        del self.hist[seq_id][n_tokens:]
+
+    def release(self, seq_id: int) -> None:
+        self.hist[seq_id] = []

@@ -1,0 +1,311 @@
+"""Speculative decoding on the engine: settings, draft sources and their counters.
+
+A decoding sequence may propose up to K draft tokens per step. The engine feeds its last
+token plus the drafts as extra rows of the same :class:`~tep.engine.model.StepBatch`
+(K + 1 logits rows), verifies them with :func:`tep.kernels.verify` (exact match against
+the sampler's own (seed, step) draws: a seeded output never changes with speculation)
+and rewinds the model's cache past the first rejected draft (``Model.rewind``).
+
+Draft sources:
+
+- ``ngram``: prompt/history lookup. The last n tokens (n = 3, then 2, then 1) are looked up
+  among the sequence's earlier tokens; the tokens that followed the latest earlier
+  occurrence are the drafts. An index of n-gram -> next position is kept per sequence and
+  updated per accepted token, so a lookup is O(1), never a scan of the history.
+- ``draft``: a second :class:`tep.engine.Model` (a smaller GGUF) decodes K tokens greedily
+  per step for every speculating sequence, batched (see :class:`DraftModelDrafter`).
+
+Adaptive K: each sequence keeps an exponential average of its acceptance; its next K is
+about the run that average predicts pays for itself, and a sequence whose drafts keep
+failing stops drafting for a while (free text does not pay for useless verification).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["SpecConfig", "SpecStats", "NgramDrafter", "DraftModelDrafter", "AdaptiveK",
+           "MODES", "ACCEPTANCE"]
+
+MODES = ("off", "ngram", "draft")
+ACCEPTANCE = ("exact", "rejection")
+NGRAM_SIZES = (3, 2, 1)
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How an engine speculates.
+
+    Attributes:
+        mode: "off", "ngram" (history lookup) or "draft" (a second model).
+        k: most draft tokens per sequence per step (1..64); a request may ask for fewer
+            (``num_speculative_tokens``, 0 = off for it).
+        acceptance: "exact" (a seeded output is the same as without speculation) or
+            "rejection" (draft-model drafts accepted with min(1, p/q), residual resampling:
+            the output distribution is the target's, a seeded output may differ).
+        draft_model: the drafter (a :class:`tep.engine.Model`) for mode "draft".
+    """
+
+    mode: str = "off"
+    k: int = 4
+    acceptance: str = "exact"
+    draft_model: Any = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"speculative must be one of {', '.join(MODES)}, got {self.mode!r}")
+        if self.acceptance not in ACCEPTANCE:
+            raise ValueError(f"speculative_acceptance must be one of "
+                             f"{', '.join(ACCEPTANCE)}, got {self.acceptance!r}")
+        if not 1 <= int(self.k) <= 64:
+            raise ValueError(f"num_speculative_tokens must be in [1, 64], got {self.k}")
+        if self.mode == "draft" and self.draft_model is None:
+            raise ValueError("speculative 'draft' needs a draft model (--draft-model PATH)")
+
+    @property
+    def on(self) -> bool:
+        return self.mode != "off"
+
+
+@dataclass
+class SpecStats:
+    """Counters since start, per draft source (exported as metrics).
+
+    drafted: draft tokens verified; accepted: of them, accepted; runs: verifications
+    (sequence-steps that carried at least one draft); emitted: tokens those runs emitted
+    (accepted + the target's own token)."""
+
+    drafted: dict = field(default_factory=dict)
+    accepted: dict = field(default_factory=dict)
+    runs: dict = field(default_factory=dict)
+    emitted: dict = field(default_factory=dict)
+
+    def add(self, source: str, drafted: int, accepted: int, emitted: int) -> None:
+        self.drafted[source] = self.drafted.get(source, 0) + drafted
+        self.accepted[source] = self.accepted.get(source, 0) + accepted
+        self.runs[source] = self.runs.get(source, 0) + 1
+        self.emitted[source] = self.emitted.get(source, 0) + emitted
+
+    def acceptance_rate(self, source: str) -> float:
+        d = self.drafted.get(source, 0)
+        return self.accepted.get(source, 0) / d if d else 0.0
+
+    def mean_accepted_length(self, source: str) -> float:
+        """Accepted drafts per verification run."""
+        r = self.runs.get(source, 0)
+        return self.accepted.get(source, 0) / r if r else 0.0
+
+
+class AdaptiveK:
+    """Per-slot draft length from recent acceptance.
+
+    After each verification the slot's acceptance average a (EMA of accepted/drafted) is
+    updated; K = the run length the average predicts (a / (1 - a) tokens, +1), clamped to
+    [1, k_max]. A slot with a < ``floor`` pauses drafting for ``backoff`` steps, doubling
+    on each further failure (free text settles at almost no drafting)."""
+
+    def __init__(self, slots: int, k_max: int, *, alpha: float = 0.5, floor: float = 0.25,
+                 backoff: int = 4, max_backoff: int = 64) -> None:
+        self.k_max = k_max
+        self.alpha, self.floor = alpha, floor
+        self.backoff0, self.max_backoff = backoff, max_backoff
+        self.rate = np.full(slots, 0.6)
+        self.pause = np.zeros(slots, np.int64)
+        self.backoff = np.full(slots, backoff, np.int64)
+
+    def reset(self, slot: int) -> None:
+        self.rate[slot] = 0.6
+        self.pause[slot] = 0
+        self.backoff[slot] = self.backoff0
+
+    def k_for(self, slot: int, cap: int) -> int:
+        """Drafts to ask for this step (0 = plain decode)."""
+        if self.pause[slot] > 0:
+            self.pause[slot] -= 1
+            return 0
+        a = float(self.rate[slot])
+        k = int(a / max(1.0 - a, 1e-3)) + 1
+        return max(0, min(k, self.k_max, cap))
+
+    def update(self, slot: int, drafted: int, accepted: int) -> None:
+        if drafted <= 0:
+            return
+        r = self.rate[slot] = (1 - self.alpha) * self.rate[slot] + self.alpha * (accepted / drafted)
+        if r < self.floor:
+            self.pause[slot] = self.backoff[slot]
+            self.backoff[slot] = min(self.backoff[slot] * 2, self.max_backoff)
+            self.rate[slot] = self.floor        # try again after the pause
+        elif accepted > 0:
+            self.backoff[slot] = self.backoff0
+
+
+class NgramDrafter:
+    """Prompt/history n-gram lookup, O(1) per lookup and per appended token.
+
+    Per slot: the token list (prompt then output) and, for each n in ``NGRAM_SIZES``, a
+    dict n-gram -> the position right after its latest occurrence. The index covers the
+    n-grams that end before the last token, so the lookup of the last n tokens finds an
+    *earlier* occurrence whose continuation already exists."""
+
+    source = "ngram"
+
+    def __init__(self, slots: int) -> None:
+        self._toks: list[list[int] | None] = [None] * slots
+        self._index: list[list[dict] | None] = [None] * slots
+        self._done = np.zeros(slots, np.int64)     # positions indexed so far
+
+    def admit(self, slot: int, prompt: Sequence[int]) -> None:
+        self._toks[slot] = [int(t) for t in prompt]
+        self._index[slot] = [{} for _ in NGRAM_SIZES]
+        self._done[slot] = 0
+
+    def release(self, slot: int) -> None:
+        self._toks[slot] = None
+        self._index[slot] = None
+
+    def extend(self, slot: int, tokens: Sequence[int]) -> None:
+        t = self._toks[slot]
+        if t is not None:
+            t.extend(tokens)
+
+    def verified(self, slot: int, accepted: int) -> None:
+        """Nothing to undo: the index only ever holds emitted tokens."""
+
+    def propose(self, slot: int, k: int) -> list[int]:
+        """Up to k drafts for ``slot`` (empty when no n-gram recurs)."""
+        toks, index = self._toks[slot], self._index[slot]
+        if toks is None or index is None or k <= 0:
+            return []
+        L = len(toks)
+        # index the n-grams ending at positions done .. L - 2 (continuation <= L - 1)
+        for end in range(int(self._done[slot]), L - 1):
+            for n, d in zip(NGRAM_SIZES, index):
+                if end + 1 >= n:
+                    d[tuple(toks[end + 1 - n:end + 1])] = end + 1
+        self._done[slot] = max(int(self._done[slot]), L - 1)
+        for n, d in zip(NGRAM_SIZES, index):
+            if L >= n:
+                q = d.get(tuple(toks[L - n:]))
+                if q is not None:
+                    return toks[q:q + k]
+        return []
+
+
+class DraftModelDrafter:
+    """A second :class:`tep.engine.Model` proposes K tokens greedily per step.
+
+    The drafter keeps its own cache per engine slot (same seq ids): each step it is fed
+    what the target accepted since (rewinding past rejected drafts first), then decodes K
+    tokens one forward at a time, all speculating sequences batched together."""
+
+    source = "draft"
+
+    def __init__(self, model: Any, slots: int, vocab_size: int) -> None:
+        if int(model.vocab_size) < 1:
+            raise ValueError("the draft model has no vocabulary")
+        if not callable(getattr(model, "rewind", None)):
+            raise TypeError("the draft model must have rewind(seq_id, n) (e.g. a "
+                            "LlamaCppModel)")
+        self.model = model
+        self.vocab_size = vocab_size
+        self._toks: list[list[int] | None] = [None] * slots
+        self._cached = np.zeros(slots, np.int64)    # tokens in the drafter's cache
+        self.last_probs: dict[int, np.ndarray] = {}
+
+    def admit(self, slot: int, prompt: Sequence[int]) -> None:
+        self._toks[slot] = [int(t) for t in prompt]
+        self._cached[slot] = 0
+        self.model.rewind(slot, 0)
+
+    def release(self, slot: int) -> None:
+        self._toks[slot] = None
+        try:
+            self.model.release(slot)
+        except Exception:  # noqa: BLE001 - a drafter failure never fails the sequence
+            pass
+
+    def extend(self, slot: int, tokens: Sequence[int]) -> None:
+        t = self._toks[slot]
+        if t is not None:
+            t.extend(tokens)
+
+    def propose_many(self, want: dict[int, int],
+                     sample_from: dict[int, tuple[float, int, int]] | None = None
+                     ) -> dict[int, list[int]]:
+        """Drafts for several slots at once: ``want`` = {slot: k}. Greedy on the draft
+        model, except the slots in ``sample_from`` = {slot: (temperature, seed, step)}:
+        those draw each draft from q = softmax(draft logits / T) (a generator keyed on
+        (seed, step + j)) and keep q in ``last_probs[slot]`` (float32 [k, V]) for
+        rejection sampling."""
+        from tep.engine.model import StepBatch
+
+        live = [s for s, k in want.items() if k > 0 and self._toks[s] is not None]
+        self.last_probs = {}
+        if not live:
+            return {}
+        sample_from = sample_from or {}
+        out: dict[int, list[int]] = {s: [] for s in live}
+        probs: dict[int, list[np.ndarray]] = {s: [] for s in live if s in sample_from}
+        # catch up: feed each slot's tokens not yet in the drafter cache (its last token
+        # included: its logits give the first draft)
+        tok, pos, sid, lg = [], [], [], []
+        for s in live:
+            t = self._toks[s]
+            c = int(self._cached[s])
+            if c > len(t) - 1:
+                self.model.rewind(s, len(t) - 1)
+                c = len(t) - 1
+            feed = t[c:]
+            tok += feed
+            pos += list(range(c, c + len(feed)))
+            sid += [s] * len(feed)
+            lg += [False] * (len(feed) - 1) + [True]
+            self._cached[s] = len(t)
+        k_max = max(want[s] for s in live)
+        cur = live
+        for j in range(k_max):
+            batch = StepBatch(token_ids=np.asarray(tok, np.int32),
+                              positions=np.asarray(pos, np.int32),
+                              seq_ids=np.asarray(sid, np.int32), logits=np.asarray(lg, bool))
+            logits = np.asarray(self.model.forward(batch), np.float32)[:, :self.vocab_size]
+            tok, pos, sid, lg = [], [], [], []
+            keep = []
+            for i, s in enumerate(cur):
+                if s in sample_from:
+                    T, seed, step = sample_from[s]
+                    z = logits[i].astype(np.float64) / max(T, 1e-5)
+                    q = np.exp(z - z.max())
+                    q /= q.sum()
+                    q32 = q.astype(np.float32)
+                    q32 /= q32.sum(dtype=np.float64)
+                    rng = np.random.default_rng([seed, step + j, 0x5EC])
+                    t = int(rng.choice(q32.shape[0], p=q32.astype(np.float64) / q32.sum()))
+                    probs[s].append(q32)
+                else:
+                    t = int(np.argmax(logits[i]))
+                out[s].append(t)
+                if len(out[s]) < want[s] and j + 1 < k_max:
+                    keep.append(s)
+                    tok.append(t)
+                    pos.append(int(self._cached[s]))
+                    sid.append(s)
+                    lg.append(True)
+                    self._cached[s] += 1
+            cur = keep
+            if not cur:
+                break
+        self.last_probs = {s: np.stack(p) for s, p in probs.items() if p}
+        return out
+
+    def verified(self, slot: int, accepted: int) -> None:
+        """The target accepted ``accepted`` of this slot's drafts (called before
+        ``extend``): the drafter's cache past them is stale."""
+        t = self._toks[slot]
+        if t is None:
+            return
+        valid = len(t) + accepted
+        if self._cached[slot] > valid:
+            self.model.rewind(slot, valid)
+            self._cached[slot] = valid

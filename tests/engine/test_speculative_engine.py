@@ -1,0 +1,205 @@
+"""Speculative decoding on the engine (n-gram drafts) with a copying, rewindable numpy
+model (tests/support/engine_models.py InductionModel): a seeded sequence's tokens,
+text, finish reason and logprobs are the same with and without speculation, alone and
+among others, whatever the knobs; stops, max_tokens, cancellation and mixed batches keep
+working, the rejected drafts are rewound, and the counters add up."""
+from __future__ import annotations
+
+import random
+import threading
+
+import numpy as np
+import pytest
+
+from support.engine_models import EOG, HashModel, InductionModel
+from tep.backend import Sampling, StreamSink
+from tep.engine import Engine
+from tep.engine.speculative import AdaptiveK, NgramDrafter, SpecConfig
+
+NGRAM = SpecConfig(mode="ngram", k=6)
+
+
+def outcome(sink: StreamSink) -> tuple:
+    c = sink.result()
+    lps = None if c.logprobs is None else [(e.token_id, e.logprob, e.top) for e in c.logprobs]
+    return c.token_ids, c.text, c.finish_reason, c.completion_tokens, lps
+
+
+def generate(reqs, *, spec, slots=16, budget=512, model=None):
+    model = model or InductionModel(slots)
+    eng = Engine(model, max_num_seqs=slots, max_batch_tokens=budget, speculative=spec,
+                 record_steps=True)
+    sinks, errors = [], []
+    for prompt, s in reqs:
+        k = StreamSink(s)
+        sinks.append(k)
+        eng.add_request(prompt, s, k, errors.append)
+    eng.run_until_idle()
+    assert errors == [None] * len(reqs), errors
+    return [outcome(k) for k in sinks], eng
+
+
+def repetitive_prompt(rng: random.Random) -> list[int]:
+    """A paragraph that repeats (the copy case): n-grams recur."""
+    base = [rng.randrange(32, 127) for _ in range(rng.randint(8, 30))]
+    return (base * 3)[:rng.randint(20, 80)]
+
+
+def random_sampling(rng: random.Random) -> Sampling:
+    rep, pres, freq = rng.choice([(1.0, 0.0, 0.0), (1.0, 0.0, 0.0), (1.2, 0.3, 0.2)])
+    return Sampling(
+        max_tokens=rng.randint(1, 60), temperature=rng.choice([0.0, 0.0, 0.5, 0.8, 1.2]),
+        top_k=rng.choice([0, 0, 5]), top_p=rng.choice([1.0, 0.9]),
+        min_p=rng.choice([0.0, 0.05]), repetition_penalty=rep, presence_penalty=pres,
+        frequency_penalty=freq, logit_bias=rng.choice([None, None, {EOG: -100.0, 65: 1.0}]),
+        logprobs=rng.choice([None, None, 2]), seed=rng.randrange(2**64),
+        stop=rng.choice([[], [], ["zz"], ["e"]]), stop_token_ids=rng.choice([[], [101]]),
+        num_speculative_tokens=rng.choice([None, None, None, 0, 2]))
+
+
+@pytest.mark.parametrize("scenario", [0, 1])
+def test_seeded_outputs_equal_without_speculation_among_16(scenario):
+    rng = random.Random(scenario)
+    reqs = [(repetitive_prompt(rng), random_sampling(rng)) for _ in range(24)]
+    plain, _ = generate(reqs, spec=None)
+    spec, eng = generate(reqs, spec=NGRAM)
+    assert spec == plain
+    st = eng.spec_stats
+    assert st.drafted["ngram"] > 0 and st.accepted["ngram"] > 0
+    assert 0 < st.acceptance_rate("ngram") <= 1 and st.mean_accepted_length("ngram") > 0
+    assert max(n for n, _ in eng.model.batches) > 16   # drafts did ride in the batches
+    # one at a time gives the same again
+    for (prompt, s), want in zip(reqs[:6], spec[:6]):
+        alone, _ = generate([(prompt, s)], spec=NGRAM, slots=2)
+        assert alone == [want]
+
+
+def test_speculation_saves_steps_on_copy_and_rewinds_rejections():
+    rng = random.Random(7)
+    prompt = repetitive_prompt(rng)
+    s = Sampling(max_tokens=80, temperature=0.0, logit_bias={EOG: -100.0}, seed=1)
+    plain, e0 = generate([(prompt, s)], spec=None, slots=2)
+    spec, e1 = generate([(prompt, s)], spec=NGRAM, slots=2)
+    assert spec == plain
+    assert e1.stats.steps < e0.stats.steps * 0.7, (e1.stats.steps, e0.stats.steps)
+    assert e1.stats.tokens_sampled == e0.stats.tokens_sampled == 80
+
+
+def test_stops_and_max_tokens_inside_an_accepted_run():
+    rng = random.Random(3)
+    prompt = repetitive_prompt(rng)
+    base = Sampling(max_tokens=70, temperature=0.0, logit_bias={EOG: -100.0}, seed=2)
+    [(ids, text, *_)], _ = generate([(prompt, base)], spec=None, slots=2)
+    for s in (Sampling(max_tokens=70, temperature=0.0, logit_bias={EOG: -100.0}, seed=2,
+                       stop_token_ids=[ids[33]]),
+              Sampling(max_tokens=70, temperature=0.0, logit_bias={EOG: -100.0}, seed=2,
+                       stop=[text[40:43]]),
+              Sampling(max_tokens=13, temperature=0.0, logit_bias={EOG: -100.0}, seed=2),
+              Sampling(max_tokens=70, temperature=0.0, logit_bias={ids[20]: 100.0, EOG: 50.0},
+                       seed=2)):
+        plain, _ = generate([(prompt, s)], spec=None, slots=2)
+        spec, eng = generate([(prompt, s)], spec=NGRAM, slots=2)
+        assert spec == plain
+    # the EOG case: an end-of-generation token ends the run where it is
+    s = Sampling(max_tokens=70, temperature=0.0, seed=2)
+    assert generate([(prompt, s)], spec=NGRAM, slots=2)[0] == \
+        generate([(prompt, s)], spec=None, slots=2)[0]
+
+
+def test_cancel_mid_run_frees_the_slot_and_others_go_on():
+    rng = random.Random(11)
+    model = InductionModel(2)
+    eng = Engine(model, max_num_seqs=2, max_batch_tokens=64, speculative=NGRAM)
+    cancel = threading.Event()
+    s = Sampling(max_tokens=200, temperature=0.0, logit_bias={EOG: -100.0}, seed=1)
+    a, b = StreamSink(s, cancel=cancel), StreamSink(s)
+    done: list = []
+    eng.add_request(repetitive_prompt(rng), s, a, done.append)
+    eng.add_request(repetitive_prompt(rng), s, b, done.append)
+    for _ in range(5):
+        eng.run_until_idle(max_steps=1)
+    cancel.set()
+    eng.run_until_idle()
+    assert done == [None, None]
+    assert len(b.result().token_ids) == 200
+    assert eng.stats.cancelled == 1 and eng.stats.finished == 1
+
+
+def test_a_model_without_rewind_is_refused():
+    with pytest.raises(ValueError, match="rewind"):
+        Engine(HashModel(2), max_num_seqs=2, speculative=NGRAM)
+
+
+def test_context_bound_caps_the_drafts():
+    rng = random.Random(5)
+    prompt = repetitive_prompt(rng)[:30]
+    s = Sampling(max_tokens=40, temperature=0.0, logit_bias={EOG: -100.0}, seed=4)
+    plain, _ = generate([(prompt, s)], spec=None, slots=2,
+                        model=InductionModel(2, context_size=70))
+    spec, _ = generate([(prompt, s)], spec=NGRAM, slots=2,
+                       model=InductionModel(2, context_size=70))
+    assert spec == plain
+
+
+def test_ngram_drafter_finds_the_latest_earlier_occurrence():
+    d = NgramDrafter(2)
+    d.admit(0, [1, 2, 3, 9, 1, 2, 3, 7, 8, 1, 2])
+    assert d.propose(0, 3) == [3, 7, 8]           # after the latest "1 2"
+    d.extend(0, [3])
+    assert d.propose(0, 2) == [7, 8]              # "1 2 3" -> 7 8
+    d.admit(1, [4, 5, 6])
+    assert d.propose(1, 4) == []                  # nothing recurs
+
+
+def test_adaptive_k_backs_off_when_drafts_fail():
+    a = AdaptiveK(1, 8)
+    assert a.k_for(0, 8) >= 1
+    for _ in range(3):
+        a.update(0, 4, 0)
+    assert a.k_for(0, 8) == 0                     # paused
+    for _ in range(20):
+        a.update(0, 4, 4)
+    a.pause[0] = 0
+    assert a.k_for(0, 8) == 8
+
+
+def test_draft_model_exact_equals_plain_and_rejection_runs():
+    rng = random.Random(21)
+    reqs = [(repetitive_prompt(rng), Sampling(max_tokens=40, temperature=T, seed=i,
+                                              logit_bias={EOG: -100.0}))
+            for i, T in enumerate([0.0, 0.7, 1.0, 0.0, 0.9, 1.3])]
+    plain, _ = generate(reqs, spec=None, slots=8)
+    drafter = InductionModel(8, peak=5.0)       # a weaker copier than the target
+    spec, eng = generate(reqs, spec=SpecConfig(mode="draft", k=4, draft_model=drafter),
+                         slots=8)
+    assert spec == plain
+    assert eng.spec_stats.drafted["draft"] > 0 and eng.spec_stats.accepted["draft"] > 0
+    # rejection sampling: a different seeded output is allowed, the run must complete
+    rej, eng = generate(reqs, spec=SpecConfig(mode="draft", k=4, acceptance="rejection",
+                                              draft_model=InductionModel(8, peak=5.0)),
+                        slots=8)
+    assert [len(r[0]) for r in rej] == [40] * 6
+    assert rej[0] == plain[0] and rej[3] == plain[3]     # greedy rows are greedy
+    assert eng.spec_stats.accepted["draft"] > 0
+
+
+def test_settings_and_the_request_field():
+    from tep.errors import BadRequestError
+    from tep.serving.config import ServerConfig
+    from tep.wire.sampling import parse_sampling
+
+    cfg = ServerConfig.from_env(speculative="ngram", num_speculative_tokens=5)
+    sc = cfg.speculative_config()
+    assert sc.mode == "ngram" and sc.k == 5 and sc.acceptance == "exact"
+    assert ServerConfig.from_env().speculative_config() is None
+    for bad in (dict(speculative="lookahead"), dict(num_speculative_tokens=0),
+                dict(speculative="draft"), dict(speculative="ngram",
+                                                speculative_acceptance="rejection")):
+        with pytest.raises(ValueError):
+            ServerConfig.from_env(**bad)
+    s, _ = parse_sampling({"num_speculative_tokens": 3}, default_max_tokens=16)
+    assert s.num_speculative_tokens == 3
+    assert parse_sampling({}, default_max_tokens=16)[0].num_speculative_tokens is None
+    for v in (-1, 65, "x"):
+        with pytest.raises(BadRequestError):
+            parse_sampling({"num_speculative_tokens": v}, default_max_tokens=16)
