@@ -464,7 +464,11 @@ def _seeds(seed: Any, B: int) -> np.ndarray:
         if not 0 <= int(seed) < 2**64:
             raise ValueError(f"seed must be in [0, 2**64), got {int(seed)}")
         return np.array([int(seed)], np.uint64)      # one value for every row
-    arr = np.asarray(seed)
+    # a list of Python ints mixing values past int64 with small ones becomes float64 in
+    # numpy (uint64 + int64 promote to float): read such lists as objects, exactly
+    arr = np.asarray(seed, dtype=object) if isinstance(seed, (list, tuple)) and any(
+        isinstance(s, numbers.Integral) and not isinstance(s, (bool, np.bool_))
+        and int(s) >= 2**63 for s in seed) else np.asarray(seed)
     if arr.dtype == object:
         arr = np.asarray([_seeds(int(s) if isinstance(s, numbers.Integral) else s, 1)[0]
                           for s in seed], np.uint64)

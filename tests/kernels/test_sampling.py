@@ -838,3 +838,11 @@ def test_edge_knob_values_accepted(name, value):
     x = np.arange(30, dtype=np.float32).reshape(1, 30) / 10
     sample(x, seed=0, **{name: value})
     sample(x[0], seed=0, **{name: value})
+
+
+def test_a_seed_list_mixing_values_past_int64_with_small_ones_is_read_exactly():
+    # numpy turns [2**64 - 1, 5] into float64; the wrapper must keep both seeds exact
+    x = np.random.default_rng(3).standard_normal((2, 64)).astype(np.float32)
+    got = sample(x, seed=[2**64 - 1, 5], temperature=1.0)
+    assert got[0] == sample(x[0], seed=2**64 - 1, temperature=1.0)
+    assert got[1] == sample(x[1], seed=5, temperature=1.0)
