@@ -68,3 +68,31 @@ cdef int scratch_alloc(Scratch* sc, intp_t V, bint need_work, intp_t max_hist,
 cdef void scratch_free(Scratch* sc) noexcept nogil
 cdef int log_softmax_row(const float32_t* x, intp_t V, float32_t* bmax,
                          float32_t* out) noexcept nogil
+
+
+# Ragged per-row id lists (prompt, output, bias, allowed) as the batched kernels take them;
+# shared by sampling.pyx and speculative.pyx.
+cdef struct Ragged:
+    # Row r's items are ids[start[r]:end[r]] (and vals[...] when present); n_ids bounds
+    # every slice (the wrapper checks 0 <= start <= end <= n_ids; the kernel re-checks).
+    const int32_t* ids
+    const float32_t* vals
+    const int64_t* start
+    const int64_t* end
+    intp_t n_ids
+
+
+cdef inline intp_t ragged_row(const Ragged* rg, intp_t r, intp_t* first) noexcept nogil:
+    """Length of row r's slice (0 for a slice outside the id array) and its first index."""
+    cdef int64_t a = rg.start[r], b = rg.end[r]
+    if a < 0 or b < a or b > rg.n_ids:
+        first[0] = 0
+        return 0
+    first[0] = a
+    return b - a
+
+
+cdef inline void set_ragged(Ragged* rg, const int32_t[::1] ids, const float32_t* vals,
+                            const int64_t[::1] start, const int64_t[::1] end) noexcept:
+    rg.ids = &ids[0]; rg.vals = vals; rg.start = &start[0]; rg.end = &end[0]
+    rg.n_ids = ids.shape[0]

@@ -896,26 +896,6 @@ cdef enum:
     N_KNOBS = 7
 
 
-cdef struct Ragged:
-    # Row r's items are ids[start[r]:end[r]] (and vals[...] when present); n_ids bounds
-    # every slice (the wrapper checks 0 <= start <= end <= n_ids; the kernel re-checks).
-    const int32_t* ids
-    const float32_t* vals
-    const int64_t* start
-    const int64_t* end
-    intp_t n_ids
-
-
-cdef inline intp_t ragged_row(const Ragged* rg, intp_t r, intp_t* first) noexcept nogil:
-    """Length of row r's slice (0 for a slice outside the id array) and its first index."""
-    cdef int64_t a = rg.start[r], b = rg.end[r]
-    if a < 0 or b < a or b > rg.n_ids:
-        first[0] = 0
-        return 0
-    first[0] = a
-    return b - a
-
-
 cdef struct Batch:
     # Everything sample_batch shares between rows; knobs/seeds/steps broadcast when their
     # column count is 1 (stride 0).
@@ -979,12 +959,6 @@ cdef void batch_row(intp_t r, const Batch* bt, Scratch* sc) noexcept nogil:
     if st != TEP_OK:
         bt.out_tok[r] = -1
     bt.out_status[r] = st
-
-
-cdef inline void set_ragged(Ragged* rg, const int32_t[::1] ids, const float32_t* vals,
-                            const int64_t[::1] start, const int64_t[::1] end) noexcept:
-    rg.ids = &ids[0]; rg.vals = vals; rg.start = &start[0]; rg.end = &end[0]
-    rg.n_ids = ids.shape[0]
 
 
 def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,

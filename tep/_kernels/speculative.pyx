@@ -17,9 +17,9 @@ from libc.string cimport memcpy, memset
 
 from tep._kernels._typedefs cimport (float32_t, float64_t, int32_t, int64_t, intp_t,
                                      uint8_t, uint32_t, uint64_t)
-from tep._kernels.sampling cimport (TEP_NO_MEMORY, TEP_OK, Knobs, RowEdits, Scratch,
-                                    raw_logprobs_row, sample_row, scratch_alloc,
-                                    scratch_free)
+from tep._kernels.sampling cimport (TEP_NO_MEMORY, TEP_OK, Knobs, Ragged, RowEdits,
+                                    Scratch, raw_logprobs_row, ragged_row, sample_row,
+                                    scratch_alloc, scratch_free, set_ragged)
 
 cdef extern from "_simd.h" nogil:
     int tep_mask_all_ones(const uint32_t* mask, Py_ssize_t n)
@@ -79,23 +79,6 @@ cdef int verify_row(const float32_t* x, intp_t V, const int32_t* draft, intp_t k
     return TEP_OK
 
 
-cdef struct Span:
-    const int32_t* ids
-    const float32_t* vals
-    const int64_t* start
-    const int64_t* end
-    intp_t n_ids
-
-
-cdef inline intp_t span_row(const Span* sp, intp_t r, intp_t* first) noexcept nogil:
-    cdef int64_t a = sp.start[r], b = sp.end[r]
-    if a < 0 or b < a or b > sp.n_ids:
-        first[0] = 0
-        return 0
-    first[0] = a
-    return b - a
-
-
 cdef struct VBatch:
     const float32_t* logits
     intp_t n_logit_rows
@@ -111,10 +94,10 @@ cdef struct VBatch:
     intp_t seed_stride
     const uint64_t* step
     intp_t step_stride
-    Span prompt
-    Span output
-    Span bias
-    Span allowed
+    Ragged prompt
+    Ragged output
+    Ragged bias
+    Ragged allowed
     const uint8_t* has_allowed
     const uint32_t* mask          # [n_logit_rows, mask_words] or NULL
     intp_t mask_words
@@ -150,11 +133,11 @@ cdef void vbatch_row(intp_t r, const VBatch* bt, Scratch* sc, int32_t* hist) noe
     kn.frequency_penalty = <float>kv[6 * c]
     kn.seed = bt.seed[r * bt.seed_stride]
     kn.step = bt.step[r * bt.step_stride]
-    ed.n_prompt = span_row(&bt.prompt, r, &a); ed.prompt_ids = bt.prompt.ids + a
-    ed.n_output = span_row(&bt.output, r, &a); ed.output_ids = bt.output.ids + a
-    ed.n_bias = span_row(&bt.bias, r, &a)
+    ed.n_prompt = ragged_row(&bt.prompt, r, &a); ed.prompt_ids = bt.prompt.ids + a
+    ed.n_output = ragged_row(&bt.output, r, &a); ed.output_ids = bt.output.ids + a
+    ed.n_bias = ragged_row(&bt.bias, r, &a)
     ed.bias_ids = bt.bias.ids + a; ed.bias_values = bt.bias.vals + a
-    ed.n_allowed = span_row(&bt.allowed, r, &a); ed.allowed_ids = bt.allowed.ids + a
+    ed.n_allowed = ragged_row(&bt.allowed, r, &a); ed.allowed_ids = bt.allowed.ids + a
     ed.has_allowed = bt.has_allowed[r] != 0
     ed.mask = NULL
     pen = (kn.repetition_penalty != 1.0 or kn.presence_penalty != 0.0
@@ -168,12 +151,6 @@ cdef void vbatch_row(intp_t r, const VBatch* bt, Scratch* sc, int32_t* hist) noe
                     bt.mask_words)
     bt.out_count[r] = n
     bt.out_status[r] = st
-
-
-cdef inline void set_span(Span* sp, const int32_t[::1] ids, const float32_t* vals,
-                          const int64_t[::1] start, const int64_t[::1] end) noexcept:
-    sp.ids = &ids[0]; sp.vals = vals; sp.start = &start[0]; sp.end = &end[0]
-    sp.n_ids = ids.shape[0]
 
 
 def verify_batch(const float32_t[:, ::1] logits, const int64_t[::1] row_start,
@@ -218,10 +195,10 @@ def verify_batch(const float32_t[:, ::1] logits, const int64_t[::1] row_start,
     bt.knob_stride = 1 if knobs.shape[1] > 1 else 0
     bt.seed = &seed[0]; bt.seed_stride = 1 if seed.shape[0] > 1 else 0
     bt.step = &step[0]; bt.step_stride = 1 if step.shape[0] > 1 else 0
-    set_span(&bt.prompt, prompt_ids, NULL, prompt_starts, prompt_ends)
-    set_span(&bt.output, output_ids, NULL, output_starts, output_ends)
-    set_span(&bt.bias, bias_ids, &bias_values[0], bias_starts, bias_ends)
-    set_span(&bt.allowed, allowed_ids, NULL, allowed_starts, allowed_ends)
+    set_ragged(&bt.prompt, prompt_ids, NULL, prompt_starts, prompt_ends)
+    set_ragged(&bt.output, output_ids, NULL, output_starts, output_ends)
+    set_ragged(&bt.bias, bias_ids, &bias_values[0], bias_starts, bias_ends)
+    set_ragged(&bt.allowed, allowed_ids, NULL, allowed_starts, allowed_ends)
     if bias_values.shape[0] < bias_ids.shape[0]:
         bt.bias.n_ids = bias_values.shape[0]
     bt.has_allowed = &has_allowed[0]
