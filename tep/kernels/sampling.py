@@ -475,6 +475,31 @@ def _seeds(seed: Any, B: int) -> np.ndarray:
     return _int_knob("seed", arr, B, 0, 2**64 - 1, np.uint64)
 
 
+def _check_logprobs(logprobs: Any, V: int) -> None:
+    """``logprobs``: None or an integer in [0, min(MAX_LOGPROBS, V)]."""
+    if logprobs is None:
+        return
+    if isinstance(logprobs, (bool, np.bool_)) or not isinstance(logprobs, numbers.Integral):
+        raise TypeError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
+                        f"got {logprobs!r}")
+    if not 0 <= logprobs <= MAX_LOGPROBS:
+        raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}")
+    if logprobs > V:
+        raise ValueError(f"logprobs ({logprobs}) exceeds the vocabulary size {V}")
+
+
+def _steps(step: Any, B: int, headroom: int = 0) -> np.ndarray:
+    """``step`` as uint64 [1] (one for every row) or [B]; each value must leave
+    ``headroom`` further steps below 2**64 (speculative verification samples step + j)."""
+    top = 2**64 - headroom
+    if isinstance(step, numbers.Integral) and not isinstance(step, (bool, np.bool_)):
+        if not 0 <= int(step) < top:
+            bound = "2**64" if headroom == 0 else f"2**64 - {headroom}"
+            raise ValueError(f"step must be in [0, {bound}), got {int(step)}")
+        return np.array([int(step)], np.uint64)
+    return _int_knob("step", step, B, 0, top - 1, np.uint64)
+
+
 def _threads(n_threads: Any, B: int, V: int) -> int:
     if n_threads is None:
         if B < 2 or B * V < _PARALLEL_MIN_WORK:
@@ -599,25 +624,13 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
         return int(tokens[0]) if one else tokens
     if not isinstance(row_status, (bool, np.bool_)):
         raise TypeError(f"row_status must be a bool, got {row_status!r}")
-    if logprobs is not None:
-        if isinstance(logprobs, (bool, np.bool_)) or not isinstance(logprobs, numbers.Integral):
-            raise TypeError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
-                            f"got {logprobs!r}")
-        if not 0 <= logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}], got {logprobs}")
-        if logprobs > V:
-            raise ValueError(f"logprobs ({logprobs}) exceeds the vocabulary size {V}")
+    _check_logprobs(logprobs, V)
     knobs = _knob_matrix(B, V, dict(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty))
     sd = _seeds(seed, B)
-    if isinstance(step, numbers.Integral) and not isinstance(step, (bool, np.bool_)):
-        if not 0 <= int(step) < 2**64:
-            raise ValueError(f"step must be in [0, 2**64), got {int(step)}")
-        st = np.array([int(step)], np.uint64)
-    else:
-        st = _int_knob("step", step, B, 0, 2**64 - 1, np.uint64)
+    st = _steps(step, B)
     pr = _ragged_ids("prompt_token_ids", prompt_token_ids, B, V, one)
     ou = _ragged_ids("output_token_ids", output_token_ids, B, V, one)
     al = _ragged_ids("allowed_token_ids", allowed_token_ids, B, V, one)

@@ -14,16 +14,15 @@ a position do not depend on how many tokens the forward held.
 """
 from __future__ import annotations
 
-import numbers
 from typing import Any, Mapping, NamedTuple, Sequence
 
 import numpy as np
 
 from tep._kernels import speculative as _k
-from tep.kernels.sampling import (_FLOAT_KNOBS, _NO_MASK, MAX_LOGPROBS, STATUS_MESSAGES,
-                                  RowStatus, TokenSpans, _bitmask, _float_knob, _int_knob,
-                                  _knob_matrix, _logits_2d, _ragged_bias, _ragged_ids,
-                                  _seeds, _threads)
+from tep.kernels.sampling import (_FLOAT_KNOBS, _NO_MASK, STATUS_MESSAGES,
+                                  RowStatus, TokenSpans, _bitmask, _check_logprobs,
+                                  _float_knob, _int_knob, _knob_matrix, _logits_2d,
+                                  _ragged_bias, _ragged_ids, _seeds, _steps, _threads)
 
 __all__ = ["verify", "verify_rejection", "Verified", "MAX_DRAFT_TOKENS"]
 
@@ -145,23 +144,13 @@ def verify(logits: np.ndarray, draft_token_ids: Any, *, n_draft: Any = None,
         np.cumsum(rows[:-1], out=row_start[1:])
     if not isinstance(row_status, (bool, np.bool_)):
         raise TypeError(f"row_status must be a bool, got {row_status!r}")
-    if logprobs is not None:
-        if isinstance(logprobs, (bool, np.bool_)) or not isinstance(logprobs, numbers.Integral):
-            raise TypeError(f"logprobs must be None or an integer in [0, {MAX_LOGPROBS}], "
-                            f"got {logprobs!r}")
-        if not 0 <= logprobs <= min(MAX_LOGPROBS, V):
-            raise ValueError(f"logprobs must be in [0, {min(MAX_LOGPROBS, V)}], got {logprobs}")
+    _check_logprobs(logprobs, V)
     knobs = _knob_matrix(B, V, dict(
         temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
         frequency_penalty=frequency_penalty))
     sd = _seeds(seed, B)
-    if isinstance(step, numbers.Integral) and not isinstance(step, (bool, np.bool_)):
-        if not 0 <= int(step) < 2**64 - MAX_DRAFT_TOKENS:
-            raise ValueError(f"step must be in [0, 2**64 - {MAX_DRAFT_TOKENS}), got {int(step)}")
-        st = np.array([int(step)], np.uint64)
-    else:
-        st = _int_knob("step", step, B, 0, 2**64 - 1 - MAX_DRAFT_TOKENS, np.uint64)
+    st = _steps(step, B, MAX_DRAFT_TOKENS)
     pr = _ragged_ids("prompt_token_ids", prompt_token_ids, B, V, False)
     ou = _ragged_ids("output_token_ids", output_token_ids, B, V, False)
     al = _ragged_ids("allowed_token_ids", allowed_token_ids, B, V, False)
