@@ -510,17 +510,7 @@ class Engine:
                       "top_logprobs": list(zip(res.top_token_ids[i, j, :k].tolist(),
                                                res.top_logprobs[i, j, :k].tolist())),
                       "token_bytes": self._piece(tok)}
-            sink = s.sink
-            if tok in self._eog:
-                sink.emit_token(s.decoder.decode(b"", final=True), tok, **kw)
-                sink.emit_finish("stop")
-                self._finish(s, None)
-                return
-            text = self._text_cache.get(tok) if not s.pending else None
-            if not sink.emit_token(text if text is not None else self._text_of(s, tok),
-                                   tok, **kw):
-                self._finish(s, None, cancelled=sink._cancel.is_set()
-                             if hasattr(sink, "_cancel") else False)
+            if not self._emit(s, tok, kw):
                 return
         if err is not None and not s.done:
             self._finish(s, err)
@@ -650,16 +640,24 @@ class Engine:
                 self._finish(s, failed or (violation(tok) if violation is not None else
                                            ValueError(f"token {tok} broke the constraint")))
                 return
+        self._emit(s, tok, kw)
+
+    def _emit(self, s: Seq, tok: int, kw: dict) -> bool:
+        """Hand one sampled token to the sequence's sink; an end-of-generation ID finishes
+        it (``stop``), a sink that refuses (client gone, stop string, max_tokens) ends it.
+        Returns whether the sequence goes on."""
         sink = s.sink
         if tok in self._eog:
             sink.emit_token(s.decoder.decode(b"", final=True), tok, **kw)
             sink.emit_finish("stop")
             self._finish(s, None)
-            return
+            return False
         text = self._text_cache.get(tok) if not s.pending else None
         if not sink.emit_token(text if text is not None else self._text_of(s, tok), tok, **kw):
             self._finish(s, None, cancelled=sink._cancel.is_set()
                          if hasattr(sink, "_cancel") else False)
+            return False
+        return True
 
     def _drop_cancelled(self) -> None:
         if self.sched.waiting:

@@ -340,16 +340,7 @@ class RowState:
             kw.pop(k, None)
         kw["step"] = self.step[slots]
         if kw.pop("_penalized"):
-            # the histories in place: row i's prompt is hist[s, :P], its output
-            # hist[s, P:P+O] (empty spans for rows without penalties)
-            cap = self.hist.shape[1]
-            pen = self.penalized[slots]
-            base = slots * cap
-            p_end = np.where(pen, base + self.prompt_len[slots], 0)
-            o_end = np.where(pen, p_end + self.out_len[slots], 0)
-            flat = self.hist.reshape(-1)
-            kw["prompt_token_ids"] = TokenSpans(flat, np.where(pen, base, 0), p_end)
-            kw["output_token_ids"] = TokenSpans(flat, p_end, o_end)
+            kw["prompt_token_ids"], kw["output_token_ids"] = self._spans(slots)
         return kw
 
 
