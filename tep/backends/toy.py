@@ -141,13 +141,18 @@ class ToyBackend(Backend):
         return [self.model]
 
     def fingerprint(self, model: str) -> str | None:
-        """The weights are a function of (vocab size, dim, seed): those and tep's version."""
-        from tep import __version__
-        from tep.backend.fingerprint import fingerprint_of
+        """The weights are a function of (vocab size, dim, seed): those and tep's version
+        (hashed once: every answer carries it)."""
+        fp = self.__dict__.get("_fingerprint")
+        if fp is None:
+            from tep import __version__
+            from tep.backend.fingerprint import fingerprint_of
 
-        return fingerprint_of({"model": "tep-toy", "vocab_size": self.vocab_size,
-                               "dim": self.dim, "weights_seed": self.weights_seed,
-                               "instant": self.instant, "tep": __version__})
+            fp = self.__dict__["_fingerprint"] = fingerprint_of(
+                {"model": "tep-toy", "vocab_size": self.vocab_size, "dim": self.dim,
+                 "weights_seed": self.weights_seed, "instant": self.instant,
+                 "tep": __version__})
+        return fp
 
     def supports_chat(self) -> bool:
         return True
