@@ -28,6 +28,7 @@ pytest.importorskip("tokenizers", reason="needs the tep[bert] extra (tokenizers)
 from tep.backends import bert  # noqa: E402
 from tep.backends._bert_encoder import BertEncoder, gelu_erf  # noqa: E402
 from tep.errors import BadRequestError  # noqa: E402
+from support.process import process_log, watch_output  # noqa: E402
 
 MODEL_DIR = bert.default_model_dir()
 pytestmark = pytest.mark.skipif(
@@ -264,12 +265,13 @@ def live_url():
         [sys.executable, "-m", "tep", "serve", "--backend", "tep.backends.bert:MiniLMBackend",
          "--port", str(port), "--max-concurrency", "2", "--log-level", "warning"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    watch_output(proc)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     try:
         while True:
             if proc.poll() is not None:
-                out = proc.stdout.read().decode(errors="replace")
+                out = process_log(proc)
                 pytest.fail(f"tep serve exited with {proc.returncode}:\n{out[-3000:]}")
             try:
                 with urllib.request.urlopen(url + "/health", timeout=1) as r:
@@ -288,7 +290,6 @@ def live_url():
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
-        proc.stdout.close()
 
 
 @pytest.fixture(scope="module")

@@ -189,8 +189,9 @@ def test_backend_module_in_the_current_directory_loads_once_per_worker(tmp_path)
                              str(port), "--workers", "2"], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
-        from support.process import wait_health
+        from support.process import wait_health, watch_output
 
+        watch_output(proc)
         wait_health(f"http://127.0.0.1:{port}", proc)
         models = httpx.get(f"http://127.0.0.1:{port}/v1/models", timeout=5).json()
         assert [m["id"] for m in models["data"]] == ["bigram"]

@@ -9,7 +9,7 @@ import threading
 import time
 
 import httpx
-from support.process import child_env, free_port, start_process, stop_process
+from support.process import child_env, free_port, start_process, stop_process, process_log
 
 from tep.obs.events import read_events
 
@@ -59,7 +59,7 @@ def _serve_and_sigterm(tmp_path, *extra: str) -> tuple[int, list, list[dict], st
         for t in threads:
             t.join(30)
         code = proc.wait(timeout=40)
-        log = proc.stdout.read().decode(errors="replace")
+        log = process_log(proc)
     finally:
         stop_process(proc)
     assert refused, "the server still accepted connections after SIGTERM"

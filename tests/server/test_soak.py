@@ -18,7 +18,7 @@ from collections import Counter
 
 import httpx
 import pytest
-from support.process import child_env, free_port, start_process, stop_process
+from support.process import child_env, free_port, start_process, stop_process, process_log
 
 from support.prometheus import parse
 
@@ -144,7 +144,7 @@ def test_soak(tmp_path):
         m = _m(url)
         proc.send_signal(signal.SIGTERM)
         code = proc.wait(timeout=30)
-        log = proc.stdout.read().decode(errors="replace")
+        log = process_log(proc)
     finally:
         stop_process(proc)
     assert code == 0, log[-3000:]

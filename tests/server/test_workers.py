@@ -6,7 +6,7 @@ import signal
 import sys
 
 import httpx
-from support.process import child_env, free_port, start_process, stop_process
+from support.process import child_env, free_port, start_process, stop_process, process_log
 from test_shutdown import start_streams
 
 from tep.obs.events import read_events
@@ -42,7 +42,7 @@ def test_two_workers_metrics_events_and_sigterm(tmp_path):
         for t in threads:
             t.join(30)
         code = proc.wait(timeout=60)
-        log = proc.stdout.read().decode(errors="replace")
+        log = process_log(proc)
     finally:
         stop_process(proc)
     assert code == 0, log[-3000:]

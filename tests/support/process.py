@@ -5,13 +5,18 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import threading
 import time
+from collections import deque
 from pathlib import Path
 
 import httpx
 
 __all__ = ["TESTS", "ROOT", "free_port", "wait_health", "child_env", "start_process",
-           "stop_process", "obey_file_modes"]
+           "stop_process", "watch_output", "process_log", "obey_file_modes"]
+
+# The most of a child's output kept for failure messages (its tail).
+LOG_TAIL_BYTES = 1 << 20
 
 TESTS = Path(__file__).resolve().parents[1]
 ROOT = TESTS.parent
@@ -28,7 +33,7 @@ def wait_health(url: str, proc: subprocess.Popen | None, timeout: float = 60.0) 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
-            out = proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+            out = process_log(proc)
             raise RuntimeError(f"server exited with {proc.returncode}:\n{out[-4000:]}")
         try:
             if httpx.get(url + "/health", timeout=1.0).status_code == 200:
@@ -47,9 +52,43 @@ def child_env(**extra: str) -> dict[str, str]:
     return env
 
 
+def _drain(proc: subprocess.Popen, tail: deque) -> None:
+    # Read the child's output as it comes: an unread pipe fills (64 KiB) and then the
+    # child blocks in its next log write, freezing the server mid-test.
+    size = 0
+    for chunk in iter(lambda: proc.stdout.read1(65536), b""):
+        tail.append(chunk)
+        size += len(chunk)
+        while size > LOG_TAIL_BYTES and len(tail) > 1:
+            size -= len(tail.popleft())
+
+
+def watch_output(proc: subprocess.Popen) -> subprocess.Popen:
+    """Read ``proc``'s piped stdout on a thread from now on (see :func:`process_log`);
+    returns ``proc``."""
+    proc.log_tail = deque()  # type: ignore[attr-defined]
+    proc.log_reader = threading.Thread(  # type: ignore[attr-defined]
+        target=_drain, args=(proc, proc.log_tail), daemon=True)
+    proc.log_reader.start()
+    return proc
+
+
+def process_log(proc: subprocess.Popen, timeout: float = 10.0) -> str:
+    """The tail (``LOG_TAIL_BYTES``) of what a :func:`start_process` child wrote to
+    stdout/stderr; waits up to ``timeout`` s for the rest once the child has exited."""
+    reader = getattr(proc, "log_reader", None)
+    if reader is None:
+        return proc.stdout.read().decode(errors="replace") if proc.stdout else ""
+    if proc.poll() is not None:
+        reader.join(timeout)
+    return b"".join(list(proc.log_tail)).decode(errors="replace")
+
+
 def start_process(args: list[str], port: int, env: dict[str, str]) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    """Start a server child (stdout and stderr read on a thread, see :func:`process_log`)
+    and wait until ``/health`` answers; returns ``(process, base URL)``."""
+    proc = watch_output(subprocess.Popen(args, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                         stderr=subprocess.STDOUT))
     url = f"http://127.0.0.1:{port}"
     try:
         wait_health(url, proc)
