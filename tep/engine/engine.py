@@ -138,6 +138,7 @@ class Engine:
         self.spec_stats = self.stats.spec
         self._drafter: Any = None
         self._reject = False
+        self._spec_masks: dict | None = None   # {slot: [n_draft + 1, W] int32}, this step
         if self.spec is not None:
             self._rewind = getattr(model, "rewind", None)
             if not callable(self._rewind):
@@ -324,8 +325,9 @@ class Engine:
     # ---- speculative decoding
     def _propose(self, plan: Plan) -> dict:
         """{slot: draft tokens} for this step's decoding samplers (empty: a plain step).
-        A step that prefills or holds a constrained sequence (its masks are per row) does
-        not speculate; drafts never take the step past ``max_batch_tokens``."""
+        A step that prefills does not speculate; drafts never take the step past
+        ``max_batch_tokens``. A constrained sequence's drafts are cut at the first token
+        its grammar refuses (:meth:`_grammar_masks`)."""
         spec, rows = self.spec, self.rows
         if plan.prefills:
             # a step that prefills stays exactly the step it would be without speculation
@@ -334,8 +336,6 @@ class Engine:
         budget = self.sched.max_batch_tokens - len(plan.seqs)
         want: dict[int, int] = {}
         for s in plan.samplers:
-            if s.constraint is not None:
-                return {}
             if s.n_fed < s.plen:
                 continue                     # finishing its prompt this step
             k = getattr(s.sampling, "num_speculative_tokens", None)
@@ -358,7 +358,8 @@ class Engine:
         else:
             sample_from = None
             if spec.acceptance == "rejection" and all(  # type: ignore[union-attr]
-                    rows.rejection_ok(s.slot) for s in plan.samplers):
+                    rows.rejection_ok(s.slot) and s.constraint is None
+                    for s in plan.samplers):
                 self._reject = True
                 sample_from = {s.slot: (float(rows.temperature[s.slot]), int(rows.seed[s.slot]),
                                         int(rows.step[s.slot])) for s in plan.samplers
@@ -368,7 +369,52 @@ class Engine:
             except Exception:  # noqa: BLE001 - a drafter failure costs speed, never output
                 log.exception("the draft model failed; decoding this step without drafts")
                 return {}
-        return {slot: t[:want[slot]] for slot, t in out.items() if t}
+        drafts = {slot: list(t[:want[slot]]) for slot, t in out.items() if t}
+        self._spec_masks = None
+        if any(s.constraint is not None for s in plan.samplers):
+            self._spec_masks = self._grammar_masks(plan, drafts)
+        return {slot: t for slot, t in drafts.items() if t}
+
+    def _grammar_masks(self, plan: Plan, drafts: dict) -> dict:
+        """For each constrained sampler: its drafts cut at the first token the grammar
+        refuses (or after an end-of-generation token), and the grammar mask of each of
+        its verify rows, ``[n_draft + 1, W]`` int32 (row j = the state after j drafts),
+        so the target samples every row exactly as a plain constrained step would. The
+        matcher is walked down the drafts and rolled back: delivery accepts the tokens
+        that are emitted. Returns {slot: masks}; ``drafts`` is cut in place."""
+        from tep.structured.bitmask import bitmask_words
+
+        masks = {}
+        eog = self._eog
+        W = bitmask_words(self.vocab_size)
+        for s in plan.samplers:
+            c = s.constraint
+            if c is None:
+                continue
+            t = drafts.get(s.slot, [])
+            # a constraint without draft support (valid_prefix/rollback) never drafts
+            n = c.valid_prefix(t) if hasattr(c, "rollback") and hasattr(c, "valid_prefix") \
+                else 0
+            end = next((j + 1 for j, tok in enumerate(t[:n]) if tok in eog), n)
+            t = t[:end]
+            if s.slot in drafts:
+                drafts[s.slot] = t
+            m = np.empty((len(t) + 1, W), np.int32)
+            c.fill_bitmask(m[0])
+            walked = 0
+            try:
+                for j, tok in enumerate(t):
+                    if not c.accept(tok):      # valid_prefix said it would: a matcher bug
+                        del t[j:]
+                        m = m[:j + 1]
+                        break
+                    walked += 1
+                    c.fill_bitmask(m[j + 1])
+            finally:
+                if walked:
+                    c.rollback(walked)
+            masks[s.slot] = m
+        return masks
 
     def _spec_step(self, plan: Plan, drafts: dict, t0: float) -> None:
         """A step with drafts: each drafting sequence feeds its last token plus its drafts
@@ -432,7 +478,8 @@ class Engine:
         if self._reject:
             res, errors = self._verify_rejection(logits, slots, dr, nd, drafts)
         else:
-            res, errors = rows.verify_rows(logits, slots, dr, nd, static)
+            res, errors = rows.verify_rows(logits, slots, dr, nd, static,
+                                           self._spec_bitmask(samplers, nd))
         t3 = time.perf_counter()
         st.sample_s += t3 - t2
         if self.steps is not None:
@@ -470,6 +517,23 @@ class Engine:
             self._deliver_run(s, toks, i, res, err)
         st.step_s += time.perf_counter() - t0
 
+    def _spec_bitmask(self, samplers: list, nd: np.ndarray) -> np.ndarray | None:
+        """The verify call's grammar masks, int32 [sum(nd + 1), W] (all bits set for an
+        unconstrained sequence's rows), or None when no sampler is constrained."""
+        masks = self._spec_masks
+        if not masks:
+            return None
+        W = next(iter(masks.values())).shape[1]
+        bm = np.full((int(nd.sum()) + len(samplers), W), -1, np.int32)
+        r = 0
+        for i, s in enumerate(samplers):
+            n = int(nd[i]) + 1
+            m = masks.get(s.slot)
+            if m is not None:
+                bm[r:r + n] = m[:n]
+            r += n
+        return bm
+
     def _verify_rejection(self, logits: np.ndarray, slots: np.ndarray, dr: np.ndarray,
                           nd: np.ndarray, drafts: dict) -> tuple[Any, list]:
         """Rejection-sampling verification of draft-model drafts (every row of the step is
@@ -500,8 +564,11 @@ class Engine:
                      err: BaseException | None) -> None:
         """Deliver a verified run token by token until the sequence ends."""
         k = s.sampling.logprobs
+        c = s.constraint
         for j, tok in enumerate(toks):
             if s.done:
+                return
+            if c is not None and not self._grammar_accepts(s, c, tok):
                 return
             s.n_out += 1
             kw: dict = {}
@@ -633,14 +700,20 @@ class Engine:
                                            res.top_lps[i, :k].tolist())),
                   "token_bytes": self._piece(tok)}
         c = s.constraint
-        if c is not None:
-            failed = getattr(c, "failed", None)
-            if failed is not None or not c.accept(tok):
-                violation = getattr(c, "violation", None)   # a typed 400 for the client
-                self._finish(s, failed or (violation(tok) if violation is not None else
-                                           ValueError(f"token {tok} broke the constraint")))
-                return
+        if c is not None and not self._grammar_accepts(s, c, tok):
+            return
         self._emit(s, tok, kw)
+
+    def _grammar_accepts(self, s: Seq, c: Any, tok: int) -> bool:
+        """Advance ``s``'s constraint past ``tok``; when it refuses (or its mask failed
+        earlier) the sequence ends with the constraint's typed error."""
+        failed = getattr(c, "failed", None)
+        if failed is None and c.accept(tok):
+            return True
+        violation = getattr(c, "violation", None)   # a typed 400 for the client
+        self._finish(s, failed or (violation(tok) if violation is not None else
+                                   ValueError(f"token {tok} broke the constraint")))
+        return False
 
     def _emit(self, s: Seq, tok: int, kw: dict) -> bool:
         """Hand one sampled token to the sequence's sink; an end-of-generation ID finishes

@@ -184,13 +184,15 @@ class RowState:
             self.out_len[slot] += n
 
     def verify_rows(self, logits: np.ndarray, slots: np.ndarray, drafts: np.ndarray,
-                    n_draft: np.ndarray, static: dict | None = None) -> tuple[Any, list]:
+                    n_draft: np.ndarray, static: dict | None = None,
+                    token_bitmask: np.ndarray | None = None) -> tuple[Any, list]:
         """One :func:`tep.kernels.verify` call: row i (slot ``slots[i]``) owns
         ``n_draft[i] + 1`` consecutive rows of ``logits`` and proposes ``drafts[i, :n]``.
         Returns the :class:`tep.kernels.Verified` (``row_status=True``: a row the kernel
         refuses gets a status) and one entry per row, None or the exception that row
         raised: an argument the wrapper refuses for one row (a knob valid in float64 but
-        not float32) is found by verifying the rows one by one."""
+        not float32) is found by verifying the rows one by one. ``token_bitmask``: int32
+        [N, W], one grammar mask per logits row (structured outputs), or None."""
         from tep.kernels import verify
 
         B = slots.shape[0]
@@ -200,14 +202,17 @@ class RowState:
             kw["logprobs"] = n_lp
         t0 = time.perf_counter()
         try:
-            r = verify(logits, drafts, n_draft=n_draft, row_status=True, **kw)
+            r = verify(logits, drafts, n_draft=n_draft, row_status=True,
+                       token_bitmask=token_bitmask, **kw)
             errors: list = [None] * B
         except ValueError:
-            r, errors = self._verify_one_by_one(logits, slots, drafts, n_draft, n_lp)
+            r, errors = self._verify_one_by_one(logits, slots, drafts, n_draft, n_lp,
+                                                token_bitmask)
         self.kernel_s += time.perf_counter() - t0
         return r, errors
 
-    def _verify_one_by_one(self, logits, slots, drafts, n_draft, n_lp):  # noqa: ANN001, ANN202
+    def _verify_one_by_one(self, logits, slots, drafts, n_draft, n_lp,  # noqa: ANN001, ANN202
+                           token_bitmask=None):
         from tep.kernels import Verified, verify
 
         B, K = drafts.shape
@@ -228,8 +233,9 @@ class RowState:
             if n_lp >= 0:
                 one["logprobs"] = n_lp
             try:
+                bm = None if token_bitmask is None else token_bitmask[start:start + rows]
                 r = verify(logits[start:start + rows], drafts[i:i + 1], n_draft=n_draft[i:i + 1],
-                           row_status=True, **one)
+                           row_status=True, token_bitmask=bm, **one)
             except ValueError as e:
                 status[i] = -1
                 errors[i] = e

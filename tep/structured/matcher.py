@@ -131,6 +131,23 @@ class Constraint:
             return False
         return bool(self._m.consume_token(int(token_id)))
 
+    def valid_prefix(self, token_ids: Sequence[int]) -> int:
+        """How many of ``token_ids``, from the first, the grammar allows in a row from
+        the current state (the state itself does not move)."""
+        if not token_ids or self._m.is_error():
+            return 0
+        ids = [int(t) for t in token_ids]
+        if any(not 0 <= t < self.vocab_size for t in ids):
+            ids = ids[:next(j for j, t in enumerate(ids) if not 0 <= t < self.vocab_size)]
+        return int(self._m.validate_tokens(ids)) if ids else 0
+
+    def rollback(self, n: int) -> None:
+        """Undo the last ``n`` accepted tokens (speculative drafts whose masks were
+        filled ahead of verification)."""
+        if n > 0 and not self._m.rollback(int(n)):
+            raise RuntimeError(f"the grammar matcher could not roll back {n} tokens: "
+                               f"{self._m.get_error()}")
+
     def violation(self, token_id: int) -> ConstraintFailed:
         """The error that ends a sequence whose token :meth:`accept` refused: the
         matcher's own reason when it failed (e.g. its lexer hit a limit), else that the

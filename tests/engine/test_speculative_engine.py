@@ -203,3 +203,63 @@ def test_settings_and_the_request_field():
     for v in (-1, 65, "x"):
         with pytest.raises(BadRequestError):
             parse_sampling({"num_speculative_tokens": v}, default_max_tokens=16)
+
+
+def _grammar_constraint(pattern: str):
+    """A real llguidance constraint for a regex over the test models' byte vocabulary
+    (ids >= 257 spelled ``<n>``, as the models detokenize them)."""
+    pytest.importorskip("llguidance")
+    from support.engine_models import V
+    from tep.structured import grammar as G
+    from tep.structured.matcher import Constraint
+    from tep.structured.tokenizer import byte_tokenizer
+
+    tok = byte_tokenizer(V, EOG, lambda t: f"<{t}>")
+    return Constraint(G.regex_grammar(pattern), tok, "response_format")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_grammar_checked_drafts_equal_plain_constrained_decoding(temperature):
+    """Structured outputs with speculation: drafts are walked through the grammar (a
+    refused draft ends the run), every verify row samples under its grammar mask, and the
+    tokens are the plain constrained run's, among unconstrained sequences too."""
+    rng = random.Random(3)
+    # the prompt repeats "abcab": the n-gram drafter proposes "c" after "ab", which the
+    # first grammar refuses, and copies runs the second accepts
+    patterns = ["(ab[dx ]){4,12}", "(abcab|abc){3,9}z?", "[a-c]{5,40}"]
+    reqs, grammars = [], []
+    for i in range(9):
+        prompt = list(b"abcab" * 6)
+        s = Sampling(max_tokens=rng.randint(10, 40), temperature=temperature,
+                     seed=rng.randrange(2**32), num_speculative_tokens=None)
+        reqs.append((prompt, s))
+        grammars.append(patterns[i % 3] if i % 4 != 3 else None)   # some unconstrained
+
+    def run(spec):
+        model = InductionModel(16)
+        eng = Engine(model, max_num_seqs=16, max_batch_tokens=512, speculative=spec)
+        sinks, errors = [], []
+        for (prompt, s), g in zip(reqs, grammars):
+            k = StreamSink(s)
+            sinks.append(k)
+            eng.add_request(prompt, s, k, errors.append,
+                            constraint=_grammar_constraint(g) if g else None)
+        eng.run_until_idle()
+        assert errors == [None] * len(reqs), errors
+        return [outcome(k) for k in sinks], eng
+
+    plain, _ = run(None)
+    spec, eng = run(NGRAM)
+    assert spec == plain
+    for (ids, *_), g in zip(spec, grammars):
+        if g is not None:   # every token is one the grammar allows, in order
+            body = [t for t in ids if t != EOG]
+            assert _grammar_constraint(g).valid_prefix(body) == len(body), (g, ids)
+    st = eng.spec_stats
+    assert st.drafted["ngram"] > 0 and st.accepted["ngram"] > 0
+    # constrained sequences alone draft too (their drafts are not just dropped)
+    grammars[:] = [patterns[i % 3] for i in range(len(reqs))]
+    plain, _ = run(None)
+    spec, eng = run(NGRAM)
+    assert spec == plain
+    assert eng.spec_stats.accepted["ngram"] > 0

@@ -1,4 +1,5 @@
-"""The sampling kernel under AddressSanitizer, over the extreme-float fuzz.
+"""The sampling and speculative-verification kernels under AddressSanitizer, over the
+extreme-float fuzz (sample, verify and verify_rejection).
 
 A copy of the package is built with ``-fsanitize=address`` in a temporary directory (the
 sampling and speculative extensions; the others are copied as built), and

@@ -1,4 +1,5 @@
-"""Extreme-float fuzz of ``tep.kernels.sample``, shared by two tests.
+"""Extreme-float fuzz of ``tep.kernels.sample`` and the speculative ``verify`` /
+``verify_rejection``, shared by two tests.
 
 tests/test_sampling_extremes.py runs it in-process; tests/test_kernel_asan.py runs this file
 as a script against a copy of the sampling kernel built with AddressSanitizer, where a read
@@ -12,6 +13,13 @@ turn), and consecutive calls change V so that scratch memory left by one call me
 next. A call must either return tokens in [0, V) that the row allows, with a finite raw
 logit, or raise ValueError - and only when the contract says so (a knob outside its
 documented float32 range, or a row with no usable logit).
+
+Every third case also verifies drafts (:func:`verify_case`): ragged draft counts (0..16),
+draft ids sometimes outside [0, V) (a ValueError, never a read past the row), the same
+edge logits and knobs, draft probabilities that are sometimes not a distribution. An
+accepted run must repeat the drafts, end with an allowed finite-logit token, and - for
+rows without penalties, where each row stands alone - equal ``sample`` at the same
+(seed, step + j).
 """
 from __future__ import annotations
 
@@ -21,7 +29,8 @@ import time
 
 import numpy as np
 
-from tep.kernels import SampledRows, SampleResult, TokenSpans, sample
+from tep.kernels import (SampledRows, SampleResult, TokenSpans, Verified, sample, verify,
+                         verify_rejection)
 
 F32_MAX = float(np.finfo(np.float32).max)
 F32_TINY = float(np.finfo(np.float32).tiny)
@@ -184,6 +193,102 @@ def one_case(rng: np.random.Generator, on: set, V: int) -> None:
             assert 1 <= int(np.asarray(lp.ranks)[b]) <= V
 
 
+def verify_case(rng: np.random.Generator, V: int) -> None:
+    """One ``verify`` (or ``verify_rejection``) call on edge logits; assert the contract."""
+    B = int(rng.integers(1, 4))
+    K = int(rng.integers(1, 17))
+    nd = rng.integers(0, K + 1, B)
+    nd[int(rng.integers(B))] = K                       # K is the longest row
+    drafts = rng.integers(0, V, (B, K)).astype(np.int32)
+    bad_id = bool(rng.integers(8) == 0)
+    if bad_id:
+        drafts[int(rng.integers(B)), int(rng.integers(K))] = int(rng.choice([-1, V, 2**31 - 1]))
+    N = int((nd + 1).sum())
+    x = np.stack([_row(rng, V) for _ in range(N)])
+    # a draft that is the row's argmax sometimes, so runs get accepted
+    start = np.concatenate([[0], np.cumsum(nd + 1)[:-1]])
+    for b in range(B):
+        for j in range(int(nd[b])):
+            if rng.integers(2) and 0 <= drafts[b, j] < V:
+                x[start[b] + j, drafts[b, j]] = 50.0
+    seed = [int(s) for s in rng.integers(0, 2**63, B)]
+    step = [int(s) for s in rng.integers(0, 2**40, B)]
+    T = [float(rng.choice([0.0, T_GREEDY, 0.7, 1.0, 3e38, 1e-300])) for _ in range(B)]
+    used_bad = bad_id and any(not 0 <= drafts[b, j] < V for b in range(B)
+                              for j in range(int(nd[b])))
+    if rng.integers(4) == 0:                           # rejection sampling
+        M = int(nd.sum())
+        q = rng.random((M, V)).astype(np.float32)
+        q /= q.sum(axis=1, keepdims=True)
+        if M and rng.integers(4) == 0:
+            q[int(rng.integers(M)), 0] = rng.choice([np.nan, -1.0, 3e38])
+        try:
+            out = verify_rejection(x, drafts, q, n_draft=nd, temperature=T, seed=seed,
+                                   step=step, row_status=True)
+        except ValueError:
+            return
+        assert not used_bad, f"an out-of-range draft was accepted: {drafts} {nd}"
+        _check_verified(out, x, drafts, nd, start, V, None)
+        return
+    kw: dict = {"temperature": T}
+    allowed: list = [None] * B
+    if rng.integers(2):
+        kw["top_k"] = int(rng.choice([0, 1, 5, V]))
+        kw["top_p"] = float(rng.choice([1.0, 0.9, 1e-300]))
+        kw["min_p"] = float(rng.choice([0.0, 0.05, 1.0]))
+    if rng.integers(3) == 0:
+        allowed = [sorted(set(rng.integers(0, V, 4).tolist())) for _ in range(B)]
+        kw["allowed_token_ids"] = allowed
+    if rng.integers(3) == 0:
+        W = (V + 31) // 32
+        bits = rng.random((N, W * 32)) < rng.choice([0.05, 0.5, 1.0])
+        kw["token_bitmask"] = np.packbits(bits, axis=1, bitorder="little").view(np.int32).copy()
+    penalized = bool(rng.integers(4) == 0)
+    if penalized:
+        kw["repetition_penalty"] = 1.3
+        kw["frequency_penalty"] = 0.5
+        kw["output_token_ids"] = [rng.integers(0, V, 5).tolist() for _ in range(B)]
+    if rng.integers(3) == 0:
+        kw["logprobs"] = int(min(V, rng.choice([0, 2])))
+    try:
+        out = verify(x, drafts, n_draft=nd, seed=seed, step=step, row_status=True,
+                     n_threads=int(rng.integers(1, 3)), **kw)
+    except ValueError as e:
+        assert used_bad, f"a valid verify call was refused: {e!r}; V={V} nd={nd} {kw}"
+        return
+    assert not used_bad, f"an out-of-range draft was accepted: {drafts} {nd}"
+    _check_verified(out, x, drafts, nd, start, V, allowed)
+    if penalized or "token_bitmask" in kw:
+        return
+    for b in range(B):                                 # each row alone: sample's own draws
+        for j in range(int(out.n_tokens[b])):
+            if out.status[b] and j == int(out.n_tokens[b]) - 1:
+                break
+            one = {k: (v[b] if isinstance(v, list) else v) for k, v in kw.items()
+                   if k in ("temperature", "top_k", "top_p", "min_p")}
+            if allowed[b] is not None:
+                one["allowed_token_ids"] = allowed[b]
+            want = sample(x[start[b] + j], seed=seed[b], step=step[b] + j, **one)
+            assert int(out.token_ids[b, j]) == int(want), (b, j, kw)
+
+
+def _check_verified(out: Verified, x: np.ndarray, drafts: np.ndarray, nd: np.ndarray,
+                    start: np.ndarray, V: int, allowed: list | None) -> None:
+    for b in range(drafts.shape[0]):
+        n = int(out.n_tokens[b])
+        assert 0 <= n <= int(nd[b]) + 1, (n, nd[b])
+        assert (out.token_ids[b, n:] == -1).all()
+        ok = n - (1 if out.status[b] else 0)
+        for j in range(n):
+            t = int(out.token_ids[b, j])
+            assert 0 <= t < V, f"token {t} outside [0, {V})"
+            assert np.isfinite(x[start[b] + j, t]), f"drew a NaN/-inf token {t}"
+            if j < n - 1:
+                assert t == int(drafts[b, j]), "an accepted run must repeat the drafts"
+            if allowed is not None and allowed[b] is not None and j < ok:
+                assert t in allowed[b], (t, allowed[b])   # a draft too: it was sampled
+
+
 def crash_repro() -> None:
     """The report that started this file: top_p 0 in float32 with top_k and logprobs."""
     x = (np.random.default_rng(4).standard_normal(257) * 3).astype(np.float32)
@@ -208,6 +313,8 @@ def run(cases: int, seed: int = 0, budget_s: float = 1e9) -> int:
         # alternate large and small vocabularies: stale scratch meets the next call
         V = VOCABS[(n * 7) % len(VOCABS)] if n % 2 else int(rng.choice(VOCABS[:6]))
         one_case(rng, on, V)
+        if n % 3 == 0:
+            verify_case(rng, V)
         if time.monotonic() - t0 > budget_s:
             break
     return n
