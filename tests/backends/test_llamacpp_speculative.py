@@ -4,7 +4,8 @@ The property exact verification rests on: the logits llama.cpp gives for a posit
 the same bits whether the forward fed 1 token of the sequence or K + 1 (a verify step),
 alone or beside other sequences, and after a rewind. Then, end to end on the engine: 10
 prompts, greedy and seeded temperature 0.8, give the same tokens with ``--speculative
-ngram`` as without, alone and among 16 concurrent sequences.
+ngram`` as without, alone and among 16 concurrent sequences; and with a JSON-schema
+constraint (grammar-checked drafts), the same tokens as plain constrained decoding.
 """
 from __future__ import annotations
 
@@ -130,4 +131,47 @@ def test_engine_tokens_with_ngram_equal_without(model, prompts, temperature):
     many, eng = _run(model, ps, ss16, spec)
     plain16, _ = _run(model, ps, ss16, None)
     assert many == plain16
+    assert eng.spec_stats.accepted.get("ngram", 0) > 0
+
+
+def test_json_schema_outputs_with_ngram_equal_without(model):
+    """Structured outputs with speculation on the real model: the drafts are checked
+    against the grammar, every verify row samples under its mask, and the tokens (which
+    parse as the schema's JSON) are those of plain constrained decoding."""
+    import json
+
+    from tep.structured import make_constraint, parse_constraint
+
+    schema = {"type": "object", "properties": {
+        "fruits": {"type": "array", "items": {"type": "string", "enum":
+                                              ["apple", "pear", "plum"]},
+                   "minItems": 6, "maxItems": 9}}, "required": ["fruits"],
+        "additionalProperties": False}
+    spec = parse_constraint({"response_format": {"type": "json_schema", "json_schema": {
+        "name": "fruits", "schema": schema}}}, "chat")
+    ask = ("Copy this list as JSON: apple, pear, plum, apple, pear, plum, apple, pear.")
+    p = model.tokenize(render_chat(model.chat_template, [{"role": "user", "content": ask}],
+                                   bos_token=model.bos_token, eos_token=model.eos_token),
+                       add_special=False)
+    ss = [Sampling(max_tokens=60, temperature=t, seed=7 + i)
+          for i, t in enumerate([0.0, 0.0, 0.8, 0.8])]
+
+    def run(spec_cfg):
+        eng = Engine(model, max_num_seqs=4, max_batch_tokens=512, speculative=spec_cfg)
+        sinks, errs = [], []
+        for s in ss:
+            k = StreamSink(s)
+            sinks.append(k)
+            eng.add_request(p, s, k, errs.append,
+                            constraint=make_constraint(spec, model.structured_tokenizer()))
+        eng.run_until_idle()
+        assert errs == [None] * len(sinks)
+        return [k.result() for k in sinks], eng
+
+    plain, _ = run(None)
+    fast, eng = run(SpecConfig(mode="ngram", k=6))
+    assert [c.token_ids for c in fast] == [c.token_ids for c in plain]
+    for c in fast:
+        if c.finish_reason == "stop":
+            assert set(json.loads(c.text)) == {"fruits"}
     assert eng.spec_stats.accepted.get("ngram", 0) > 0
