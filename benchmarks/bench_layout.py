@@ -39,6 +39,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _harness import Server  # noqa: E402
+from _report import write_result  # noqa: E402
 
 TOY = "tep.backends.toy:ToyBackend"
 KERNEL_SHAPES = ((1, 128256), (64, 32000))
@@ -187,12 +188,9 @@ def main() -> None:
            "stream_reps": a.stream_reps, "kernel_reps": a.kernel_reps,
            "server_backend": TOY, "extra_after_backend": a.extra_after,
            "trees": {s: {"path": str(p), "commit": _commit(p)} for s, p in trees.items()},
-           "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                       "loadavg_end": os.getloadavg()},
+           "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
            "table": table, "medians": med, "rounds_raw": rows}
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1))
+    write_result(a.json, out)
 
 
 def _commit(tree: Path) -> str | None:
