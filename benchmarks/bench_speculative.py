@@ -71,6 +71,12 @@ def prompt(kind: str, i: int) -> str:
     return FREE[i % len(FREE)]
 
 
+def model_id(args: argparse.Namespace) -> str:
+    """The model name requests carry: tep serves the GGUF under its file name (and answers
+    404 to any other); llama-server takes any name."""
+    return Path(args.model).stem
+
+
 def tep_server(mode: str, args: argparse.Namespace) -> Server:
     env = dict(os.environ, TEP_MODEL=str(args.model), TEP_THREADS=str(args.threads),
                TEP_MAX_NUM_SEQS="8", TEP_CONTEXT_SIZE=str(CTX), TEP_SPECULATIVE=mode,
@@ -80,7 +86,8 @@ def tep_server(mode: str, args: argparse.Namespace) -> Server:
     cmd = [sys.executable, "-m", "tep", "serve", "--backend", "llamacpp", "--host",
            "127.0.0.1", "--port", "{port}", "--max-concurrency", "16",
            "--log-level", "warning"]
-    return Server(cmd, env, name=f"tep-{mode}", ready=answers_chat("m"), timeout_s=600.0)
+    return Server(cmd, env, name=f"tep-{mode}", ready=answers_chat(model_id(args)),
+                  timeout_s=600.0)
 
 
 def llama_server(mode: str, args: argparse.Namespace) -> Server:
@@ -89,7 +96,8 @@ def llama_server(mode: str, args: argparse.Namespace) -> Server:
            "-c", str(8 * CTX), "--no-webui", "--log-disable"]
     if mode != "none":
         cmd += ["--spec-type", mode]
-    return Server(cmd, name=f"llama-server-{mode}", ready=answers_chat("m"), timeout_s=600.0)
+    return Server(cmd, name=f"llama-server-{mode}", ready=answers_chat(model_id(args)),
+                  timeout_s=600.0)
 
 
 SPEC_COUNTERS = ("tep_spec_drafted_tokens", "tep_spec_accepted_tokens", "tep_spec_runs")
@@ -156,7 +164,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         def body(k: int, i: int) -> dict:
             j = k * args.per_client + i
-            return {"model": "m", "messages": [{"role": "user", "content": prompt(kind, j)}],
+            return {"model": model_id(args), "messages": [{"role": "user", "content": prompt(kind, j)}],
                     "max_tokens": MAX_TOKENS, "temperature": T, "seed": j}
         res, streams = run_async(run_clients(url, clients, args.per_client, body))
         res["texts"] = [r.text for r in streams]
