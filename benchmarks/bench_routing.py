@@ -51,6 +51,25 @@ from _report import print_targets, write_result  # noqa: E402
 SYSTEM = "You are a helpful assistant. Answer in one short sentence."
 
 
+def _question(u: int, t: int) -> dict:
+    """User ``u``'s message of turn ``t``."""
+    return {"role": "user", "content": f"I am user {u}. Question {t}: what is {u + 3 * t} "
+                                       f"plus {7 * t + 1}?"}
+
+
+def _histories(users: int, turns: int) -> list[list[dict]]:
+    """Every request's messages in this workload, in order (answers stand in as 40
+    characters), for the in-process router timings."""
+    convs = []
+    for u in range(users):
+        msgs = [{"role": "system", "content": SYSTEM}]
+        for t in range(turns):
+            msgs = msgs + [_question(u, t)]
+            convs.append(msgs)
+            msgs = msgs + [{"role": "assistant", "content": "x" * 40}]
+    return convs
+
+
 def _replica_totals(url: str) -> tuple[float, float, int]:
     text = metrics_text(url)
     hit = metric_values(text, "tep_replica_prefix_cache_hit_tokens_total")
@@ -83,8 +102,7 @@ def run_workload(url: str, model: str, users: int, turns: int, workers: int,
             for t in range(turns):
                 if t and think_s:
                     time.sleep(rnd.uniform(0, think_s))   # the user reads, then types
-                msgs.append({"role": "user", "content": f"I am user {u}. Question {t}: what "
-                             f"is {u + 3 * t} plus {7 * t + 1}?"})
+                msgs.append(_question(u, t))
                 body = {"model": model, "messages": msgs, "max_tokens": max_tokens,
                         "seed": u * 100 + t, "temperature": 0.7, "stream": True,
                         "stream_options": {"include_usage": True}}
@@ -173,14 +191,7 @@ def key_hash_cost(users: int, turns: int) -> dict:
     of CPU), on this workload's chat histories (answers stand in as 40 characters)."""
     from tep.server.ray.prefix_table import PrefixTable, RouteKey, chat_key_bytes
 
-    convs = []
-    for u in range(users):
-        msgs = [{"role": "system", "content": SYSTEM}]
-        for t in range(turns):
-            msgs = msgs + [{"role": "user", "content": f"I am user {u}. Question {t}: what "
-                            f"is {u + 3 * t} plus {7 * t + 1}?"}]
-            convs.append(list(msgs))
-            msgs = msgs + [{"role": "assistant", "content": "x" * 40}]
+    convs = _histories(users, turns)
     reps = [f"r{i}" for i in range(8)]
     table = PrefixTable()
     t0 = time.thread_time()
@@ -210,14 +221,7 @@ def router_microbench(users: int, turns: int, n: int = 8) -> dict:
             for i in range(n)]
     router = object.__new__(PrefixRouter)   # the routing logic alone, no Ray state
     router.initialize_state()
-    keys = []
-    for u in range(users):
-        msgs = [{"role": "system", "content": SYSTEM}]
-        for t in range(turns):
-            msgs = msgs + [{"role": "user", "content": f"I am user {u}. Question {t}: what "
-                            f"is {u + 3 * t} plus {7 * t + 1}?"}]
-            keys.append(RouteKey.of(chat_key_bytes("m", msgs)))
-            msgs = msgs + [{"role": "assistant", "content": "x" * 40}]
+    keys = [RouteKey.of(chat_key_bytes("m", m)) for m in _histories(users, turns)]
 
     async def go() -> float:
         cpu = 0.0
