@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Server  # noqa: E402
+from _harness import Server, stream_chat  # noqa: E402
 from _report import write_result  # noqa: E402
 
 TOY = "tep.backends.toy:ToyBackend"
@@ -107,24 +107,14 @@ async def _rps(port: int, duration: float, conns: int) -> float:
 
 async def _stream1(port: int, n_tokens: int) -> float:
     import httpx
-    url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": "tep-toy", "prompt": "Hello!", "max_tokens": n_tokens,
-            "temperature": 0.0, "stream": True}
-    first = last = None
-    chunks = 0
+            "temperature": 0.0}
     async with httpx.AsyncClient(timeout=60) as client:
-        async with client.stream("POST", url, json=body) as r:
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                ch = json.loads(line[6:]).get("choices") or []
-                if ch and ch[0].get("text"):
-                    last = time.perf_counter()
-                    first = first or last
-                    chunks += 1
+        r = await stream_chat(client, f"http://127.0.0.1:{port}", body, "/v1/completions")
+    chunks = len(r.times)
     if chunks < n_tokens * 0.9:
         raise RuntimeError(f"stream gave {chunks} content chunks, wanted ~{n_tokens}")
-    return (chunks - 1) / (last - first)
+    return (chunks - 1) / (r.times[-1] - r.times[0])
 
 
 def serve_measure(tree: Path, backend: str, duration: float, conns: int,
