@@ -265,6 +265,16 @@ def check_sse(url: str) -> None:
         got = httpx.post(url + "/v1/chat/completions", json=chat, timeout=60).json()
         want = local_json(local, "/v1/chat/completions", chat)
         assert got["choices"] == want["choices"] and got["usage"] == want["usage"]
+        # the text routes that need the replica's chat template and token bytes
+        msgs = [{"role": "user", "content": "count me"}]
+        for path, body in [
+            ("/apply-template", {"model": "tep-toy", "messages": msgs}),
+            ("/tokenize", {"model": "tep-toy", "messages": msgs, "with_pieces": True}),
+            ("/v1/messages/count_tokens", {"model": "tep-toy", "messages": msgs}),
+        ]:
+            r = httpx.post(url + path, json=body, timeout=60)
+            assert r.status_code == 200, (path, r.text[:300])
+            assert r.json() == local_json(local, path, body), path
     finally:
         local.close()
     # answers that need no model name the ingress; errors keep their envelope

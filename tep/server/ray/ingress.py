@@ -96,6 +96,9 @@ class RemoteBackend(Backend):
     def supports_prompt_logprobs(self) -> bool:
         return bool(self.info.get("supports_prompt_logprobs"))
 
+    def supports_chat_template(self) -> bool:
+        return bool(self.info.get("supports_chat_template"))
+
     def embedding_dimensions(self, model: str) -> int | None:
         return self.info.get("embedding_dimensions", {}).get(model)
 
@@ -122,6 +125,12 @@ class RemoteBackend(Backend):
 
     def prompt_logprobs(self, model: str, token_ids: list[int], top_n: int) -> list:
         return self.handle.prompt_logprobs.remote(model, list(token_ids), top_n).result()
+
+    def token_bytes(self, model: str, token_ids: list[int]) -> list[bytes]:
+        return self.handle.token_bytes.remote(model, list(token_ids)).result()
+
+    def apply_chat_template(self, req: Any) -> str:
+        return self.handle.apply_chat_template.remote(req).result()
 
     # ---- non-blocking entries (called on the event loop)
     def submit(self, model: str, token_ids: Any, sampling: Any, sink: Any, on_done: Any, *,

@@ -99,6 +99,7 @@ class ModelReplica:
             "supports_tokenize": b.supports_tokenize(),
             "supports_detokenize": b.supports_detokenize(),
             "supports_prompt_logprobs": b.supports_prompt_logprobs(),
+            "supports_chat_template": b.supports_chat_template(),
             "device_kind": b.device_kind(),
             "max_num_seqs": int(engine.sched.max_num_seqs) if engine is not None else None,
         }
@@ -118,6 +119,12 @@ class ModelReplica:
 
     def prompt_logprobs(self, model: str, ids: list[int], top_n: int) -> list:
         return list(self.backend.prompt_logprobs(model, ids, top_n))
+
+    def token_bytes(self, model: str, ids: list[int]) -> list[bytes]:
+        return [bytes(b) for b in self.backend.token_bytes(model, ids)]
+
+    def apply_chat_template(self, req: Any) -> str:
+        return self.backend.apply_chat_template(req)
 
     async def embed(self, model: str, ids: list[list[int]]) -> Any:
         b = self.backend
