@@ -15,19 +15,22 @@ Draft sources:
 - ``draft``: a second :class:`tep.engine.Model` (a smaller GGUF) decodes K tokens greedily
   per step for every speculating sequence, batched (see :class:`DraftModelDrafter`).
 
-Adaptive K: each sequence keeps an exponential average of its acceptance; its next K is
-about the run that average predicts pays for itself, and a sequence whose drafts keep
-failing stops drafting for a while (free text does not pay for useless verification).
+How many drafts to verify is decided per step, for the whole batch
+(:func:`plan_drafts`): each sequence's acceptance estimate (:class:`Acceptance`) and the
+forward's measured cost by tokens fed (:class:`StepCost`) give the draft lengths that
+maximise expected tokens per second, which is none when drafts would not pay - so free
+text, whose drafts are rarely accepted, runs as without speculation.
 """
 from __future__ import annotations
 
+import bisect
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["SpecConfig", "SpecStats", "NgramDrafter", "DraftModelDrafter", "AdaptiveK",
-           "MODES", "ACCEPTANCE"]
+__all__ = ["SpecConfig", "SpecStats", "NgramDrafter", "DraftModelDrafter", "Acceptance",
+           "StepCost", "plan_drafts", "MODES", "ACCEPTANCE"]
 
 MODES = ("off", "ngram", "draft")
 ACCEPTANCE = ("exact", "rejection")
@@ -98,47 +101,122 @@ class SpecStats:
         return self.accepted.get(source, 0) / r if r else 0.0
 
 
-class AdaptiveK:
-    """Per-slot draft length from recent acceptance.
+class Acceptance:
+    """Each slot's estimate of p, the chance that its next draft token is accepted.
 
-    After each verification the slot's acceptance average a (EMA of accepted/drafted) is
-    updated; K = the run length the average predicts (a / (1 - a) tokens, +1), clamped to
-    [1, k_max]. A slot with a < ``floor`` pauses drafting for ``backoff`` steps, doubling
-    on each further failure (free text settles at almost no drafting)."""
+    A verification of k drafts of which a were accepted is a geometric trial: a
+    successes, then one failure when a < k. The estimate is successes / trials over an
+    exponentially fading window (``decay`` per verification) with a ``prior`` worth
+    ``prior_weight`` trials; a step in which the slot does not draft moves it back toward
+    the prior by ``recover`` (a sequence that stopped drafting is offered a draft again
+    now and then: copying may start later in a text)."""
 
-    def __init__(self, slots: int, k_max: int, *, alpha: float = 0.5, floor: float = 0.25,
-                 backoff: int = 4, max_backoff: int = 64) -> None:
-        self.k_max = k_max
-        self.alpha, self.floor = alpha, floor
-        self.backoff0, self.max_backoff = backoff, max_backoff
-        self.rate = np.full(slots, 0.6)
-        self.pause = np.zeros(slots, np.int64)
-        self.backoff = np.full(slots, backoff, np.int64)
+    def __init__(self, slots: int, *, prior: float = 0.5, prior_weight: float = 1.0,
+                 decay: float = 0.8, recover: float = 0.03) -> None:
+        self.prior, self.prior_weight = prior, prior_weight
+        self.decay, self.recover = decay, recover
+        self.hits = [0.0] * slots
+        self.trials = [0.0] * slots
 
     def reset(self, slot: int) -> None:
-        self.rate[slot] = 0.6
-        self.pause[slot] = 0
-        self.backoff[slot] = self.backoff0
+        self.hits[slot] = self.trials[slot] = 0.0
 
-    def k_for(self, slot: int, cap: int) -> int:
-        """Drafts to ask for this step (0 = plain decode)."""
-        if self.pause[slot] > 0:
-            self.pause[slot] -= 1
-            return 0
-        a = float(self.rate[slot])
-        k = int(a / max(1.0 - a, 1e-3)) + 1
-        return max(0, min(k, self.k_max, cap))
+    def p(self, slot: int) -> float:
+        w = self.prior_weight
+        return (self.hits[slot] + w * self.prior) / (self.trials[slot] + w)
 
     def update(self, slot: int, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
-        r = self.rate[slot] = (1 - self.alpha) * self.rate[slot] + self.alpha * (accepted / drafted)
-        if r < self.floor:
-            self.pause[slot] = self.backoff[slot]
-            self.backoff[slot] = min(self.backoff[slot] * 2, self.max_backoff)
-            self.rate[slot] = self.floor        # try again after the pause
-        elif accepted > 0:
-            self.backoff[slot] = self.backoff0
+        d = self.decay
+        self.hits[slot] = d * self.hits[slot] + accepted
+        self.trials[slot] = d * self.trials[slot] + accepted + (accepted < drafted)
+
+    def idle(self, slot: int) -> None:
+        """The slot decoded without drafts this step."""
+        r = 1.0 - self.recover
+        self.hits[slot] *= r
+        self.trials[slot] *= r
+
+
+class StepCost:
+    """What a decode step's forward costs (seconds) by the tokens it feeds, learned from
+    the steps the engine runs: an exponential average per token count.
+
+    A count not seen yet is estimated from the seen ones: linearly between the nearest
+    two; beyond the largest, with the slope of the last two (or, with one point,
+    ``prior_slope`` x its cost per extra token - optimistic, so the engine tries a draft
+    and learns the real price); below the smallest, as the smallest."""
+
+    def __init__(self, *, alpha: float = 0.1, prior_slope: float = 0.05) -> None:
+        self.alpha, self.prior_slope = alpha, prior_slope
+        self._t: dict[int, float] = {}
+        self._keys: list[int] = []
+
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        if n_tokens <= 0 or not seconds > 0:
+            return
+        old = self._t.get(n_tokens)
+        if old is None:
+            self._t[n_tokens] = seconds
+            self._keys = sorted(self._t)
+        else:
+            self._t[n_tokens] = old + self.alpha * (seconds - old)
+
+    def __call__(self, n_tokens: int) -> float | None:
+        t = self._t.get(n_tokens)
+        if t is not None:
+            return t
+        keys = self._keys
+        if not keys:
+            return None
+        i = bisect.bisect_left(keys, n_tokens)
+        if i == 0:
+            return self._t[keys[0]]
+        lo = keys[i - 1]
+        if i < len(keys):
+            hi = keys[i]
+            f = (n_tokens - lo) / (hi - lo)
+            return self._t[lo] + f * (self._t[hi] - self._t[lo])
+        if i >= 2:
+            lo2 = keys[i - 2]
+            slope = max(0.0, (self._t[lo] - self._t[lo2]) / (lo - lo2))
+        else:
+            slope = self.prior_slope * self._t[lo]
+        return self._t[lo] + slope * (n_tokens - lo)
+
+
+def plan_drafts(base_tokens: int, offers: Sequence[tuple[int, float, int]],
+                cost: StepCost, *, margin: float = 0.02) -> dict[int, int]:
+    """How many drafts each slot verifies this step: ``offers`` = (slot, p, most).
+
+    The choice maximises expected tokens emitted per second of forward. Every decoding
+    row emits one token; the j-th draft of a slot adds p**j expected tokens (it counts
+    only when the j - 1 before it were accepted) and one token to the batch. Drafts are
+    taken best first and the prefix with the best ratio wins - not the first that stops
+    improving, since a step's cost is not linear in its tokens (on a CPU, two tokens of
+    one sequence can cost much more than one, a third little more). A prefix must beat
+    the plain step by ``margin`` (measured costs are noisy). Returns {slot: k > 0}."""
+    base = cost(base_tokens)
+    if base is None or not offers:
+        return {}
+    gains = sorted(((p ** j, slot) for slot, p, most in offers if p > 0
+                    for j in range(1, most + 1)), reverse=True)
+    expected = float(base_tokens)
+    best, best_m = expected / base * (1.0 + margin), 0
+    n = base_tokens
+    for m, (g, _) in enumerate(gains, 1):
+        n += 1
+        expected += g
+        c = cost(n)
+        if c is None or c <= 0:
+            break
+        if expected / c > best:
+            best, best_m = expected / c, m
+    out: dict[int, int] = {}
+    for _, slot in gains[:best_m]:
+        out[slot] = out.get(slot, 0) + 1
+    return out
 
 
 class NgramDrafter:
