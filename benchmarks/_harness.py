@@ -1,4 +1,5 @@
-"""The one benchmark harness: server processes, a streaming load client, rounds,
+"""The one benchmark harness: server processes, readiness polling, a streaming load
+client, a raw keep-alive HTTP/1.1 client for request-rate loads, /metrics reading, rounds,
 percentiles, tables. Every script in benchmarks/ that starts a server or drives HTTP load
 takes these instead of its own copy (``_timing`` times in-process calls, ``_report``
 writes the targets and the JSON file, ``_machine`` describes the box).
@@ -12,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import statistics
 import subprocess
@@ -22,8 +24,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["ROOT", "free_port", "Server", "answers_chat", "pct", "StreamResult", "stream_chat",
-           "run_clients", "run_async", "summarize", "rounds", "table", "print_table"]
+__all__ = ["ROOT", "free_port", "wait_ready", "Server", "answers_chat", "metrics_text",
+           "metric_values", "pct", "StreamResult", "stream_chat", "run_clients", "Conn",
+           "post_loop", "run_async", "summarize", "rounds", "table", "print_table"]
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -33,6 +36,29 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _answers(url: str, path: str) -> bool:
+    try:
+        with urllib.request.urlopen(url + path, timeout=2) as r:
+            return r.status == 200
+    except OSError:
+        return False
+
+
+def wait_ready(url: str, ready: str | Callable[[str], bool] = "/health",
+               timeout_s: float = 120.0, proc: subprocess.Popen | None = None) -> None:
+    """Poll until ``url`` is ready: ``ready`` is a path that must answer GET with 200, or a
+    callable ``(url) -> bool``. RuntimeError when ``proc`` (if given) exits first ("exited")
+    or after ``timeout_s`` ("did not come up in ...")."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError("exited")
+        if ready(url) if callable(ready) else _answers(url, ready):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"did not come up in {timeout_s}s")
 
 
 class Server:
@@ -58,29 +84,20 @@ class Server:
         self.log = tempfile.TemporaryFile()
         self.proc: subprocess.Popen | None = None
 
-    def _is_ready(self) -> bool:
-        if callable(self.ready):
-            return self.ready(self.url)
-        try:
-            with urllib.request.urlopen(self.url + self.ready, timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
-
     def start(self) -> "Server":
         """Start the process and wait until it is ready (RuntimeError with its log tail
         when it exits or does not come up in ``timeout_s``)."""
         self.proc = subprocess.Popen(self.cmd, cwd=self.cwd, env=self.env, stdout=self.log,
                                      stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.time() + self.timeout_s
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"{self.name} exited: {self.tail()}")
-            if self._is_ready():
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise RuntimeError(f"{self.name} did not come up in {self.timeout_s}s: {self.tail()}")
+        try:
+            wait_ready(self.url, self.ready, self.timeout_s, self.proc)
+        except RuntimeError as e:
+            self.stop()
+            raise RuntimeError(f"{self.name} {e}: {self.tail()}") from None
+        except BaseException:   # Ctrl-C while waiting: no server left behind
+            self.stop()
+            raise
+        return self
 
     def tail(self, n: int = 2000) -> str:
         """The last ``n`` characters of the server's output."""
@@ -124,6 +141,23 @@ def answers_chat(model: str) -> Callable[[str], bool]:
         except OSError:
             return False
     return probe
+
+
+def metrics_text(url: str, timeout: float = 30.0) -> str:
+    """The Prometheus exposition text at ``url``/metrics (OSError when it cannot be read)."""
+    with urllib.request.urlopen(url + "/metrics", timeout=timeout) as r:
+        return r.read().decode()
+
+
+def metric_values(text: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one metric's samples in an exposition text (labels as
+    written, e.g. ``'{source="ngram"}'``; ``""`` for a sample without labels)."""
+    out = {}
+    for line in text.splitlines():
+        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
+        if m:
+            out[m.group(1) or ""] = float(m.group(2))
+    return out
 
 
 def pct(xs: Sequence[float], q: float) -> float | None:
@@ -209,19 +243,106 @@ async def run_clients(url: str, clients: int, per_client: int,
     return summarize(results, wall), results
 
 
+# ---- a raw keep-alive HTTP/1.1 client: far less client CPU per request than httpx, for
+# request-rate and many-stream loads where the client shares the cores with the server
+
+CONTENT = re.compile(rb'"content":"[^"]')
+
+
+class Conn:
+    """One keep-alive HTTP/1.1 connection to 127.0.0.1:port (``await Conn(port).open()``)."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+
+    async def open(self) -> "Conn":
+        self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port)
+        return self
+
+    async def post(self, path: str, body: bytes, on_first: Callable[[], Any] | None = None,
+                   first: "re.Pattern[bytes]" = CONTENT) -> tuple[int, bytes]:
+        """POST and read the whole response (chunked or Content-Length); ``on_first()``
+        runs when a piece of the body first matches ``first`` (default: a non-empty
+        ``"content":"``). Returns (status, de-chunked body)."""
+        self.w.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body)) + body)
+        await self.w.drain()
+        status_line = await self.r.readline()
+        status = int(status_line.split()[1])
+        length, chunked = None, False
+        while True:
+            line = await self.r.readline()
+            if line in (b"\r\n", b""):
+                break
+            k, _, v = line.partition(b":")
+            k = k.strip().lower()
+            if k == b"content-length":
+                length = int(v)
+            elif k == b"transfer-encoding" and b"chunked" in v.lower():
+                chunked = True
+        parts = []
+        seen = on_first is None
+        if chunked:
+            while True:
+                size = int((await self.r.readline()).split(b";")[0], 16)
+                data = await self.r.readexactly(size + 2)
+                if size == 0:
+                    break
+                if not seen and first.search(data):
+                    seen = True
+                    on_first()
+                parts.append(data[:-2])
+        else:
+            data = await self.r.readexactly(length or 0)
+            if not seen and first.search(data):
+                on_first()
+            parts.append(data)
+        return status, b"".join(parts)
+
+    def close(self) -> None:
+        self.w.close()
+
+
+async def post_loop(port: int, path: str, make_body: Callable[[], bytes], conns: int,
+                    duration_s: float) -> dict:
+    """``conns`` keep-alive connections (:class:`Conn`), each POSTing ``make_body()`` to
+    ``path`` back to back until ``duration_s`` has passed; any status but 200 raises.
+    Returns requests done, wall seconds (connections opened included) and this process's
+    CPU seconds over the same span."""
+    done = [0]
+    stop = time.perf_counter() + duration_s
+
+    async def worker() -> None:
+        c = await Conn(port).open()
+        while time.perf_counter() < stop:
+            status, _ = await c.post(path, make_body())
+            if status != 200:
+                raise RuntimeError(f"status {status}")
+            done[0] += 1
+        c.close()
+
+    cpu0, t0 = time.process_time(), time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(conns)))
+    wall = time.perf_counter() - t0
+    return {"requests": done[0], "wall_s": wall, "client_cpu_s": time.process_time() - cpu0}
+
+
 def run_async(coro: Any) -> Any:
     """Run one coroutine to completion from synchronous benchmark code."""
     return asyncio.run(coro)
 
 
 def rounds(cases: Sequence[Any], n_rounds: int, measure: Callable[[int, Any], dict],
-           key: str = "tokens_per_s") -> dict:
+           key: str = "tokens_per_s", rotate: bool = False) -> dict:
     """Measure every case once per round, in turn, round after round, so drift in machine
-    load (this box is 2 shared cores) hits all cases alike. Returns ``{case: {"runs":
-    [measure(round, case) ...], "median": median of run[key]}}``."""
+    load (this box is 2 shared cores) hits all cases alike; with ``rotate``, round ``r``
+    starts at case ``r mod len(cases)`` (so no case always goes first). Returns ``{case:
+    {"runs": [measure(round, case) ...], "median": median of run[key]}}``."""
     out: dict = {c: {"runs": []} for c in cases}
+    cases = list(cases)
     for r in range(n_rounds):
-        for c in cases:
+        k = r % len(cases) if rotate and cases else 0
+        for c in cases[k:] + cases[:k]:
             out[c]["runs"].append(measure(r, c))
     for c in cases:
         vals = [run[key] for run in out[c]["runs"] if run.get(key) is not None]

@@ -38,6 +38,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from _report import write_result  # noqa: E402
 
 _WORDS = (
     "the of and to in is was for on that with as by at from it an be this are or have which "
@@ -298,8 +301,7 @@ def main() -> int:
            "rows": rows, "http": http,
            "sentence_transformers": {k: v for k, v in st.items() if k != "seconds"},
            "st_vs_tep_min_cosine": st_cos}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(doc, indent=1) + "\n")
+    write_result(args.json, doc)
     print(f"wrote {args.json}")
     return 0
 

@@ -41,7 +41,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from _machine import describe  # noqa: E402
-from _harness import Server  # noqa: E402
+from _harness import Conn, Server, pct, post_loop  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
 from tep.backend import StreamSink  # noqa: E402
@@ -185,26 +185,14 @@ async def _post_stream(port: int, path: str, body: bytes, token: "re.Pattern[byt
     """POST on a fresh connection and read the chunked body. Returns (seconds to the first
     chunk holding a ``token`` match, matches in the whole body = tokens)."""
     t0 = time.perf_counter()
-    r, w = await asyncio.open_connection("127.0.0.1", port)
-    w.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-            b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body)) + body)
-    await w.drain()
-    status = int((await r.readline()).split()[1])
-    while (await r.readline()) not in (b"\r\n", b""):
-        pass
+    c = await Conn(port).open()
+    ttft = []
+    status, data = await c.post(path, body, on_first=lambda: ttft.append(time.perf_counter() - t0),
+                                first=token)
+    c.close()
     if status != 200:
         raise RuntimeError(f"status {status}")
-    ttft, parts = None, []
-    while True:
-        size = int((await r.readline()).split(b";")[0], 16)
-        data = await r.readexactly(size + 2)
-        if size == 0:
-            break
-        if ttft is None and token.search(data):
-            ttft = time.perf_counter() - t0
-        parts.append(data[:-2])
-    w.close()
-    return (ttft if ttft is not None else float("nan")), len(token.findall(b"".join(parts)))
+    return (ttft[0] if ttft else float("nan")), len(token.findall(data))
 
 
 async def _streams(port: int, path: str, body: bytes, token: "re.Pattern[bytes]",
@@ -222,8 +210,8 @@ async def _streams(port: int, path: str, body: bytes, token: "re.Pattern[bytes]"
     t0 = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(clients)))
     wall = time.perf_counter() - t0
-    return {"tokens_per_s": tokens[0] / wall, "ttft_p50_ms": 1e3 * float(np.median(ttfts)),
-            "ttft_p99_ms": 1e3 * float(np.percentile(ttfts, 99)), "tokens": tokens[0],
+    return {"tokens_per_s": tokens[0] / wall, "ttft_p50_ms": 1e3 * pct(ttfts, 50),
+            "ttft_p99_ms": 1e3 * pct(ttfts, 99), "tokens": tokens[0],
             "wall_s": wall}
 
 
@@ -287,33 +275,13 @@ _WORDS = ("the quick brown fox jumps over a lazy dog while seven bright stars sh
 
 async def _embed_load(port: int, clients: int, duration_s: float) -> dict:
     rng = random.Random(0)
-    n = [0]
-    end = time.perf_counter() + duration_s
 
-    async def client(i: int) -> None:
-        r, w = await asyncio.open_connection("127.0.0.1", port)
-        while time.perf_counter() < end:
-            text = " ".join(rng.choice(_WORDS) for _ in range(12))
-            body = json.dumps({"model": "all-MiniLM-L6-v2", "input": text}).encode()
-            w.write(b"POST /v1/embeddings HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-                    b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                    % len(body) + body)
-            await w.drain()
-            status = int((await r.readline()).split()[1])
-            length = 0
-            while (line := await r.readline()) not in (b"\r\n", b""):
-                k, _, v = line.partition(b":")
-                if k.strip().lower() == b"content-length":
-                    length = int(v)
-            await r.readexactly(length)
-            if status != 200:
-                raise RuntimeError(f"status {status}")
-            n[0] += 1
-        w.close()
+    def body() -> bytes:
+        text = " ".join(rng.choice(_WORDS) for _ in range(12))
+        return json.dumps({"model": "all-MiniLM-L6-v2", "input": text}).encode()
 
-    t0 = time.perf_counter()
-    await asyncio.gather(*(client(i) for i in range(clients)))
-    return {"requests_per_s": n[0] / (time.perf_counter() - t0), "requests": n[0]}
+    r = await post_loop(port, "/v1/embeddings", body, clients, duration_s)
+    return {"requests_per_s": r["requests"] / r["wall_s"], "requests": r["requests"]}
 
 
 def bench_embeddings(clients: int, duration_s: float, repeats: int, wait_ms: float) -> list[dict]:

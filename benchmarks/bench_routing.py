@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import random
-import re
 import statistics
 import sys
 import threading
@@ -46,31 +45,42 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from _machine import describe  # noqa: E402
+from _harness import metric_values, metrics_text, pct, wait_ready  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
 SYSTEM = "You are a helpful assistant. Answer in one short sentence."
 
 
-def _metric(text: str, name: str) -> dict[str, float]:
-    out = {}
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
-        if m:
-            out[m.group(1) or ""] = float(m.group(2))
-    return out
+def _question(u: int, t: int) -> dict:
+    """User ``u``'s message of turn ``t``."""
+    return {"role": "user", "content": f"I am user {u}. Question {t}: what is {u + 3 * t} "
+                                       f"plus {7 * t + 1}?"}
+
+
+def _histories(users: int, turns: int) -> list[list[dict]]:
+    """Every request's messages in this workload, in order (answers stand in as 40
+    characters), for the in-process router timings."""
+    convs = []
+    for u in range(users):
+        msgs = [{"role": "system", "content": SYSTEM}]
+        for t in range(turns):
+            msgs = msgs + [_question(u, t)]
+            convs.append(msgs)
+            msgs = msgs + [{"role": "assistant", "content": "x" * 40}]
+    return convs
 
 
 def _replica_totals(url: str) -> tuple[float, float, int]:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    hit = _metric(text, "tep_replica_prefix_cache_hit_tokens_total")
-    miss = _metric(text, "tep_replica_prefix_cache_miss_tokens_total")
+    text = metrics_text(url)
+    hit = metric_values(text, "tep_replica_prefix_cache_hit_tokens_total")
+    miss = metric_values(text, "tep_replica_prefix_cache_miss_tokens_total")
     return sum(hit.values()), sum(miss.values()), len(hit)
 
 
 def _router_cost(url: str) -> tuple[float, float]:
-    text = httpx.get(url + "/metrics", timeout=30).text
-    s = sum(_metric(text, "tep_router_route_seconds_total").values())
-    n = sum(_metric(text, "tep_router_routed_total").values())
+    text = metrics_text(url)
+    s = sum(metric_values(text, "tep_router_route_seconds_total").values())
+    n = sum(metric_values(text, "tep_router_routed_total").values())
     return s, n
 
 
@@ -92,8 +102,7 @@ def run_workload(url: str, model: str, users: int, turns: int, workers: int,
             for t in range(turns):
                 if t and think_s:
                     time.sleep(rnd.uniform(0, think_s))   # the user reads, then types
-                msgs.append({"role": "user", "content": f"I am user {u}. Question {t}: what "
-                             f"is {u + 3 * t} plus {7 * t + 1}?"})
+                msgs.append(_question(u, t))
                 body = {"model": model, "messages": msgs, "max_tokens": max_tokens,
                         "seed": u * 100 + t, "temperature": 0.7, "stream": True,
                         "stream_options": {"include_usage": True}}
@@ -134,10 +143,8 @@ def run_workload(url: str, model: str, users: int, turns: int, workers: int,
         for f in [ex.submit(user, u) for u in range(users)]:
             f.result()
     wall = time.perf_counter() - t0
-    ttft.sort()
     return {"wall_s": wall, "completion_tokens": tokens[0], "tokens_per_s": tokens[0] / wall,
-            "ttft_p50_ms": 1e3 * statistics.median(ttft),
-            "ttft_p99_ms": 1e3 * ttft[min(len(ttft) - 1, int(0.99 * len(ttft)))],
+            "ttft_p50_ms": 1e3 * pct(ttft, 50), "ttft_p99_ms": 1e3 * pct(ttft, 99),
             "requests": users * turns, "same_replica_share": stick[0] / max(stick[1], 1),
             "turn_prompt_tokens": [statistics.mean(x) for x in per_turn_prompt],
             "turn_answer_tokens": [statistics.mean(x) for x in per_turn_answer]}
@@ -153,13 +160,7 @@ def deploy_and_run(serve, port: int, backend: str, options: dict, n: int, router
     t0 = time.perf_counter()
     serve.run(app, name="tep", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        try:
-            if httpx.get(url + "/health", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
+    wait_ready(url, timeout_s=300.0)
     start_s = time.perf_counter() - t0
     model = model or httpx.get(url + "/v1/models", timeout=30).json()["data"][0]["id"]
     res = run_workload(url, model, args.users, args.turns, args.workers, max_tokens,
@@ -190,14 +191,7 @@ def key_hash_cost(users: int, turns: int) -> dict:
     of CPU), on this workload's chat histories (answers stand in as 40 characters)."""
     from tep.server.ray.prefix_table import PrefixTable, RouteKey, chat_key_bytes
 
-    convs = []
-    for u in range(users):
-        msgs = [{"role": "system", "content": SYSTEM}]
-        for t in range(turns):
-            msgs = msgs + [{"role": "user", "content": f"I am user {u}. Question {t}: what "
-                            f"is {u + 3 * t} plus {7 * t + 1}?"}]
-            convs.append(list(msgs))
-            msgs = msgs + [{"role": "assistant", "content": "x" * 40}]
+    convs = _histories(users, turns)
     reps = [f"r{i}" for i in range(8)]
     table = PrefixTable()
     t0 = time.thread_time()
@@ -227,14 +221,7 @@ def router_microbench(users: int, turns: int, n: int = 8) -> dict:
             for i in range(n)]
     router = object.__new__(PrefixRouter)   # the routing logic alone, no Ray state
     router.initialize_state()
-    keys = []
-    for u in range(users):
-        msgs = [{"role": "system", "content": SYSTEM}]
-        for t in range(turns):
-            msgs = msgs + [{"role": "user", "content": f"I am user {u}. Question {t}: what "
-                            f"is {u + 3 * t} plus {7 * t + 1}?"}]
-            keys.append(RouteKey.of(chat_key_bytes("m", msgs)))
-            msgs = msgs + [{"role": "assistant", "content": "x" * 40}]
+    keys = [RouteKey.of(chat_key_bytes("m", m)) for m in _histories(users, turns)]
 
     async def go() -> float:
         cpu = 0.0

@@ -50,7 +50,7 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
 from _machine import describe  # noqa: E402
-from _harness import Server  # noqa: E402
+from _harness import Conn, Server, post_loop  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
 MODEL = "tep-toy"
@@ -79,63 +79,6 @@ def chat_body(max_tokens: int, stream: bool) -> bytes:
                        "temperature": 0.0}).encode()
 
 
-# ---- a small asyncio HTTP/1.1 client (keep-alive, chunked) ---------------------------------
-
-_CONTENT = re.compile(rb'"content":"[^"]')
-
-
-class Conn:
-    """One keep-alive HTTP/1.1 connection to 127.0.0.1:port."""
-
-    def __init__(self, port: int) -> None:
-        self.port = port
-
-    async def open(self) -> "Conn":
-        self.r, self.w = await asyncio.open_connection("127.0.0.1", self.port)
-        return self
-
-    async def post(self, path: str, body: bytes, on_first_content=None) -> tuple[int, bytes]:
-        """POST and read the whole response; ``on_first_content()`` runs when the first
-        non-empty ``"content":"`` arrives. Returns (status, de-chunked body)."""
-        self.w.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                     b"Content-Length: %d\r\n\r\n" % (path.encode(), len(body)) + body)
-        await self.w.drain()
-        status_line = await self.r.readline()
-        status = int(status_line.split()[1])
-        length, chunked = None, False
-        while True:
-            line = await self.r.readline()
-            if line in (b"\r\n", b""):
-                break
-            k, _, v = line.partition(b":")
-            k = k.strip().lower()
-            if k == b"content-length":
-                length = int(v)
-            elif k == b"transfer-encoding" and b"chunked" in v.lower():
-                chunked = True
-        parts = []
-        seen = on_first_content is None
-        if chunked:
-            while True:
-                size = int((await self.r.readline()).split(b";")[0], 16)
-                data = await self.r.readexactly(size + 2)
-                if size == 0:
-                    break
-                if not seen and _CONTENT.search(data):
-                    seen = True
-                    on_first_content()
-                parts.append(data[:-2])
-        else:
-            data = await self.r.readexactly(length or 0)
-            if not seen and _CONTENT.search(data):
-                on_first_content()
-            parts.append(data)
-        return status, b"".join(parts)
-
-    def close(self) -> None:
-        self.w.close()
-
-
 def content_chars(body: bytes, stream: bool) -> int:
     """Characters of generated text in a chat response (= tokens here: 1 char per token)."""
     if not stream:
@@ -154,8 +97,7 @@ async def one_stream(port: int, n_tokens: int) -> dict:
     t = {}
     t0 = time.perf_counter()
     status, body = await c.post("/v1/chat/completions", chat_body(n_tokens, True),
-                                on_first_content=lambda: t.setdefault("first",
-                                                                     time.perf_counter()))
+                                on_first=lambda: t.setdefault("first", time.perf_counter()))
     t_end = time.perf_counter()
     c.close()
     toks = content_chars(body, True)
@@ -167,23 +109,9 @@ async def one_stream(port: int, n_tokens: int) -> dict:
 async def asyncio_rps(port: int, conns: int, duration_s: float) -> dict:
     """Non-streaming requests/s with ``conns`` keep-alive connections (the fallback client)."""
     body = chat_body(16, False)
-    done = [0]
-    stop = time.perf_counter() + duration_s
-
-    async def worker() -> None:
-        c = await Conn(port).open()
-        while time.perf_counter() < stop:
-            status, _ = await c.post("/v1/chat/completions", body)
-            if status != 200:
-                raise RuntimeError(f"status {status}")
-            done[0] += 1
-        c.close()
-
-    cpu0, t0 = time.process_time(), time.perf_counter()
-    await asyncio.gather(*(worker() for _ in range(conns)))
-    wall = time.perf_counter() - t0
-    return {"rps": done[0] / wall, "requests": done[0], "client_cpu_frac":
-            (time.process_time() - cpu0) / wall, "tool": "asyncio"}
+    r = await post_loop(port, "/v1/chat/completions", lambda: body, conns, duration_s)
+    return {"rps": r["requests"] / r["wall_s"], "requests": r["requests"],
+            "client_cpu_frac": r["client_cpu_s"] / r["wall_s"], "tool": "asyncio"}
 
 
 _LUA = """wrk.method = "POST"

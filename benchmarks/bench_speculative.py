@@ -23,7 +23,6 @@ import json
 import os
 import re
 import sys
-import urllib.request
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -31,7 +30,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from _harness import Server, answers_chat, rounds, run_async, run_clients, table  # noqa: E402
+from _harness import (Server, answers_chat, metric_values, metrics_text, rounds,  # noqa: E402
+                      run_async, run_clients, table)
 from _machine import describe  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
@@ -71,6 +71,12 @@ def prompt(kind: str, i: int) -> str:
     return FREE[i % len(FREE)]
 
 
+def model_id(args: argparse.Namespace) -> str:
+    """The model name requests carry: tep serves the GGUF under its file name (and answers
+    404 to any other); llama-server takes any name."""
+    return Path(args.model).stem
+
+
 def tep_server(mode: str, args: argparse.Namespace) -> Server:
     env = dict(os.environ, TEP_MODEL=str(args.model), TEP_THREADS=str(args.threads),
                TEP_MAX_NUM_SEQS="8", TEP_CONTEXT_SIZE=str(CTX), TEP_SPECULATIVE=mode,
@@ -80,7 +86,8 @@ def tep_server(mode: str, args: argparse.Namespace) -> Server:
     cmd = [sys.executable, "-m", "tep", "serve", "--backend", "llamacpp", "--host",
            "127.0.0.1", "--port", "{port}", "--max-concurrency", "16",
            "--log-level", "warning"]
-    return Server(cmd, env, name=f"tep-{mode}", ready=answers_chat("m"), timeout_s=600.0)
+    return Server(cmd, env, name=f"tep-{mode}", ready=answers_chat(model_id(args)),
+                  timeout_s=600.0)
 
 
 def llama_server(mode: str, args: argparse.Namespace) -> Server:
@@ -89,20 +96,25 @@ def llama_server(mode: str, args: argparse.Namespace) -> Server:
            "-c", str(8 * CTX), "--no-webui", "--log-disable"]
     if mode != "none":
         cmd += ["--spec-type", mode]
-    return Server(cmd, name=f"llama-server-{mode}", ready=answers_chat("m"), timeout_s=600.0)
+    return Server(cmd, name=f"llama-server-{mode}", ready=answers_chat(model_id(args)),
+                  timeout_s=600.0)
+
+
+SPEC_COUNTERS = ("tep_spec_drafted_tokens", "tep_spec_accepted_tokens", "tep_spec_runs")
 
 
 def spec_metrics(url: str) -> dict:
     """tep_spec_* counters from /metrics, by source."""
     try:
-        with urllib.request.urlopen(url + "/metrics", timeout=10) as r:
-            text = r.read().decode()
+        text = metrics_text(url, timeout=10)
     except OSError:
         return {}
     out: dict = {}
-    for m in re.finditer(r'^(tep_spec_\w+?)(?:_total)?\{source="(\w+)"\} ([0-9.e+-]+)$',
-                         text, re.M):
-        out.setdefault(m.group(2), {})[m.group(1)] = float(m.group(3))
+    for name in SPEC_COUNTERS:
+        for labels, v in metric_values(text, name + "_total").items():
+            m = re.fullmatch(r'\{source="(\w+)"\}', labels)
+            if m:
+                out.setdefault(m.group(1), {})[name] = v
     return out
 
 
@@ -152,16 +164,14 @@ def main(argv: list[str] | None = None) -> dict:
 
         def body(k: int, i: int) -> dict:
             j = k * args.per_client + i
-            return {"model": "m", "messages": [{"role": "user", "content": prompt(kind, j)}],
+            return {"model": model_id(args), "messages": [{"role": "user", "content": prompt(kind, j)}],
                     "max_tokens": MAX_TOKENS, "temperature": T, "seed": j}
         res, streams = run_async(run_clients(url, clients, args.per_client, body))
         res["texts"] = [r.text for r in streams]
         after = spec_metrics(url)
         for src, m in after.items():
             b = before.get(src, {})
-            d = {k: m.get(k, 0) - b.get(k, 0) for k in ("tep_spec_drafted_tokens",
-                                                         "tep_spec_accepted_tokens",
-                                                         "tep_spec_runs")}
+            d = {k: m.get(k, 0) - b.get(k, 0) for k in SPEC_COUNTERS}
             res["drafted"] = d["tep_spec_drafted_tokens"]
             res["accepted"] = d["tep_spec_accepted_tokens"]
             res["runs"] = d["tep_spec_runs"]
