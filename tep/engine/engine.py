@@ -147,7 +147,8 @@ class Engine:
                                  f"({type(model).__name__} has none)")
             S = self.sched.max_num_seqs
             self._accept = Acceptance(S)
-            self._cost = StepCost()
+            self._cost = StepCost.of(model)
+            self._kind: dict[int, int] = {}      # {slot: draft kind} of this step
             self._drafter = (NgramDrafter(S) if self.spec.mode == "ngram" else
                              DraftModelDrafter(self.spec.draft_model, S, self.vocab_size))
             self._ctx = getattr(model, "context_size", None)
@@ -361,13 +362,17 @@ class Engine:
                 if s.constraint is not None and props.get(s.slot):
                     props[s.slot] = props[s.slot][:self._grammar_prefix(s.constraint,
                                                                         props[s.slot])]
-            offers = [(slot, acc.p(slot), len(t)) for slot, t in props.items() if t]
+            kind = d.kind
+            offers = [(slot, acc.p(slot, kind[slot]), len(t)) for slot, t in props.items() if t]
         else:
-            offers = [(slot, acc.p(slot), k) for slot, k in caps.items()]
+            offers = [(slot, acc.p(slot, 0), k) for slot, k in caps.items()]
         want = plan_drafts(len(plan.seqs), offers, self._cost)
         for slot in caps:
             if slot not in want:
                 acc.idle(slot)
+        if not want:
+            acc.idle_all()
+        self._kind = {slot: d.kind[slot] for slot in want}
         for slot, k in list(want.items()):  # never past max_batch_tokens
             want[slot] = k = min(k, budget)
             budget -= k
@@ -524,7 +529,7 @@ class Engine:
                 if k:
                     a = n - 1
                     self._drafter.verified(slot, a)
-                    self._accept.update(slot, k, a)
+                    self._accept.update(slot, self._kind.get(slot, 0), k, a)
                     self.spec_stats.add(source, k, a, n)
                 self._drafter.extend(slot, toks)
                 rows.record_run(slot, toks)

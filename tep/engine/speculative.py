@@ -24,6 +24,7 @@ text, whose drafts are rarely accepted, runs as without speculation.
 from __future__ import annotations
 
 import bisect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -35,6 +36,19 @@ __all__ = ["SpecConfig", "SpecStats", "NgramDrafter", "DraftModelDrafter", "Acce
 MODES = ("off", "ngram", "draft")
 ACCEPTANCE = ("exact", "rejection")
 NGRAM_SIZES = (3, 2, 1)
+# An n-gram draft's kind is the length of its match with the text before it (looked up
+# to MATCH_REACH tokens back), bucketed: a long match is a copied run, whose drafts are
+# accepted far more often than a 1-token coincidence in free text.
+MATCH_REACH = 32
+MATCH_BUCKETS = (1, 2, 3, 4, 8, 16)          # kind i + 1: match length >= MATCH_BUCKETS[i]
+# The acceptance a kind is expected to have before the engine has seen any (index 0: a
+# draft model's drafts); learned away after a few verifications.
+KIND_START = (0.8, 0.5, 0.6, 0.7, 0.85, 0.93, 0.97)
+
+
+def match_kind(length: int) -> int:
+    """The draft kind (1..6) of an n-gram match of ``length`` tokens."""
+    return bisect.bisect_right(MATCH_BUCKETS, length)
 
 
 @dataclass(frozen=True)
@@ -102,41 +116,72 @@ class SpecStats:
 
 
 class Acceptance:
-    """Each slot's estimate of p, the chance that its next draft token is accepted.
+    """The chance p that a slot's next draft token is accepted, by draft kind (0: a draft
+    model's drafts; 1..6: an n-gram draft by the length of its match, :func:`match_kind`).
 
     A verification of k drafts of which a were accepted is a geometric trial: a
-    successes, then one failure when a < k. The estimate is successes / trials over an
-    exponentially fading window (``decay`` per verification) with a ``prior`` worth
-    ``prior_weight`` trials; a step in which the slot does not draft moves it back toward
-    the prior by ``recover`` (a sequence that stopped drafting is offered a draft again
-    now and then: copying may start later in a text)."""
+    successes, then one failure when a < k. Per slot and kind, p = successes / trials
+    over a fading window (``decay`` per verification), with the engine-wide estimate for
+    that kind as a prior worth ``weight`` trials; the engine-wide estimate itself fades
+    (``global_decay``) toward ``start[kind]``. A step in which a slot does not
+    draft moves it back toward the prior by ``recover``, and a step in which nobody
+    drafts moves the engine-wide estimates toward ``start`` by ``recover`` / 10, so a
+    text that starts copying late is offered drafts again. Kinds separate what predicts
+    well (a 3-gram that continues a copied run) from what does not (a 1-gram in free
+    text)."""
 
-    def __init__(self, slots: int, *, prior: float = 0.5, prior_weight: float = 1.0,
-                 decay: float = 0.8, recover: float = 0.03) -> None:
-        self.prior, self.prior_weight = prior, prior_weight
-        self.decay, self.recover = decay, recover
-        self.hits = [0.0] * slots
-        self.trials = [0.0] * slots
+    KINDS = len(KIND_START)
+
+    def __init__(self, slots: int, *, start: Sequence[float] = KIND_START,
+                 weight: float = 1.0, decay: float = 0.8, global_decay: float = 0.97,
+                 recover: float = 0.03) -> None:
+        if len(start) != self.KINDS:
+            raise ValueError(f"start needs {self.KINDS} values (one per kind)")
+        self.start, self.weight = tuple(start), weight
+        self.decay, self.global_decay, self.recover = decay, global_decay, recover
+        self.hits = [[0.0] * self.KINDS for _ in range(slots)]
+        self.trials = [[0.0] * self.KINDS for _ in range(slots)]
+        self.g_hits = [0.0] * self.KINDS
+        self.g_trials = [0.0] * self.KINDS
 
     def reset(self, slot: int) -> None:
-        self.hits[slot] = self.trials[slot] = 0.0
+        self.hits[slot] = [0.0] * self.KINDS
+        self.trials[slot] = [0.0] * self.KINDS
 
-    def p(self, slot: int) -> float:
-        w = self.prior_weight
-        return (self.hits[slot] + w * self.prior) / (self.trials[slot] + w)
+    def prior(self, kind: int) -> float:
+        """The engine-wide estimate for ``kind``."""
+        return (self.g_hits[kind] + self.start[kind]) / (self.g_trials[kind] + 1.0)
 
-    def update(self, slot: int, drafted: int, accepted: int) -> None:
+    def p(self, slot: int, kind: int) -> float:
+        w = self.weight
+        return ((self.hits[slot][kind] + w * self.prior(kind))
+                / (self.trials[slot][kind] + w))
+
+    def update(self, slot: int, kind: int, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
-        d = self.decay
-        self.hits[slot] = d * self.hits[slot] + accepted
-        self.trials[slot] = d * self.trials[slot] + accepted + (accepted < drafted)
+        trials = accepted + (accepted < drafted)
+        h, t, d = self.hits[slot], self.trials[slot], self.decay
+        h[kind] = d * h[kind] + accepted
+        t[kind] = d * t[kind] + trials
+        g = self.global_decay
+        self.g_hits[kind] = g * self.g_hits[kind] + accepted
+        self.g_trials[kind] = g * self.g_trials[kind] + trials
 
     def idle(self, slot: int) -> None:
         """The slot decoded without drafts this step."""
         r = 1.0 - self.recover
-        self.hits[slot] *= r
-        self.trials[slot] *= r
+        h, t = self.hits[slot], self.trials[slot]
+        for k in range(self.KINDS):
+            h[k] *= r
+            t[k] *= r
+
+    def idle_all(self) -> None:
+        """Nobody drafted this step."""
+        r = 1.0 - self.recover / 10
+        for k in range(self.KINDS):
+            self.g_hits[k] *= r
+            self.g_trials[k] *= r
 
 
 class StepCost:
@@ -151,17 +196,33 @@ class StepCost:
     def __init__(self, *, alpha: float = 0.1, prior_slope: float = 0.05) -> None:
         self.alpha, self.prior_slope = alpha, prior_slope
         self._t: dict[int, float] = {}
+        self._n: dict[int, int] = {}
         self._keys: list[int] = []
+
+    @classmethod
+    def of(cls, model: Any) -> "StepCost":
+        """The cost table of ``model`` (shared by every engine that runs it: the cost is
+        the model's and the machine's, and a new engine need not learn it again)."""
+        try:
+            c = _COSTS.get(model)
+            if c is None:
+                c = _COSTS[model] = cls()
+            return c
+        except TypeError:            # not weak-referenceable: this engine's own table
+            return cls()
 
     def observe(self, n_tokens: int, seconds: float) -> None:
         if n_tokens <= 0 or not seconds > 0:
             return
+        n = self._n.get(n_tokens, 0) + 1
+        self._n[n_tokens] = n
         old = self._t.get(n_tokens)
         if old is None:
             self._t[n_tokens] = seconds
             self._keys = sorted(self._t)
-        else:
-            self._t[n_tokens] = old + self.alpha * (seconds - old)
+        else:   # a plain mean over the first 1/alpha steps (one slow step is not the
+            # price), then an exponential average
+            self._t[n_tokens] = old + max(self.alpha, 1.0 / n) * (seconds - old)
 
     def __call__(self, n_tokens: int) -> float | None:
         t = self._t.get(n_tokens)
@@ -184,6 +245,9 @@ class StepCost:
         else:
             slope = self.prior_slope * self._t[lo]
         return self._t[lo] + slope * (n_tokens - lo)
+
+
+_COSTS: "weakref.WeakKeyDictionary[Any, StepCost]" = weakref.WeakKeyDictionary()
 
 
 def plan_drafts(base_tokens: int, offers: Sequence[tuple[int, float, int]],
@@ -233,6 +297,7 @@ class NgramDrafter:
         self._toks: list[list[int] | None] = [None] * slots
         self._index: list[list[dict] | None] = [None] * slots
         self._done = np.zeros(slots, np.int64)     # positions indexed so far
+        self.kind = [0] * slots     # the kind of each slot's last proposal (match_kind)
 
     def admit(self, slot: int, prompt: Sequence[int]) -> None:
         self._toks[slot] = [int(t) for t in prompt]
@@ -267,6 +332,11 @@ class NgramDrafter:
             if L >= n:
                 q = d.get(tuple(toks[L - n:]))
                 if q is not None:
+                    # how far the match reaches back: a long one is a copied run
+                    m, lim = n, min(MATCH_REACH, q)
+                    while m < lim and toks[q - 1 - m] == toks[L - 1 - m]:
+                        m += 1
+                    self.kind[slot] = match_kind(m)
                     return toks[q:q + k]
         return []
 
@@ -290,6 +360,7 @@ class DraftModelDrafter:
         self.vocab_size = vocab_size
         self._toks: list[list[int] | None] = [None] * slots
         self._cached = np.zeros(slots, np.int64)    # tokens in the drafter's cache
+        self.kind = [0] * slots                     # one kind of draft (Acceptance)
         self.last_probs: dict[int, np.ndarray] = {}
 
     def admit(self, slot: int, prompt: Sequence[int]) -> None:

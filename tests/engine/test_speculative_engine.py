@@ -15,7 +15,7 @@ from support.engine_models import EOG, HashModel, InductionModel
 from tep.backend import Sampling, StreamSink
 from tep.engine import Engine
 from tep.engine.speculative import (Acceptance, NgramDrafter, SpecConfig, StepCost,
-                                   plan_drafts)
+                                   match_kind, plan_drafts)
 
 NGRAM = SpecConfig(mode="ngram", k=6)
 
@@ -153,18 +153,34 @@ def test_ngram_drafter_finds_the_latest_earlier_occurrence():
 
 
 def test_acceptance_estimate_follows_the_runs_and_recovers():
-    a = Acceptance(1, prior=0.5)
-    assert a.p(0) == 0.5
+    a = Acceptance(2)
+    start = a.prior(5)
+    assert a.p(0, 5) == start > a.prior(1)        # a long match starts more trusted
     for _ in range(6):
-        a.update(0, 4, 0)                         # every draft refused
-    low = a.p(0)
+        a.update(0, 5, 4, 0)                      # every such draft refused
+    low = a.p(0, 5)
     assert low < 0.15
+    assert a.p(0, 1) == a.prior(1)                # another kind: untouched
+    assert a.p(1, 5) < start                      # a new slot starts from the engine's
     for _ in range(200):
         a.idle(0)                                 # not drafting: back toward the prior
-    assert low < a.p(0) <= 0.5
+    assert low < a.p(0, 5) <= a.prior(5)
+    for _ in range(3000):
+        a.idle_all()                              # nobody drafting: the prior recovers
+    assert a.prior(5) > start - 0.1
     for _ in range(10):
-        a.update(0, 4, 4)                         # every draft accepted
-    assert a.p(0) > 0.9
+        a.update(0, 5, 4, 4)                      # every draft accepted
+    assert a.p(0, 5) > 0.9
+
+
+def test_ngram_kind_is_the_match_length():
+    d = NgramDrafter(2)
+    run = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    d.admit(0, run + [99] + run[:9])              # the last 9 tokens repeat the run
+    assert d.propose(0, 3) == [20, 99, 11] and d.kind[0] == match_kind(9)
+    d.admit(1, [5, 6, 7, 1, 2, 3, 8, 6, 7])       # only "6 7" recurs
+    assert d.propose(1, 2) == [1, 2] and d.kind[1] == match_kind(2)
+    assert match_kind(1) < match_kind(3) < match_kind(9) < match_kind(40)
 
 
 def test_step_cost_interpolates_and_extrapolates():
@@ -177,7 +193,9 @@ def test_step_cost_interpolates_and_extrapolates():
     assert abs(c(3) - (0.014 + 0.002 / 3)) < 1e-12       # between two
     assert abs(c(7) - (0.016 + 2 * 0.002 / 3)) < 1e-12   # the last slope beyond
     c.observe(2, 0.024)                                  # an average, not the last value
-    assert 0.014 < c(2) < 0.024
+    assert abs(c(2) - 0.019) < 1e-12                     # (a plain mean while young)
+    model = type("M", (), {})()
+    assert StepCost.of(model) is StepCost.of(model)      # one table per model
 
 
 def test_plan_drafts_pays_only_when_expected_tokens_per_second_rise():
