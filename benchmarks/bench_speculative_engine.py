@@ -47,16 +47,18 @@ def main() -> None:
     from tep.engine.chat_template import render_chat
     from tep.engine.speculative import SpecConfig
 
-    # one model and one engine per mode for the whole run, as a server would keep them:
-    # what an engine learns (the step cost by tokens fed, acceptance by draft kind)
-    # carries from case to case
-    models = {m: load_model(default_model_path(), context_size=1024, max_num_seqs=8,
-                            n_threads=a.threads) for m in a.modes}
-    engines = {m: Engine(models[m], max_num_seqs=8, max_batch_tokens=512,
+    # one engine per mode for the whole run, as a server would keep it: what an engine
+    # learns (the step cost by tokens fed, acceptance by draft kind) carries from case to
+    # case. The engines share one model (they run in turn; the model tracks what each
+    # slot's cache holds): a second llama.cpp context would have its own spinning
+    # threads on the same two cores, slowing whichever mode runs beside it.
+    model = load_model(default_model_path(), context_size=1024, max_num_seqs=8,
+                       n_threads=a.threads)
+    models = {m: model for m in a.modes}
+    engines = {m: Engine(model, max_num_seqs=8, max_batch_tokens=512,
                          speculative=None if m == "off" else
                          SpecConfig(mode=m, k=a.k, draft_model=None), sample_threads=1)
                for m in a.modes}
-    model = models[a.modes[0]]
 
     def toks(kind: str, i: int) -> list[int]:
         text = render_chat(model.chat_template, [{"role": "user", "content": prompt(kind, i)}],
