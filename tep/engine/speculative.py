@@ -224,6 +224,22 @@ class StepCost:
             # price), then an exponential average
             self._t[n_tokens] = old + max(self.alpha, 1.0 / n) * (seconds - old)
 
+    def many(self, n_tokens: np.ndarray) -> np.ndarray:
+        """:meth:`__call__` for an increasing array of counts (at least one count must
+        have been seen)."""
+        keys = np.asarray(self._keys, np.float64)
+        vals = np.asarray([self._t[k] for k in self._keys], np.float64)
+        n = np.asarray(n_tokens, np.float64)
+        out = np.interp(n, keys, vals)        # flat below the first and past the last
+        last = keys[-1]
+        if len(keys) >= 2:
+            slope = max(0.0, (vals[-1] - vals[-2]) / (keys[-1] - keys[-2]))
+        else:
+            slope = self.prior_slope * vals[-1]
+        beyond = n > last
+        out[beyond] = vals[-1] + slope * (n[beyond] - last)
+        return out
+
     def __call__(self, n_tokens: int) -> float | None:
         t = self._t.get(n_tokens)
         if t is not None:
@@ -266,17 +282,16 @@ def plan_drafts(base_tokens: int, offers: Sequence[tuple[int, float, int]],
         return {}
     gains = sorted(((p ** j, slot) for slot, p, most in offers if p > 0
                     for j in range(1, most + 1)), reverse=True)
-    expected = float(base_tokens)
-    best, best_m = expected / base * (1.0 + margin), 0
-    n = base_tokens
-    for m, (g, _) in enumerate(gains, 1):
-        n += 1
-        expected += g
-        c = cost(n)
-        if c is None or c <= 0:
-            break
-        if expected / c > best:
-            best, best_m = expected / c, m
+    if not gains:
+        return {}
+    m = len(gains)
+    # expected tokens and cost of every prefix at once (one vectorised pass)
+    expected = base_tokens + np.cumsum(np.fromiter((g for g, _ in gains), np.float64, m))
+    costs = cost.many(np.arange(base_tokens + 1, base_tokens + m + 1))
+    ratio = expected / np.maximum(costs, 1e-12)
+    best_m = int(np.argmax(ratio)) + 1
+    if not ratio[best_m - 1] > base_tokens / base * (1.0 + margin):
+        return {}
     out: dict[int, int] = {}
     for _, slot in gains[:best_m]:
         out[slot] = out.get(slot, 0) + 1
