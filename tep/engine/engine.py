@@ -30,7 +30,8 @@ import numpy as np
 from tep.engine.model import StepBatch
 from tep.engine.rows import RowState, _status_text, as_ids, fresh_seed
 from tep.engine.scheduler import Plan, Scheduler, Seq
-from tep.engine.speculative import (AdaptiveK, DraftModelDrafter, NgramDrafter, SpecConfig,
+from tep.engine.speculative import (Acceptance, DraftModelDrafter, NgramDrafter, SpecConfig,
+                                   StepCost, plan_drafts,
                                     SpecStats)
 
 __all__ = ["Engine", "EngineStats", "StepRecord"]
@@ -145,7 +146,9 @@ class Engine:
                 raise ValueError("speculative decoding needs a model with rewind(seq_id, n) "
                                  f"({type(model).__name__} has none)")
             S = self.sched.max_num_seqs
-            self._adapt = AdaptiveK(S, self.spec.k)
+            self._accept = Acceptance(S)
+            self._cost = StepCost.of(model)
+            self._kind: dict[int, int] = {}      # {slot: draft kind} of this step
             self._drafter = (NgramDrafter(S) if self.spec.mode == "ngram" else
                              DraftModelDrafter(self.spec.draft_model, S, self.vocab_size))
             self._ctx = getattr(model, "context_size", None)
@@ -258,7 +261,7 @@ class Engine:
                 rows.admit(s.slot, s.sampling, s.seed, s.prompt, s.n_fed)
                 if self._drafter is not None:
                     self._drafter.admit(s.slot, s.prompt)
-                    self._adapt.reset(s.slot)
+                    self._accept.reset(s.slot)
             batch, fed_slots, fed_counts = self._build_batch(plan)
             slots = np.fromiter((s.slot for s in plan.samplers), np.int64, len(plan.samplers))
             self._decode = None
@@ -298,6 +301,8 @@ class Engine:
         st.steps += 1
         st.tokens_fed += batch.n_tokens
         st.forward_s += t2 - t1
+        if self._drafter is not None and not plan.prefills:
+            self._cost.observe(batch.n_tokens, t2 - t1)
         rows.pos[fed_slots] += fed_counts
         if plan.prefills:
             for s, n in zip(plan.seqs, plan.counts):
@@ -334,7 +339,7 @@ class Engine:
             # (llama.cpp's logits for a prompt can depend on what else its decode holds)
             return {}
         budget = self.sched.max_batch_tokens - len(plan.seqs)
-        want: dict[int, int] = {}
+        caps: dict[int, int] = {}
         for s in plan.samplers:
             if s.n_fed < s.plen:
                 continue                     # finishing its prompt this step
@@ -343,18 +348,41 @@ class Engine:
             cap = int(s.sampling.max_tokens) - s.n_out - 1
             if self._ctx is not None:
                 cap = min(cap, int(self._ctx) - 1 - int(rows.pos[s.slot]))
-            k = min(k, cap, budget)
+            k = min(k, cap)
             if k > 0:
-                k = self._adapt.k_for(s.slot, k)
-                if k > 0:
-                    want[s.slot] = k
-                    budget -= k
-        if not want:
+                caps[s.slot] = k
+        if not caps or budget <= 0:
             return {}
         d = self._drafter
+        acc = self._accept
+        props: dict = {}
+        if isinstance(d, NgramDrafter):    # n-gram drafts cost nothing: offer what exists
+            props = {slot: d.propose(slot, k) for slot, k in caps.items()}
+            for s in plan.samplers:        # what the grammar refuses is never offered
+                if s.constraint is not None and props.get(s.slot):
+                    props[s.slot] = props[s.slot][:self._grammar_prefix(s.constraint,
+                                                                        props[s.slot])]
+            kind = d.kind
+            offers = [(slot, acc.p(slot, kind[slot]), len(t)) for slot, t in props.items() if t]
+        else:
+            offers = [(slot, acc.p(slot, 0), k) for slot, k in caps.items()]
+        want = plan_drafts(len(plan.seqs), offers, self._cost)
+        for slot in caps:
+            if slot not in want:
+                acc.idle(slot)
+        if not want:
+            acc.idle_all()
+        self._kind = {slot: d.kind[slot] for slot in want}
+        for slot, k in list(want.items()):  # never past max_batch_tokens
+            want[slot] = k = min(k, budget)
+            budget -= k
+            if k <= 0:
+                del want[slot]
+        if not want:
+            return {}
         self._reject = False
-        if isinstance(d, NgramDrafter):
-            out = {slot: d.propose(slot, k) for slot, k in want.items()}
+        if props:
+            out = {slot: props[slot] for slot in want}
         else:
             sample_from = None
             if spec.acceptance == "rejection" and all(  # type: ignore[union-attr]
@@ -385,18 +413,13 @@ class Engine:
         from tep.structured.bitmask import bitmask_words
 
         masks = {}
-        eog = self._eog
         W = bitmask_words(self.vocab_size)
         for s in plan.samplers:
             c = s.constraint
             if c is None:
                 continue
             t = drafts.get(s.slot, [])
-            # a constraint without draft support (valid_prefix/rollback) never drafts
-            n = c.valid_prefix(t) if hasattr(c, "rollback") and hasattr(c, "valid_prefix") \
-                else 0
-            end = next((j + 1 for j, tok in enumerate(t[:n]) if tok in eog), n)
-            t = t[:end]
+            t = t[:self._grammar_prefix(c, t)]
             if s.slot in drafts:
                 drafts[s.slot] = t
             m = np.empty((len(t) + 1, W), np.int32)
@@ -468,6 +491,8 @@ class Engine:
         st.steps += 1
         st.tokens_fed += batch.n_tokens
         st.forward_s += t2 - t1
+        if not plan.prefills:
+            self._cost.observe(batch.n_tokens, t2 - t1)
         for s, n in zip(plan.seqs, plan.counts):
             if s.n_fed < s.plen:
                 rows.pos[s.slot] += n
@@ -504,7 +529,7 @@ class Engine:
                 if k:
                     a = n - 1
                     self._drafter.verified(slot, a)
-                    self._adapt.update(slot, k, a)
+                    self._accept.update(slot, self._kind.get(slot, 0), k, a)
                     self.spec_stats.add(source, k, a, n)
                 self._drafter.extend(slot, toks)
                 rows.record_run(slot, toks)
@@ -516,6 +541,15 @@ class Engine:
         for i, (s, toks, err) in enumerate(runs):
             self._deliver_run(s, toks, i, res, err)
         st.step_s += time.perf_counter() - t0
+
+    def _grammar_prefix(self, c: Any, toks: list) -> int:
+        """How many of ``toks`` (drafts) the constraint ``c`` allows in a row, up to and
+        including an end-of-generation token; 0 for a constraint without draft support
+        (``valid_prefix``/``rollback``)."""
+        if not (hasattr(c, "rollback") and hasattr(c, "valid_prefix")):
+            return 0
+        n = c.valid_prefix(toks)
+        return next((j + 1 for j, tok in enumerate(toks[:n]) if tok in self._eog), n)
 
     def _spec_bitmask(self, samplers: list, nd: np.ndarray) -> np.ndarray | None:
         """The verify call's grammar masks, int32 [sum(nd + 1), W] (all bits set for an

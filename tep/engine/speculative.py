@@ -15,23 +15,40 @@ Draft sources:
 - ``draft``: a second :class:`tep.engine.Model` (a smaller GGUF) decodes K tokens greedily
   per step for every speculating sequence, batched (see :class:`DraftModelDrafter`).
 
-Adaptive K: each sequence keeps an exponential average of its acceptance; its next K is
-about the run that average predicts pays for itself, and a sequence whose drafts keep
-failing stops drafting for a while (free text does not pay for useless verification).
+How many drafts to verify is decided per step, for the whole batch
+(:func:`plan_drafts`): each sequence's acceptance estimate (:class:`Acceptance`) and the
+forward's measured cost by tokens fed (:class:`StepCost`) give the draft lengths that
+maximise expected tokens per second, which is none when drafts would not pay - so free
+text, whose drafts are rarely accepted, runs as without speculation.
 """
 from __future__ import annotations
 
+import bisect
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["SpecConfig", "SpecStats", "NgramDrafter", "DraftModelDrafter", "AdaptiveK",
-           "MODES", "ACCEPTANCE"]
+__all__ = ["SpecConfig", "SpecStats", "NgramDrafter", "DraftModelDrafter", "Acceptance",
+           "StepCost", "plan_drafts", "MODES", "ACCEPTANCE"]
 
 MODES = ("off", "ngram", "draft")
 ACCEPTANCE = ("exact", "rejection")
 NGRAM_SIZES = (3, 2, 1)
+# An n-gram draft's kind is the length of its match with the text before it (looked up
+# to MATCH_REACH tokens back), bucketed: a long match is a copied run, whose drafts are
+# accepted far more often than a 1-token coincidence in free text.
+MATCH_REACH = 32
+MATCH_BUCKETS = (1, 2, 3, 4, 8, 16)          # kind i + 1: match length >= MATCH_BUCKETS[i]
+# The acceptance a kind is expected to have before the engine has seen any (index 0: a
+# draft model's drafts); learned away after a few verifications.
+KIND_START = (0.8, 0.5, 0.6, 0.7, 0.85, 0.93, 0.97)
+
+
+def match_kind(length: int) -> int:
+    """The draft kind (1..6) of an n-gram match of ``length`` tokens."""
+    return bisect.bisect_right(MATCH_BUCKETS, length)
 
 
 @dataclass(frozen=True)
@@ -98,47 +115,187 @@ class SpecStats:
         return self.accepted.get(source, 0) / r if r else 0.0
 
 
-class AdaptiveK:
-    """Per-slot draft length from recent acceptance.
+class Acceptance:
+    """The chance p that a slot's next draft token is accepted, by draft kind (0: a draft
+    model's drafts; 1..6: an n-gram draft by the length of its match, :func:`match_kind`).
 
-    After each verification the slot's acceptance average a (EMA of accepted/drafted) is
-    updated; K = the run length the average predicts (a / (1 - a) tokens, +1), clamped to
-    [1, k_max]. A slot with a < ``floor`` pauses drafting for ``backoff`` steps, doubling
-    on each further failure (free text settles at almost no drafting)."""
+    A verification of k drafts of which a were accepted is a geometric trial: a
+    successes, then one failure when a < k. Per slot and kind, p = successes / trials
+    over a fading window (``decay`` per verification), with the engine-wide estimate for
+    that kind as a prior worth ``weight`` trials; the engine-wide estimate itself fades
+    (``global_decay``) toward ``start[kind]``. A step in which a slot does not
+    draft moves it back toward the prior by ``recover``, and a step in which nobody
+    drafts moves the engine-wide estimates toward ``start`` by ``recover`` / 10, so a
+    text that starts copying late is offered drafts again. Kinds separate what predicts
+    well (a 3-gram that continues a copied run) from what does not (a 1-gram in free
+    text)."""
 
-    def __init__(self, slots: int, k_max: int, *, alpha: float = 0.5, floor: float = 0.25,
-                 backoff: int = 4, max_backoff: int = 64) -> None:
-        self.k_max = k_max
-        self.alpha, self.floor = alpha, floor
-        self.backoff0, self.max_backoff = backoff, max_backoff
-        self.rate = np.full(slots, 0.6)
-        self.pause = np.zeros(slots, np.int64)
-        self.backoff = np.full(slots, backoff, np.int64)
+    KINDS = len(KIND_START)
+
+    def __init__(self, slots: int, *, start: Sequence[float] = KIND_START,
+                 weight: float = 1.0, decay: float = 0.8, global_decay: float = 0.97,
+                 recover: float = 0.03) -> None:
+        if len(start) != self.KINDS:
+            raise ValueError(f"start needs {self.KINDS} values (one per kind)")
+        self.start, self.weight = tuple(start), weight
+        self.decay, self.global_decay, self.recover = decay, global_decay, recover
+        self.hits = [[0.0] * self.KINDS for _ in range(slots)]
+        self.trials = [[0.0] * self.KINDS for _ in range(slots)]
+        self.g_hits = [0.0] * self.KINDS
+        self.g_trials = [0.0] * self.KINDS
 
     def reset(self, slot: int) -> None:
-        self.rate[slot] = 0.6
-        self.pause[slot] = 0
-        self.backoff[slot] = self.backoff0
+        self.hits[slot] = [0.0] * self.KINDS
+        self.trials[slot] = [0.0] * self.KINDS
 
-    def k_for(self, slot: int, cap: int) -> int:
-        """Drafts to ask for this step (0 = plain decode)."""
-        if self.pause[slot] > 0:
-            self.pause[slot] -= 1
-            return 0
-        a = float(self.rate[slot])
-        k = int(a / max(1.0 - a, 1e-3)) + 1
-        return max(0, min(k, self.k_max, cap))
+    def prior(self, kind: int) -> float:
+        """The engine-wide estimate for ``kind``."""
+        return (self.g_hits[kind] + self.start[kind]) / (self.g_trials[kind] + 1.0)
 
-    def update(self, slot: int, drafted: int, accepted: int) -> None:
+    def p(self, slot: int, kind: int) -> float:
+        w = self.weight
+        return ((self.hits[slot][kind] + w * self.prior(kind))
+                / (self.trials[slot][kind] + w))
+
+    def update(self, slot: int, kind: int, drafted: int, accepted: int) -> None:
         if drafted <= 0:
             return
-        r = self.rate[slot] = (1 - self.alpha) * self.rate[slot] + self.alpha * (accepted / drafted)
-        if r < self.floor:
-            self.pause[slot] = self.backoff[slot]
-            self.backoff[slot] = min(self.backoff[slot] * 2, self.max_backoff)
-            self.rate[slot] = self.floor        # try again after the pause
-        elif accepted > 0:
-            self.backoff[slot] = self.backoff0
+        trials = accepted + (accepted < drafted)
+        h, t, d = self.hits[slot], self.trials[slot], self.decay
+        h[kind] = d * h[kind] + accepted
+        t[kind] = d * t[kind] + trials
+        g = self.global_decay
+        self.g_hits[kind] = g * self.g_hits[kind] + accepted
+        self.g_trials[kind] = g * self.g_trials[kind] + trials
+
+    def idle(self, slot: int) -> None:
+        """The slot decoded without drafts this step."""
+        r = 1.0 - self.recover
+        h, t = self.hits[slot], self.trials[slot]
+        for k in range(self.KINDS):
+            h[k] *= r
+            t[k] *= r
+
+    def idle_all(self) -> None:
+        """Nobody drafted this step."""
+        r = 1.0 - self.recover / 10
+        for k in range(self.KINDS):
+            self.g_hits[k] *= r
+            self.g_trials[k] *= r
+
+
+class StepCost:
+    """What a decode step's forward costs (seconds) by the tokens it feeds, learned from
+    the steps the engine runs: an exponential average per token count.
+
+    A count not seen yet is estimated from the seen ones: linearly between the nearest
+    two; beyond the largest, with the slope of the last two (or, with one point,
+    ``prior_slope`` x its cost per extra token - optimistic, so the engine tries a draft
+    and learns the real price); below the smallest, as the smallest."""
+
+    def __init__(self, *, alpha: float = 0.1, prior_slope: float = 0.05) -> None:
+        self.alpha, self.prior_slope = alpha, prior_slope
+        self._t: dict[int, float] = {}
+        self._n: dict[int, int] = {}
+        self._keys: list[int] = []
+
+    @classmethod
+    def of(cls, model: Any) -> "StepCost":
+        """The cost table of ``model`` (shared by every engine that runs it: the cost is
+        the model's and the machine's, and a new engine need not learn it again)."""
+        try:
+            c = _COSTS.get(model)
+            if c is None:
+                c = _COSTS[model] = cls()
+            return c
+        except TypeError:            # not weak-referenceable: this engine's own table
+            return cls()
+
+    def observe(self, n_tokens: int, seconds: float) -> None:
+        if n_tokens <= 0 or not seconds > 0:
+            return
+        n = self._n.get(n_tokens, 0) + 1
+        self._n[n_tokens] = n
+        old = self._t.get(n_tokens)
+        if old is None:
+            self._t[n_tokens] = seconds
+            self._keys = sorted(self._t)
+        else:   # a plain mean over the first 1/alpha steps (one slow step is not the
+            # price), then an exponential average
+            self._t[n_tokens] = old + max(self.alpha, 1.0 / n) * (seconds - old)
+
+    def many(self, n_tokens: np.ndarray) -> np.ndarray:
+        """:meth:`__call__` for an increasing array of counts (at least one count must
+        have been seen)."""
+        keys = np.asarray(self._keys, np.float64)
+        vals = np.asarray([self._t[k] for k in self._keys], np.float64)
+        n = np.asarray(n_tokens, np.float64)
+        out = np.interp(n, keys, vals)        # flat below the first and past the last
+        last = keys[-1]
+        if len(keys) >= 2:
+            slope = max(0.0, (vals[-1] - vals[-2]) / (keys[-1] - keys[-2]))
+        else:
+            slope = self.prior_slope * vals[-1]
+        beyond = n > last
+        out[beyond] = vals[-1] + slope * (n[beyond] - last)
+        return out
+
+    def __call__(self, n_tokens: int) -> float | None:
+        t = self._t.get(n_tokens)
+        if t is not None:
+            return t
+        keys = self._keys
+        if not keys:
+            return None
+        i = bisect.bisect_left(keys, n_tokens)
+        if i == 0:
+            return self._t[keys[0]]
+        lo = keys[i - 1]
+        if i < len(keys):
+            hi = keys[i]
+            f = (n_tokens - lo) / (hi - lo)
+            return self._t[lo] + f * (self._t[hi] - self._t[lo])
+        if i >= 2:
+            lo2 = keys[i - 2]
+            slope = max(0.0, (self._t[lo] - self._t[lo2]) / (lo - lo2))
+        else:
+            slope = self.prior_slope * self._t[lo]
+        return self._t[lo] + slope * (n_tokens - lo)
+
+
+_COSTS: "weakref.WeakKeyDictionary[Any, StepCost]" = weakref.WeakKeyDictionary()
+
+
+def plan_drafts(base_tokens: int, offers: Sequence[tuple[int, float, int]],
+                cost: StepCost, *, margin: float = 0.02) -> dict[int, int]:
+    """How many drafts each slot verifies this step: ``offers`` = (slot, p, most).
+
+    The choice maximises expected tokens emitted per second of forward. Every decoding
+    row emits one token; the j-th draft of a slot adds p**j expected tokens (it counts
+    only when the j - 1 before it were accepted) and one token to the batch. Drafts are
+    taken best first and the prefix with the best ratio wins - not the first that stops
+    improving, since a step's cost is not linear in its tokens (on a CPU, two tokens of
+    one sequence can cost much more than one, a third little more). A prefix must beat
+    the plain step by ``margin`` (measured costs are noisy). Returns {slot: k > 0}."""
+    base = cost(base_tokens)
+    if base is None or not offers:
+        return {}
+    gains = sorted(((p ** j, slot) for slot, p, most in offers if p > 0
+                    for j in range(1, most + 1)), reverse=True)
+    if not gains:
+        return {}
+    m = len(gains)
+    # expected tokens and cost of every prefix at once (one vectorised pass)
+    expected = base_tokens + np.cumsum(np.fromiter((g for g, _ in gains), np.float64, m))
+    costs = cost.many(np.arange(base_tokens + 1, base_tokens + m + 1))
+    ratio = expected / np.maximum(costs, 1e-12)
+    best_m = int(np.argmax(ratio)) + 1
+    if not ratio[best_m - 1] > base_tokens / base * (1.0 + margin):
+        return {}
+    out: dict[int, int] = {}
+    for _, slot in gains[:best_m]:
+        out[slot] = out.get(slot, 0) + 1
+    return out
 
 
 class NgramDrafter:
@@ -155,6 +312,7 @@ class NgramDrafter:
         self._toks: list[list[int] | None] = [None] * slots
         self._index: list[list[dict] | None] = [None] * slots
         self._done = np.zeros(slots, np.int64)     # positions indexed so far
+        self.kind = [0] * slots     # the kind of each slot's last proposal (match_kind)
 
     def admit(self, slot: int, prompt: Sequence[int]) -> None:
         self._toks[slot] = [int(t) for t in prompt]
@@ -189,6 +347,11 @@ class NgramDrafter:
             if L >= n:
                 q = d.get(tuple(toks[L - n:]))
                 if q is not None:
+                    # how far the match reaches back: a long one is a copied run
+                    m, lim = n, min(MATCH_REACH, q)
+                    while m < lim and toks[q - 1 - m] == toks[L - 1 - m]:
+                        m += 1
+                    self.kind[slot] = match_kind(m)
                     return toks[q:q + k]
         return []
 
@@ -212,6 +375,7 @@ class DraftModelDrafter:
         self.vocab_size = vocab_size
         self._toks: list[list[int] | None] = [None] * slots
         self._cached = np.zeros(slots, np.int64)    # tokens in the drafter's cache
+        self.kind = [0] * slots                     # one kind of draft (Acceptance)
         self.last_probs: dict[int, np.ndarray] = {}
 
     def admit(self, slot: int, prompt: Sequence[int]) -> None:

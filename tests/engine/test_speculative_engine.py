@@ -14,7 +14,8 @@ import pytest
 from support.engine_models import EOG, HashModel, InductionModel
 from tep.backend import Sampling, StreamSink
 from tep.engine import Engine
-from tep.engine.speculative import AdaptiveK, NgramDrafter, SpecConfig
+from tep.engine.speculative import (Acceptance, NgramDrafter, SpecConfig, StepCost,
+                                   match_kind, plan_drafts)
 
 NGRAM = SpecConfig(mode="ngram", k=6)
 
@@ -151,16 +152,72 @@ def test_ngram_drafter_finds_the_latest_earlier_occurrence():
     assert d.propose(1, 4) == []                  # nothing recurs
 
 
-def test_adaptive_k_backs_off_when_drafts_fail():
-    a = AdaptiveK(1, 8)
-    assert a.k_for(0, 8) >= 1
-    for _ in range(3):
-        a.update(0, 4, 0)
-    assert a.k_for(0, 8) == 0                     # paused
-    for _ in range(20):
-        a.update(0, 4, 4)
-    a.pause[0] = 0
-    assert a.k_for(0, 8) == 8
+def test_acceptance_estimate_follows_the_runs_and_recovers():
+    a = Acceptance(2)
+    start = a.prior(5)
+    assert a.p(0, 5) == start > a.prior(1)        # a long match starts more trusted
+    for _ in range(6):
+        a.update(0, 5, 4, 0)                      # every such draft refused
+    low = a.p(0, 5)
+    assert low < 0.15
+    assert a.p(0, 1) == a.prior(1)                # another kind: untouched
+    assert a.p(1, 5) < start                      # a new slot starts from the engine's
+    for _ in range(200):
+        a.idle(0)                                 # not drafting: back toward the prior
+    assert low < a.p(0, 5) <= a.prior(5)
+    for _ in range(3000):
+        a.idle_all()                              # nobody drafting: the prior recovers
+    assert a.prior(5) > start - 0.1
+    for _ in range(10):
+        a.update(0, 5, 4, 4)                      # every draft accepted
+    assert a.p(0, 5) > 0.9
+
+
+def test_ngram_kind_is_the_match_length():
+    d = NgramDrafter(2)
+    run = [11, 12, 13, 14, 15, 16, 17, 18, 19, 20]
+    d.admit(0, run + [99] + run[:9])              # the last 9 tokens repeat the run
+    assert d.propose(0, 3) == [20, 99, 11] and d.kind[0] == match_kind(9)
+    d.admit(1, [5, 6, 7, 1, 2, 3, 8, 6, 7])       # only "6 7" recurs
+    assert d.propose(1, 2) == [1, 2] and d.kind[1] == match_kind(2)
+    assert match_kind(1) < match_kind(3) < match_kind(9) < match_kind(40)
+
+
+def test_step_cost_interpolates_and_extrapolates():
+    c = StepCost(prior_slope=0.05)
+    assert c(3) is None
+    c.observe(1, 0.010)
+    assert c(1) == 0.010 and abs(c(3) - 0.011) < 1e-12   # one point: the prior slope
+    c.observe(2, 0.014)
+    c.observe(5, 0.016)
+    assert abs(c(3) - (0.014 + 0.002 / 3)) < 1e-12       # between two
+    assert abs(c(7) - (0.016 + 2 * 0.002 / 3)) < 1e-12   # the last slope beyond
+    c.observe(2, 0.024)                                  # an average, not the last value
+    assert abs(c(2) - 0.019) < 1e-12                     # (a plain mean while young)
+    model = type("M", (), {})()
+    assert StepCost.of(model) is StepCost.of(model)      # one table per model
+
+
+def test_plan_drafts_pays_only_when_expected_tokens_per_second_rise():
+    cost = StepCost()
+    cost.observe(1, 1.0)
+    cost.observe(2, 1.6)      # a second token of one sequence costs 60 %...
+    cost.observe(7, 1.8)      # ... the next ones little more (a CPU's matrix shapes)
+    assert plan_drafts(1, [(0, 0.9, 6)], cost) == {0: 6}          # copying: worth it
+    assert plan_drafts(1, [(0, 0.3, 6)], cost) == {}              # free text: never
+    # p = 0.55: one draft alone loses (1.55 / 1.6 < 1); five win (2.161 / 1.76 = 1.228,
+    # the cost of 6 tokens between the measured 2 and 7), a sixth adds too little
+    # (2.188 / 1.8 = 1.216)
+    assert plan_drafts(1, [(0, 0.55, 6)], cost) == {0: 5}
+    assert plan_drafts(1, [(0, 0.55, 1)], cost) == {}
+    assert plan_drafts(1, [], cost) == {}
+    assert plan_drafts(4, [(0, 0.9, 2)], StepCost()) == {}        # no cost known yet
+    # a batch: the best slots' drafts come first
+    cost4 = StepCost()
+    for n in range(4, 30):
+        cost4.observe(n, 1.0 + 0.05 * (n - 4))
+    got = plan_drafts(4, [(0, 0.95, 6), (1, 0.1, 6), (2, 0.8, 6)], cost4)
+    assert got.get(1, 0) == 0 and got[0] >= got[2] >= 1
 
 
 def test_draft_model_exact_equals_plain_and_rejection_runs():
