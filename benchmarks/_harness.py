@@ -187,7 +187,22 @@ class StreamResult:
 async def stream_chat(client: Any, url: str, body: dict,
                       path: str = "/v1/chat/completions") -> StreamResult:
     """POST a streaming chat (or completions) request with an ``httpx.AsyncClient`` and
-    time every content chunk. Asks for the usage chunk so ``tokens`` is exact."""
+    time every content chunk. Asks for the usage chunk so ``tokens`` is exact.
+
+    A pooled keep-alive connection that the server closed while it sat idle (llama-server
+    closes them after 5 s) fails before any response byte; that send is retried once on a
+    new connection (the request never reached the server)."""
+    import httpx
+
+    try:
+        return await _stream_chat(client, url, body, path)
+    except httpx.RemoteProtocolError as e:
+        if "without sending a response" not in str(e):
+            raise
+        return await _stream_chat(client, url, body, path)
+
+
+async def _stream_chat(client: Any, url: str, body: dict, path: str) -> StreamResult:
     body = {**body, "stream": True, "stream_options": {"include_usage": True}}
     res = StreamResult(t0=time.perf_counter())
     parts: list[str] = []
