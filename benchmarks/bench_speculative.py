@@ -4,7 +4,7 @@ ngram-simple / ngram-mod when a binary is given), same GGUF, same run.
     python benchmarks/bench_speculative.py [--quick] [--modes off ngram draft]
         [--clients 1 4] [--temperatures 0 0.8] [--kinds copy edit free] [--rounds 1]
         [--threads 2] [--model PATH] [--draft-model PATH] [--llama-server PATH]
-        [--json benchmarks/results/speculative.json]
+        [--one-at-a-time] [--json benchmarks/results/speculative.json]
 
 Workload: streaming chat, ~100-token prompts of three kinds - copy (repeat a paragraph),
 edit (rewrite a paragraph with one change) and free (a story) - max_tokens 128, seeded
@@ -133,6 +133,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--draft-model", type=Path, default=None)
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
+    ap.add_argument("--one-at-a-time", action="store_true",
+                    help="run each server alone (start, all its cases, stop) instead of "
+                         "all of them up at once with the cases interleaved")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args(argv)
     if args.model is None:
@@ -148,11 +151,14 @@ def main(argv: list[str] | None = None) -> dict:
     else:
         not_run["llama-server"] = "no binary (--llama-server / $LLAMA_SERVER); not measured"
     up = []
-    for s in servers:
-        try:
-            up.append(s.start())
-        except RuntimeError as e:
-            not_run[s.name] = str(e)[:300]
+    if not args.one_at_a_time:
+        for s in servers:
+            try:
+                up.append(s.start())
+            except RuntimeError as e:
+                not_run[s.name] = str(e)[:300]
+    else:
+        up = servers       # started in turn below
     cases = [(s.name, kind, T, c) for kind in args.kinds for T in args.temperatures
              for c in args.clients for s in up]
     by_name = {s.name: s for s in up}
@@ -183,11 +189,27 @@ def main(argv: list[str] | None = None) -> dict:
             res["runs"] = d["tep_spec_runs"]
         return res
 
-    try:
-        results = rounds(cases, args.rounds, measure)
-    finally:
-        for s in up:
-            s.stop()
+    if args.one_at_a_time:
+        # each server alone on the cores (the others are not running), all its cases,
+        # then the next server: no idle server's threads beside the measured one
+        results = {}
+        for s in servers:
+            try:
+                s.start()
+            except RuntimeError as e:
+                not_run[s.name] = str(e)[:300]
+                continue
+            try:
+                results.update(rounds([c for c in cases if c[0] == s.name], args.rounds,
+                                      measure))
+            finally:
+                s.stop()
+    else:
+        try:
+            results = rounds(cases, args.rounds, measure)
+        finally:
+            for s in up:
+                s.stop()
     rows, out_rows, same = [], [], []
     for (name, kind, T, c), v in results.items():
         last = v["runs"][-1]
