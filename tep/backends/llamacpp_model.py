@@ -394,6 +394,12 @@ class LlamaCppModel:
         n = batch.n_tokens
         if n == 0:
             return np.empty((0, self.vocab_size), dtype=np.float32)
+        if n == 1:
+            out = self._forward_one(batch)
+            if out is not None:
+                self._steps += 1
+                self._forward_ns += time.perf_counter_ns() - t0
+                return out
         seq = np.asarray(batch.seq_ids, dtype=np.int32)
         pos = np.asarray(batch.positions, dtype=np.int32)
         if seq.min() < 0 or seq.max() >= self.max_num_seqs:
@@ -421,6 +427,32 @@ class LlamaCppModel:
         self._steps += 1
         self._forward_ns += time.perf_counter_ns() - t0
         return out
+
+    def _forward_one(self, batch: StepBatch) -> np.ndarray | None:
+        """One token of one placed sequence (one stream decoding: the most common step),
+        with the calls the general path makes for it and none of its array bookkeeping;
+        None when the general path must decide (an unplaced sequence, a position past
+        the lone-token limit in exact mode, anything out of range: its errors)."""
+        sid, p0, t = int(batch.seq_ids[0]), int(batch.positions[0]), int(batch.token_ids[0])
+        if not (0 <= sid < self.max_num_seqs and 0 <= p0 < self.context_size
+                and 0 <= t < self.vocab_size):
+            return None
+        if self.exact and p0 > _LONE_TOKEN_LAST_SAFE:
+            return None
+        s = int(self._slot_of[sid])
+        if s < 0:
+            return None
+        tok = np.asarray(batch.token_ids, dtype=np.int32)
+        pos = np.asarray(batch.positions, dtype=np.int32)
+        want = np.asarray(batch.logits, dtype=bool)
+        try:
+            drop = self._slots.fed(s, p0, (t,))
+            if drop >= 0:
+                self._lib.llama_memory_seq_rm(self._mem, s, drop, -1)
+            return self._decode(tok, pos, np.array([s], np.int32), want, 0, 1)
+        except BaseException:
+            self._drop_slots(np.array([s]))
+            raise
 
     def _feed(self, table, rm, seq, pos, tok, slots, starts, ends, batch, n):  # noqa: ANN001, ANN202
         for a in starts:
