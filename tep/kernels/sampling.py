@@ -532,6 +532,30 @@ def _raise_status(status: np.ndarray) -> None:
 
 # ---- public API --------------------------------------------------------------------------
 
+def _check_row_status(row_status: Any) -> None:
+    if not isinstance(row_status, (bool, np.bool_)):
+        raise TypeError(f"row_status must be a bool, got {row_status!r}")
+
+
+def _row_args(B: int, V: int, one: bool, headroom: int, *, temperature: Any, top_k: Any,
+              top_p: Any, min_p: Any, repetition_penalty: Any, presence_penalty: Any,
+              frequency_penalty: Any, prompt_token_ids: Any, output_token_ids: Any,
+              allowed_token_ids: Any, logit_bias: Any, seed: Any, step: Any) -> tuple:
+    """The checked per-row arguments shared by :func:`sample` and
+    :func:`tep.kernels.verify`: (knob matrix, seeds, steps, prompt, output and allowed
+    spans, bias spans, bias values). ``headroom``: steps a row may take past ``step``."""
+    knobs = _knob_matrix(B, V, dict(
+        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+        frequency_penalty=frequency_penalty))
+    sd, st = _seeds(seed, B), _steps(step, B, headroom)
+    pr = _ragged_ids("prompt_token_ids", prompt_token_ids, B, V, one)
+    ou = _ragged_ids("output_token_ids", output_token_ids, B, V, one)
+    al = _ragged_ids("allowed_token_ids", allowed_token_ids, B, V, one)
+    bi, b_vals = _ragged_bias(logit_bias, B, V, one)
+    return knobs, sd, st, pr, ou, al, bi, b_vals
+
+
 def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
            top_k: int | Sequence[int] = 0, top_p: float | Sequence[float] = 1.0,
            min_p: float | Sequence[float] = 0.0,
@@ -622,19 +646,14 @@ def sample(logits: np.ndarray, *, temperature: float | Sequence[float] = 1.0,
                            step, nt, tokens, status, mask)
         _raise_status(status)
         return int(tokens[0]) if one else tokens
-    if not isinstance(row_status, (bool, np.bool_)):
-        raise TypeError(f"row_status must be a bool, got {row_status!r}")
+    _check_row_status(row_status)
     _check_logprobs(logprobs, V)
-    knobs = _knob_matrix(B, V, dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+    knobs, sd, st, pr, ou, al, bi, b_vals = _row_args(
+        B, V, one, 0, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
         repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty))
-    sd = _seeds(seed, B)
-    st = _steps(step, B)
-    pr = _ragged_ids("prompt_token_ids", prompt_token_ids, B, V, one)
-    ou = _ragged_ids("output_token_ids", output_token_ids, B, V, one)
-    al = _ragged_ids("allowed_token_ids", allowed_token_ids, B, V, one)
-    bi, b_vals = _ragged_bias(logit_bias, B, V, one)
+        frequency_penalty=frequency_penalty, prompt_token_ids=prompt_token_ids,
+        output_token_ids=output_token_ids, allowed_token_ids=allowed_token_ids,
+        logit_bias=logit_bias, seed=seed, step=step)
     mask = _NO_MASK if token_bitmask is None else _bitmask(token_bitmask, B, V, one)
     nt = _threads(n_threads, B, V)
 

@@ -21,8 +21,8 @@ import numpy as np
 from tep._kernels import speculative as _k
 from tep.kernels.sampling import (_FLOAT_KNOBS, _NO_MASK, STATUS_MESSAGES,
                                   RowStatus, TokenSpans, _bitmask, _check_logprobs,
-                                  _float_knob, _int_knob, _knob_matrix, _logits_2d,
-                                  _ragged_bias, _ragged_ids, _seeds, _steps, _threads)
+                                  _check_row_status, _float_knob, _int_knob, _logits_2d,
+                                  _row_args, _seeds, _threads)
 
 __all__ = ["verify", "verify_rejection", "Verified", "MAX_DRAFT_TOKENS"]
 
@@ -102,6 +102,26 @@ def _drafts(value: Any, n_draft: Any, V: int) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(np.where(used, d, 0), np.int32), n
 
 
+def _layout(logits: Any, draft_token_ids: Any, n_draft: Any
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Checked (logits [N, V], drafts int32 [B, K], n_draft [B], each sequence's first
+    logits row [B]) for :func:`verify` and :func:`verify_rejection`."""
+    x, one = _logits_2d(logits)
+    if one:
+        raise ValueError("logits must be [N, V]: K + 1 rows per sequence")
+    N, V = x.shape
+    drafts, nd = _drafts(draft_token_ids, n_draft, V)
+    B = drafts.shape[0]
+    rows = nd + 1
+    if int(rows.sum()) != N:
+        raise ValueError(f"logits has {N} rows; the drafts need sum(n_draft + 1) = "
+                         f"{int(rows.sum())} (K + 1 rows per sequence)")
+    row_start = np.zeros(B, np.int64)
+    if B > 1:
+        np.cumsum(rows[:-1], out=row_start[1:])
+    return x, drafts, nd, row_start
+
+
 def verify(logits: np.ndarray, draft_token_ids: Any, *, n_draft: Any = None,
            temperature: float | Sequence[float] = 1.0, top_k: int | Sequence[int] = 0,
            top_p: float | Sequence[float] = 1.0, min_p: float | Sequence[float] = 0.0,
@@ -129,32 +149,17 @@ def verify(logits: np.ndarray, draft_token_ids: Any, *, n_draft: Any = None,
     unless ``row_status=True`` (then it gets a status and the tokens before it). Returns a
     :class:`Verified`.
     """
-    x, one = _logits_2d(logits)
-    if one:
-        raise ValueError("logits must be [N, V]: K + 1 rows per sequence")
+    x, drafts, nd, row_start = _layout(logits, draft_token_ids, n_draft)
     N, V = x.shape
-    drafts, nd = _drafts(draft_token_ids, n_draft, V)
     B, K = drafts.shape
-    rows = nd + 1
-    if int(rows.sum()) != N:
-        raise ValueError(f"logits has {N} rows; the drafts need sum(n_draft + 1) = "
-                         f"{int(rows.sum())} (K + 1 rows per sequence)")
-    row_start = np.zeros(B, np.int64)
-    if B > 1:
-        np.cumsum(rows[:-1], out=row_start[1:])
-    if not isinstance(row_status, (bool, np.bool_)):
-        raise TypeError(f"row_status must be a bool, got {row_status!r}")
+    _check_row_status(row_status)
     _check_logprobs(logprobs, V)
-    knobs = _knob_matrix(B, V, dict(
-        temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-        repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
-        frequency_penalty=frequency_penalty))
-    sd = _seeds(seed, B)
-    st = _steps(step, B, MAX_DRAFT_TOKENS)
-    pr = _ragged_ids("prompt_token_ids", prompt_token_ids, B, V, False)
-    ou = _ragged_ids("output_token_ids", output_token_ids, B, V, False)
-    al = _ragged_ids("allowed_token_ids", allowed_token_ids, B, V, False)
-    bi, b_vals = _ragged_bias(logit_bias, B, V, False)
+    knobs, sd, st, pr, ou, al, bi, b_vals = _row_args(
+        B, V, False, MAX_DRAFT_TOKENS, temperature=temperature, top_k=top_k, top_p=top_p,
+        min_p=min_p, repetition_penalty=repetition_penalty,
+        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty,
+        prompt_token_ids=prompt_token_ids, output_token_ids=output_token_ids,
+        allowed_token_ids=allowed_token_ids, logit_bias=logit_bias, seed=seed, step=step)
     mask = _NO_MASK if token_bitmask is None else _bitmask(token_bitmask, N, V, False)
     nt = _threads(n_threads, B, V)
     n_top = int(logprobs or 0)
@@ -216,15 +221,9 @@ def verify_rejection(logits: np.ndarray, draft_token_ids: Any, draft_probs: np.n
     (rows finite, >= 0, summing to 1 within 1e-3, giving its own draft a positive
     probability). Returns a :class:`Verified` without logprobs.
     """
-    x, one = _logits_2d(logits)
-    if one:
-        raise ValueError("logits must be [N, V]: K + 1 rows per sequence")
+    x, drafts, nd, row_start = _layout(logits, draft_token_ids, n_draft)
     N, V = x.shape
-    drafts, nd = _drafts(draft_token_ids, n_draft, V)
     B, K = drafts.shape
-    if int((nd + 1).sum()) != N:
-        raise ValueError(f"logits has {N} rows; the drafts need sum(n_draft + 1) = "
-                         f"{int((nd + 1).sum())} (K + 1 rows per sequence)")
     M = int(nd.sum())
     if not isinstance(draft_probs, np.ndarray) or draft_probs.dtype != np.float32:
         raise TypeError("draft_probs must be a float32 numpy array [sum(n_draft), V]")
@@ -239,10 +238,8 @@ def verify_rejection(logits: np.ndarray, draft_token_ids: Any, draft_probs: np.n
         if (np.abs(sums - 1.0) > 1e-3).any():
             r = int(np.flatnonzero(np.abs(sums - 1.0) > 1e-3)[0])
             raise ValueError(f"draft_probs row {r} sums to {sums[r]:.6g}, not 1")
-    row_start = np.zeros(B, np.int64)
     q_start = np.zeros(B, np.int64)
     if B > 1:
-        np.cumsum(nd[:-1] + 1, out=row_start[1:])
         np.cumsum(nd[:-1], out=q_start[1:])
     for r in range(B):
         for j in range(int(nd[r])):
