@@ -81,6 +81,13 @@ def _type_name(v: Any) -> str:
     return "null" if v is None else type(v).__name__
 
 
+def _block_text(b: dict, p: str) -> str:
+    """The ``text`` of the text block ``b`` at path ``p`` (a 400 when it is not a string)."""
+    if not isinstance(b.get("text"), str):
+        raise _bad(f"'{p}.text' must be a string", f"{p}.text", "invalid_type")
+    return b["text"]
+
+
 def _text_blocks(v: Any, param: str) -> str:
     """A string, or a list of ``{"type": "text", "text": str}`` blocks joined."""
     if isinstance(v, str):
@@ -97,9 +104,7 @@ def _text_blocks(v: Any, param: str) -> str:
             got = b.get("type") if isinstance(b, dict) else _type_name(b)
             raise _bad(f"'{p}' must be a text block ({{\"type\": \"text\", \"text\": ...}}); "
                        f"got {json.dumps(got)[:40]}", p, "invalid_type")
-        if not isinstance(b.get("text"), str):
-            raise _bad(f"'{p}.text' must be a string", f"{p}.text", "invalid_type")
-        parts.append(b["text"])
+        parts.append(_block_text(b, p))
     return "".join(parts)
 
 
@@ -118,9 +123,7 @@ def _user_blocks(i: int, content: list, out: list[dict], paths: list[str]) -> No
         p = f"messages[{i}].content[{k}]"
         t = b.get("type") if isinstance(b, dict) else None
         if t == "text":
-            if not isinstance(b.get("text"), str):
-                raise _bad(f"'{p}.text' must be a string", f"{p}.text", "invalid_type")
-            text.append(b["text"])
+            text.append(_block_text(b, p))
         elif t == "tool_result":
             tid = b.get("tool_use_id")
             if not isinstance(tid, str) or not tid:
@@ -163,9 +166,7 @@ def _assistant_blocks(i: int, content: list) -> dict:
         p = f"messages[{i}].content[{k}]"
         t = b.get("type") if isinstance(b, dict) else None
         if t == "text":
-            if not isinstance(b.get("text"), str):
-                raise _bad(f"'{p}.text' must be a string", f"{p}.text", "invalid_type")
-            text.append(b["text"])
+            text.append(_block_text(b, p))
         elif t == "tool_use":
             for key in ("id", "name"):
                 if not isinstance(b.get(key), str) or not b[key]:
