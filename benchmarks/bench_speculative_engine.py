@@ -54,7 +54,6 @@ def main() -> None:
     # threads on the same two cores, slowing whichever mode runs beside it.
     model = load_model(default_model_path(), context_size=1024, max_num_seqs=8,
                        n_threads=a.threads)
-    models = {m: model for m in a.modes}
     engines = {m: Engine(model, max_num_seqs=8, max_batch_tokens=512,
                          speculative=None if m == "off" else
                          SpecConfig(mode=m, k=a.k, draft_model=None), sample_threads=1)
@@ -66,13 +65,13 @@ def main() -> None:
         return model.tokenize(text, add_special=False)
 
     def run_case(kind: str, T: float, c: int, mode: str) -> dict:
-        eng, mdl = engines[mode], models[mode]
+        eng = engines[mode]
         sp = eng.spec_stats
         d0, a0, r0 = (sum(sp.drafted.values()), sum(sp.accepted.values()),
                       sum(sp.runs.values()))
         steps0 = eng.stats.steps
         sinks = []
-        st0 = mdl.step_times()
+        st0 = model.step_times()
         t0 = time.perf_counter()
         for i in range(c):
             s = Sampling(max_tokens=a.max_tokens, temperature=T, seed=i)
@@ -81,7 +80,7 @@ def main() -> None:
             eng.add_request(toks(kind, i), s, k, lambda e: None)
         eng.run_until_idle()
         wall = time.perf_counter() - t0
-        st1 = mdl.step_times()
+        st1 = model.step_times()
         ids = [k.result().token_ids for k in sinks]
         return {"ids": ids, "tps": sum(len(x) for x in ids) / wall,
                 "drafted": sum(sp.drafted.values()) - d0,

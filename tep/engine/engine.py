@@ -357,11 +357,8 @@ class Engine:
         acc = self._accept
         props: dict = {}
         if isinstance(d, NgramDrafter):    # n-gram drafts cost nothing: offer what exists
-            props = {slot: d.propose(slot, k) for slot, k in caps.items()}
-            for s in plan.samplers:        # what the grammar refuses is never offered
-                if s.constraint is not None and props.get(s.slot):
-                    props[s.slot] = props[s.slot][:self._grammar_prefix(s.constraint,
-                                                                        props[s.slot])]
+            props = self._grammar_cut(plan, {slot: d.propose(slot, k)
+                                             for slot, k in caps.items()})
             kind = d.kind
             offers = [(slot, acc.p(slot, kind[slot]), len(t)) for slot, t in props.items() if t]
         else:
@@ -393,7 +390,7 @@ class Engine:
                                         int(rows.step[s.slot])) for s in plan.samplers
                                if s.slot in want}
             try:
-                out = d.propose_many(want, sample_from)
+                out = self._grammar_cut(plan, d.propose_many(want, sample_from))
             except Exception:  # noqa: BLE001 - a drafter failure costs speed, never output
                 log.exception("the draft model failed; decoding this step without drafts")
                 return {}
@@ -403,13 +400,22 @@ class Engine:
             self._spec_masks = self._grammar_masks(plan, drafts)
         return {slot: t for slot, t in drafts.items() if t}
 
+    def _grammar_cut(self, plan: Plan, drafts: dict) -> dict:
+        """``drafts`` ({slot: tokens}) with each constrained sequence's drafts cut where
+        its grammar refuses them (:meth:`_grammar_prefix`); before planning, so the plan
+        sees the lengths that can be verified."""
+        for s in plan.samplers:
+            if s.constraint is not None and drafts.get(s.slot):
+                drafts[s.slot] = drafts[s.slot][:self._grammar_prefix(s.constraint,
+                                                                      drafts[s.slot])]
+        return drafts
+
     def _grammar_masks(self, plan: Plan, drafts: dict) -> dict:
-        """For each constrained sampler: its drafts cut at the first token the grammar
-        refuses (or after an end-of-generation token), and the grammar mask of each of
-        its verify rows, ``[n_draft + 1, W]`` int32 (row j = the state after j drafts),
-        so the target samples every row exactly as a plain constrained step would. The
-        matcher is walked down the drafts and rolled back: delivery accepts the tokens
-        that are emitted. Returns {slot: masks}; ``drafts`` is cut in place."""
+        """For each constrained sampler (its drafts already cut by :meth:`_grammar_cut`):
+        the grammar mask of each of its verify rows, ``[n_draft + 1, W]`` int32 (row j =
+        the state after j drafts), so the target samples every row exactly as a plain
+        constrained step would. The matcher is walked down the drafts and rolled back:
+        delivery accepts the tokens that are emitted. Returns {slot: masks}."""
         from tep.structured.bitmask import bitmask_words
 
         masks = {}
@@ -419,9 +425,6 @@ class Engine:
             if c is None:
                 continue
             t = drafts.get(s.slot, [])
-            t = t[:self._grammar_prefix(c, t)]
-            if s.slot in drafts:
-                drafts[s.slot] = t
             m = np.empty((len(t) + 1, W), np.int32)
             c.fill_bitmask(m[0])
             walked = 0

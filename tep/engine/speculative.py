@@ -225,8 +225,8 @@ class StepCost:
             self._t[n_tokens] = old + max(self.alpha, 1.0 / n) * (seconds - old)
 
     def many(self, n_tokens: np.ndarray) -> np.ndarray:
-        """:meth:`__call__` for an increasing array of counts (at least one count must
-        have been seen)."""
+        """The estimated costs (seconds) of steps of ``n_tokens`` (an array of counts),
+        by the rules in the class docstring; at least one count must have been seen."""
         keys = np.asarray(self._keys, np.float64)
         vals = np.asarray([self._t[k] for k in self._keys], np.float64)
         n = np.asarray(n_tokens, np.float64)
@@ -241,26 +241,11 @@ class StepCost:
         return out
 
     def __call__(self, n_tokens: int) -> float | None:
+        """The cost of a step of ``n_tokens`` (seconds), or None before any step."""
         t = self._t.get(n_tokens)
-        if t is not None:
+        if t is not None or not self._keys:
             return t
-        keys = self._keys
-        if not keys:
-            return None
-        i = bisect.bisect_left(keys, n_tokens)
-        if i == 0:
-            return self._t[keys[0]]
-        lo = keys[i - 1]
-        if i < len(keys):
-            hi = keys[i]
-            f = (n_tokens - lo) / (hi - lo)
-            return self._t[lo] + f * (self._t[hi] - self._t[lo])
-        if i >= 2:
-            lo2 = keys[i - 2]
-            slope = max(0.0, (self._t[lo] - self._t[lo2]) / (lo - lo2))
-        else:
-            slope = self.prior_slope * self._t[lo]
-        return self._t[lo] + slope * (n_tokens - lo)
+        return float(self.many(np.array([n_tokens]))[0])
 
 
 _COSTS: "weakref.WeakKeyDictionary[Any, StepCost]" = weakref.WeakKeyDictionary()
