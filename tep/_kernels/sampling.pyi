@@ -15,8 +15,11 @@ def max_threads() -> int:
     """Threads OpenMP uses by default (honours OMP_NUM_THREADS); 1 without OpenMP."""
 def sample_one(logits: npt.NDArray[np.float32], temperature: float, top_k: int, top_p: float,
                min_p: float, seed: int, step: int,
-               mask: npt.NDArray[np.uint32] | None = None) -> int:
-    """One row [V], scalar knobs, no edits, optionally a bitmask row [>= ceil(V/32)]: the
+               mask: npt.NDArray[np.uint32] | None = None,
+               bias_ids: npt.NDArray[np.int32] | None = None,
+               bias_values: npt.NDArray[np.float32] | None = None) -> int:
+    """One row [V], scalar knobs, no penalties, allowed set or logprobs; optionally a
+    bitmask row [>= ceil(V/32)] and a logit bias (ids int32 [n], values float32 [n]): the
     token id, or -status on failure."""
 def sample_rows(logits: npt.NDArray[np.float32], temperature: float, top_k: int, top_p: float,
                 min_p: float, seed: npt.NDArray[np.uint64], step: int, n_threads: int,

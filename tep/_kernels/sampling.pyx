@@ -624,6 +624,44 @@ cdef inline int64_t best_cand(const Cand* a, intp_t n) noexcept nogil:
     return best
 
 
+# relative slack on "the top token alone holds top_p of the mass": larger than the exp
+# approximation's error on a row's sum, so the shortcut never decides a case top_p_row
+# would decide otherwise
+cdef double TOP_HOLDS_SLACK = 1e-5
+
+
+cdef bint top_token_holds(const float* v, intp_t V, float m, float s, double p,
+                          Scratch* sc) noexcept nogil:
+    """True when top_p keeps the argmax alone: p > 1/2 (so no other token can tie it) and
+    the argmax's probability 1/Z >= p (with slack). One vectorised exp pass; a peaked row
+    (the common case at moderate temperature) then skips top_p_row's sample, histogram
+    and bracket, and draws what top_p_row would: the only kept token."""
+    cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b
+    cdef double bound = 0.0
+    cdef int top_blocks = 0
+    if not (p > 0.5):
+        return False
+    # an upper bound first, from the block maxima (no pass over the row): the blocks
+    # holding the max count fully, every other block as if all its tokens were its max
+    tep_exp_blocks(sc.bmax, nb, m, s, -INFINITY, NULL, sc.ebuf)
+    for b in range(nb):
+        if sc.bmax[b] == m:
+            top_blocks += 1
+        else:
+            bound += <double>sc.ebuf[b] * min(TEP_BLOCK, V - b * TEP_BLOCK)
+    if top_blocks == 1:
+        for b in range(nb):
+            if sc.bmax[b] == m:
+                bound += tep_exp_blocks(v + b * TEP_BLOCK, min(TEP_BLOCK, V - b * TEP_BLOCK),
+                                        m, s, -INFINITY, NULL, NULL)
+                break
+        if 1.0 >= p * bound * (1.0 + TOP_HOLDS_SLACK):
+            return True
+        if 1.0 < p * bound * (1.0 / 16.0):
+            return False        # far off: an exact pass would be wasted on a flat row
+    return 1.0 >= p * tep_exp_blocks(v, V, m, s, -INFINITY, NULL, NULL) * (1.0 + TOP_HOLDS_SLACK)
+
+
 cdef int64_t draw_row(const float* v, intp_t V, float m, const Knobs* kn, Scratch* sc,
                       const uint32_t* mask) noexcept nogil:
     """The drawn token of a row whose (edited) logits v have the finite max m and block
@@ -716,6 +754,8 @@ cdef int64_t draw_row(const float* v, intp_t V, float m, const Knobs* kn, Scratc
         tep_copy_mask_max(v, mask, V, sc.work, sc.bmax)
         v = sc.work
     if p < 1.0:
+        if top_token_holds(v, V, m, s, p, sc):
+            return argmax_blocks(v, V, sc.bmax, m)
         return top_p_row(v, V, m, s, p, u, sc)
     Z = tep_exp_blocks(v, V, m, s, -INFINITY, sc.bsum, NULL)
     return block_draw(v, V, sc.bsum, -INFINITY, m, s, u * Z)
@@ -1046,9 +1086,12 @@ def sample_batch(const float32_t[:, ::1] logits, const float64_t[:, ::1] knobs,
 
 
 def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, float top_p,
-               float min_p, uint64_t seed, uint64_t step, const uint32_t[::1] mask=None):
-    """Fast path for one row [V] with scalar knobs, no edits or logprobs, and optionally a
-    bitmask row [>= ceil(V/32)] words.
+               float min_p, uint64_t seed, uint64_t step, const uint32_t[::1] mask=None,
+               const int32_t[::1] bias_ids=None, const float32_t[::1] bias_values=None):
+    """Fast path for one row [V] with scalar knobs, no penalties, allowed set or logprobs;
+    optionally a bitmask row [>= ceil(V/32)] words and a logit bias (bias_ids int32 [n]
+    beside bias_values float32 [n]; ids outside [0, V) are skipped, values clamp to
+    +-100 as in sample_batch).
 
     Returns the token id (>= 0), or -Status on failure. Arguments are pre-validated."""
     cdef Knobs kn
@@ -1063,8 +1106,13 @@ def sample_one(const float32_t[::1] logits, float temperature, int64_t top_k, fl
     kn.seed = seed; kn.step = step
     if mask is not None and not tep_mask_all_ones(&mask[0], V):
         ed.mask = &mask[0]
+    if bias_ids is not None and bias_values is not None and bias_ids.shape[0] > 0:
+        ed.n_bias = min(bias_ids.shape[0], bias_values.shape[0])
+        ed.bias_ids = &bias_ids[0]
+        ed.bias_values = &bias_values[0]
     with nogil:
-        st = scratch_alloc(&sc, V, ed.mask != NULL, 0, False, temperature < GREEDY_T)
+        st = scratch_alloc(&sc, V, ed.mask != NULL or ed.n_bias > 0, 0, False,
+                           temperature < GREEDY_T)
         if st == TEP_OK:
             st = sample_row(&logits[0], V, &kn, &ed, &sc, &tok)
         scratch_free(&sc)

@@ -85,6 +85,9 @@ class RowState:
         self.prepared: list[RowKnobs | None] = [None] * S
         self.invalid = np.zeros(S, bool)            # knobs failed validation at admission
         self.invalid_error: list[BaseException | None] = [None] * S
+        # the one-row kernel entry's arguments of a slot it can sample (no history,
+        # allowed set or logprobs): (T, top_k, top_p, min_p, seed, bias ids, bias values)
+        self.one_row: list[tuple | None] = [None] * S
 
     # ---- admission / release
     def admit(self, slot: int, sampling: Any, seed: int, prompt: np.ndarray,
@@ -127,12 +130,25 @@ class RowState:
                 _DEFAULT_ROWS.setdefault(self.vocab_size, prepare_row(self.vocab_size))
             self.invalid[slot] = True
             self.invalid_error[slot] = e
+        self.one_row[slot] = self._one_row_args(slot)
+
+    def _one_row_args(self, slot: int) -> tuple | None:
+        if self.penalized[slot] or self.allowed[slot] is not None or self.invalid[slot] \
+                or self.n_logprobs[slot] >= 0:
+            return None
+        r = self.prepared[slot]
+        k = r.knobs  # type: ignore[union-attr]
+        has_bias = r.bias_ids.shape[0] > 0  # type: ignore[union-attr]
+        return (float(k[0]), int(k[1]), float(k[2]), float(k[3]), int(self.seed[slot]),
+                r.bias_ids if has_bias else None,  # type: ignore[union-attr]
+                r.bias_values if has_bias else None)  # type: ignore[union-attr]
 
     def release(self, slot: int) -> None:
         """Forget ``slot``'s sparse state (the dense arrays are overwritten on admit)."""
         self.logit_bias[slot] = None
         self.allowed[slot] = None
         self.prepared[slot] = None
+        self.one_row[slot] = None
         self.penalized[slot] = False
         self.invalid[slot] = False
         self.invalid_error[slot] = None
@@ -151,6 +167,9 @@ class RowState:
     def record(self, slots: np.ndarray, tokens: np.ndarray) -> None:
         """Append the sampled ``tokens`` (int64 [B]) to their slots' histories and advance
         their steps. ``slots`` int64 [B]."""
+        if slots.shape[0] == 1:
+            self.record_run(int(slots[0]), (int(tokens[0]),))
+            return
         self.step[slots] += 1
         self.last[slots] = tokens
         pen = self.penalized[slots]
@@ -255,12 +274,12 @@ class RowState:
         refuses (say, no finite logit) or whose knobs failed validation fails alone; the
         (seed, step) keying makes the other rows' tokens the same either way."""
         B = slots.shape[0]
-        n_lp = int(self.n_logprobs[slots].max()) if B else -1
-        if B == 1 and n_lp < 0 and token_bitmask is None:
+        if B == 1 and token_bitmask is None:
             tok = self._sample_one(logits, int(slots[0]))
             if tok is not None:
                 return RowSample(np.array([tok], np.int64), np.ones(1, bool), [None],
                                  None, None, None)
+        n_lp = int(self.n_logprobs[slots].max()) if B else -1
         st = static if static is not None else self.static_kwargs(slots)
         prompt = output = None
         if st["_penalized"]:
@@ -290,16 +309,16 @@ class RowState:
         return RowSample(r.token_ids, ok, errors, None, None, None)
 
     def _sample_one(self, logits: np.ndarray, s: int) -> int | None:
-        """One plain row (no history, bias, allowed set or logprobs): the kernel's one-row
-        entry on the knobs validated at admission. None when the row is not plain or the
-        kernel refuses it (the general path then reports the error)."""
-        if self.penalized[s] or self.logit_bias[s] is not None or self.allowed[s] is not None \
-                or self.invalid[s]:
+        """One row that needs no history, allowed set or logprobs: the kernel's one-row
+        entry on the arguments kept at admission (its bias included). None when the row
+        does not qualify or the kernel refuses it (the general path then reports the
+        error)."""
+        a = self.one_row[s]
+        if a is None:
             return None
-        kn = self.prepared[s].knobs  # type: ignore[union-attr]
         t0 = time.perf_counter()
-        tok = _k.sample_one(logits[0], kn[0], int(kn[1]), kn[2], kn[3], int(self.seed[s]),
-                            int(self.step[s]), None)
+        tok = _k.sample_one(logits[0], a[0], a[1], a[2], a[3], a[4], int(self.step[s]), None,
+                            a[5], a[6])
         self.kernel_s += time.perf_counter() - t0
         return tok if tok >= 0 else None
 
