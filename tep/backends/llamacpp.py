@@ -119,4 +119,5 @@ def LlamaCppBackend(model_path: str | os.PathLike | None = None, **kwargs: Any):
         n_threads=model.n_threads, max_batch_tokens=model.max_batch_tokens))
     # the engine's step never exceeds what one llama_decode takes
     return EngineBackend(model, max_num_seqs=model.max_num_seqs,
-                         max_batch_tokens=model.max_batch_tokens, speculative=spec)
+                         max_batch_tokens=model.max_batch_tokens, speculative=spec,
+                         overlap=cfg.overlap == "on")

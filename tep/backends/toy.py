@@ -481,4 +481,5 @@ class ToyEngineBackend:
         toy_kw = {k: kw.pop(k) for k in ("vocab_size", "dim", "instant", "weights_seed")
                   if k in kw}
         m = ToyModel(ToyBackend(model, **toy_kw), max_num_seqs=seqs, **kw)
-        return EngineBackend(m, max_num_seqs=seqs, max_batch_tokens=max(toks, seqs))
+        return EngineBackend(m, max_num_seqs=seqs, max_batch_tokens=max(toks, seqs),
+                             overlap=cfg.overlap == "on")

@@ -62,19 +62,22 @@ class EngineBackend(Backend):
         embed_max_batch: most inputs in one ``embed`` call.
         chat_prompt: optional ``f(messages) -> str`` used instead of ``model.chat_template``.
         speculative: a :class:`tep.engine.speculative.SpecConfig` (None = off).
+        overlap: start a steady decode step's forward while the previous step's tokens
+            are delivered (:class:`tep.engine.Engine`'s ``overlap``).
     """
 
     def __init__(self, model: Any, *, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
                  embed_wait_ms: float = 2.0, embed_max_batch: int = 256,
                  chat_prompt: Callable[[list], str] | None = None,
-                 record_steps: bool = False, speculative: Any = None) -> None:
+                 record_steps: bool = False, speculative: Any = None,
+                 overlap: bool = False) -> None:
         for name in ("vocab_size", "list_models", "forward", "release"):
             if not hasattr(model, name):
                 raise TypeError(f"the model has no '{name}': it is not a tep.engine.Model")
         self.model = model
         self.engine = Engine(model, max_num_seqs=max_num_seqs,
                              max_batch_tokens=max_batch_tokens, record_steps=record_steps,
-                             speculative=speculative)
+                             speculative=speculative, overlap=overlap)
         self._chat_prompt = chat_prompt
         self._embed = None
         if callable(getattr(model, "embed", None)):

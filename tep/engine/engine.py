@@ -12,6 +12,15 @@ GIL), then handed to the step's one ``sample`` call (``token_bitmask=``, unconst
 rows all ones); each sampled token goes to ``accept`` (False ends the sequence with an
 error).
 
+Overlap (``Engine(overlap=True)``, the server's ``--overlap on``): in a steady decode
+step (the same sequences as the step before, no prompt, grammar or speculation) whose
+sequences all go on (no end-of-generation or stop id sampled, ``max_tokens`` not reached,
+nobody cancelled), the next step's ``forward`` is started on a worker thread right after
+sampling, and this step's tokens are delivered while it runs (SGLang's overlap
+scheduler). Tokens stay the same: sampling is keyed on (seed, step), and a sequence that
+a stop string or its client ends during delivery is dropped from the step's rows when the
+forward returns; its slot goes back to the model (``release``) only after that forward.
+
 Threads: ``add_request`` and ``cancel`` may be called from any thread. Sinks and
 ``on_done`` callbacks run on the engine thread; they must not block (the server's
 callbacks hand events to the event loop with ``call_soon_threadsafe``).
@@ -22,6 +31,7 @@ import codecs
 import logging
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -52,6 +62,8 @@ class EngineStats:
         finished: sequences ended normally; cancelled: ended by their client, timeout or
             shutdown; failed: ended by a model or sampling error.
         forward_s, sample_s, step_s: seconds spent in forward, in sample, in whole steps.
+        overlapped: steps whose forward ran while the previous step's tokens were
+            delivered (``overlap``).
         spec: speculative decoding counters per draft source (a
             :class:`~tep.engine.speculative.SpecStats`).
     """
@@ -67,6 +79,7 @@ class EngineStats:
     forward_s: float = 0.0
     sample_s: float = 0.0
     step_s: float = 0.0
+    overlapped: int = 0
     spec: SpecStats = field(default_factory=SpecStats)
 
 
@@ -82,6 +95,18 @@ class _DecodePlan:
     seq_ids: np.ndarray
     want: np.ndarray
     static: dict
+
+
+@dataclass
+class _InFlight:
+    """A decode step whose ``forward`` runs on the overlap worker: the plan and slots it
+    feeds (row i of its logits is ``slots[i]``) and the future of (logits, seconds)."""
+
+    plan: Plan
+    slots: np.ndarray
+    slot_set: frozenset
+    n_tokens: int
+    future: Future
 
 
 @dataclass(frozen=True)
@@ -108,11 +133,14 @@ class Engine:
         speculative: a :class:`~tep.engine.speculative.SpecConfig` (None or mode "off":
             no speculation). Needs ``model.rewind`` (the cache of rejected drafts is
             dropped through it).
+        overlap: start a steady decode step's ``forward`` before delivering the previous
+            step's tokens (see the module docstring). Not with speculation, whose drafts
+            depend on the delivered tokens.
     """
 
     def __init__(self, model: Any, *, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
                  record_steps: bool = False, sample_threads: int | None = None,
-                 speculative: SpecConfig | None = None) -> None:
+                 speculative: SpecConfig | None = None, overlap: bool = False) -> None:
         self.model = model
         cap = getattr(model, "max_num_seqs", None)
         if cap is not None and max_num_seqs > int(cap):
@@ -136,6 +164,10 @@ class Engine:
         self._stop = False
         self._thread: threading.Thread | None = None
         self.spec = speculative if speculative is not None and speculative.on else None
+        self.overlap = bool(overlap) and self.spec is None
+        self._inflight: _InFlight | None = None
+        self._deferred: list[int] = []     # slots whose model.release waits for _inflight
+        self._pool: ThreadPoolExecutor | None = None
         self.spec_stats = self.stats.spec
         self._drafter: Any = None
         self._reject = False
@@ -173,6 +205,9 @@ class Engine:
         if t is not None and t is not threading.current_thread():
             t.join(timeout=10)
         self._thread = None
+        if self._pool is not None and (t is None or not t.is_alive()):
+            self._pool.shutdown(wait=True)
+            self._pool = None
 
     # ---- entry (any thread)
     def add_request(self, prompt: Any, sampling: Any, sink: Any,
@@ -205,7 +240,8 @@ class Engine:
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not self._stop and not self._inbox and self.sched.idle:
+                while (not self._stop and not self._inbox and self.sched.idle
+                       and self._inflight is None):
                     self._cv.wait()
                 if self._stop:
                     inbox, self._inbox = self._inbox, []
@@ -217,8 +253,10 @@ class Engine:
                 self.step()
             except Exception:  # a bug in the engine itself: fail what is live, go on
                 log.exception("engine step failed")
+                self._join_quietly()
                 for s in list(self.sched.running) + list(self.sched.waiting):
                     self._finish(s, RuntimeError("engine step failed"))
+        self._join_quietly()
         for s in inbox:
             self.sched.add(s)
         for s in list(self.sched.running) + list(self.sched.waiting):
@@ -234,7 +272,7 @@ class Engine:
                 inbox, self._inbox = self._inbox, []
             for s in inbox:
                 self.sched.add(s)
-            if self.sched.idle:
+            if self.sched.idle and self._inflight is None:
                 break
             self.step()
             n += 1
@@ -243,6 +281,9 @@ class Engine:
     def step(self) -> None:
         """One step: drop ended sequences, schedule, forward, sample, deliver."""
         t0 = time.perf_counter()
+        if self._inflight is not None:
+            self._step_inflight(t0)
+            return
         self._drop_cancelled()
         rows = self.rows
         c = self._decode
@@ -324,7 +365,104 @@ class Engine:
                 ext = self._drafter.extend
                 for slot, tok in zip(slots.tolist(), res.token_ids.tolist()):
                     ext(slot, (tok,))
+            if self.overlap:
+                self._launch_next(plan, slots, res)
             self._update_from_output(plan.samplers, res)
+        st.step_s += time.perf_counter() - t0
+
+    # ---- overlap: the next forward runs while this step's tokens are delivered
+    def _launch_next(self, plan: Plan, slots: np.ndarray, res: Any) -> None:
+        """Start the next decode step's forward on the worker when this steady decode
+        step's sequences all go on and nothing waits to be admitted."""
+        c = self._decode
+        if (c is None or c.plan is not plan or c.version != self.sched.version
+                or self._inbox or self.sched.waiting or not bool(res.ok.all())):
+            return
+        toks = res.token_ids.tolist()
+        eog = self._eog
+        for s, tok in zip(plan.samplers, toks):
+            sink = s.sink
+            if tok in eog or sink.cancelled or tok in getattr(sink, "_stop_ids", (tok,)) \
+                    or sink.n_tokens + 1 >= getattr(sink, "_max_tokens", 0):
+                return
+        rows = self.rows
+        batch = StepBatch(token_ids=rows.last[slots].astype(np.int32),
+                          positions=rows.pos[slots].astype(np.int32),
+                          seq_ids=c.seq_ids, logits=c.want)
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(1, thread_name_prefix="tep-forward")
+        self._inflight = _InFlight(plan, slots, frozenset(slots.tolist()), batch.n_tokens,
+                                   self._pool.submit(self._timed_forward, batch))
+        self.stats.overlapped += 1
+
+    def _timed_forward(self, batch: StepBatch) -> tuple[Any, float]:
+        t = time.perf_counter()
+        with self.model_lock:
+            out = self.model.forward(batch)
+        return out, time.perf_counter() - t
+
+    def _join_quietly(self) -> None:
+        """Wait for the in-flight forward (its result is dropped), then hand back the
+        slots whose release waited for it."""
+        fl, self._inflight = self._inflight, None
+        if fl is not None:
+            try:
+                fl.future.result()
+            except BaseException:  # noqa: BLE001 - its sequences are being ended anyway
+                pass
+        self._release_deferred()
+
+    def _release_deferred(self) -> None:
+        slots, self._deferred = self._deferred, []
+        for slot in slots:
+            try:
+                self.model.release(slot)
+            except Exception:
+                log.exception("model.release(%d) failed", slot)
+
+    def _step_inflight(self, t0: float) -> None:
+        """The step whose forward the previous step started: wait for it, drop the rows
+        of sequences that ended meanwhile, sample, maybe start the next, deliver."""
+        fl, self._inflight = self._inflight, None
+        plan, rows, st = fl.plan, self.rows, self.stats
+        try:
+            out, dt = fl.future.result()
+            logits = self._check_logits(out, fl.slots.shape[0])
+        except Exception as e:  # the model failed this step: only its sequences fail
+            self._release_deferred()
+            log.warning("model forward failed; failing %d sequences: %r", len(plan.seqs), e)
+            for s in list(plan.samplers):
+                self._finish(s, e)
+            return
+        self._release_deferred()
+        t2 = time.perf_counter()
+        st.steps += 1
+        st.tokens_fed += fl.n_tokens
+        st.forward_s += dt
+        rows.pos[fl.slots] += 1
+        self._drop_cancelled()
+        samplers, slots = plan.samplers, fl.slots
+        if any(s.done for s in samplers):   # ended by a stop string or its client
+            live = [i for i, s in enumerate(samplers) if not s.done]
+            samplers = [samplers[i] for i in live]
+            slots = slots[live]
+            logits = np.ascontiguousarray(logits[live])
+        if self.steps is not None:
+            self.steps.append(StepRecord(len(plan.seqs), fl.n_tokens, tuple(slots.tolist())))
+        if not samplers:
+            st.step_s += time.perf_counter() - t0
+            return
+        c = self._decode
+        whole = samplers is plan.samplers
+        res = rows.sample_rows(logits, slots, c.static if whole and c is not None
+                               and c.plan is plan else None)
+        t3 = time.perf_counter()
+        st.sample_s += t3 - t2
+        st.tokens_sampled += len(samplers)
+        rows.record(slots, res.token_ids)
+        if whole:
+            self._launch_next(plan, slots, res)
+        self._update_from_output(samplers, res)
         st.step_s += time.perf_counter() - t0
 
     # ---- speculative decoding
@@ -787,10 +925,14 @@ class Engine:
             self.rows.release(slot)
             if self._drafter is not None:
                 self._drafter.release(slot)
-            try:
-                self.model.release(slot)
-            except Exception:
-                log.exception("model.release(%d) failed", slot)
+            fl = self._inflight
+            if fl is not None and slot in fl.slot_set:
+                self._deferred.append(slot)   # its cache is being written: release after
+            else:
+                try:
+                    self.model.release(slot)
+                except Exception:
+                    log.exception("model.release(%d) failed", slot)
         st = self.stats
         if exc is not None:
             st.failed += 1

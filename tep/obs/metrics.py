@@ -115,7 +115,8 @@ class Metrics:
         """Export an engine's counters (``stats()`` returns a
         :class:`tep.engine.EngineStats`), read at scrape time: ``tep_engine_steps_total``,
         ``tep_engine_tokens_fed_total``, ``tep_engine_tokens_sampled_total``,
-        ``tep_prefix_cache_hit_tokens_total`` / ``..._miss_tokens_total`` and the hit rate
+        ``tep_engine_overlapped_steps_total`` (steps whose forward ran during the previous
+        step's delivery), ``tep_prefix_cache_hit_tokens_total`` / ``..._miss_tokens_total`` and the hit rate
         ``tep_prefix_cache_hit_rate`` (hit / (hit + miss) prompt tokens); with speculative
         decoding, per draft ``source``: ``tep_spec_drafted_tokens_total``,
         ``tep_spec_accepted_tokens_total``, ``tep_spec_runs_total`` (verifications),
@@ -131,6 +132,9 @@ class Metrics:
                         ("tep_engine_steps", "Engine steps (one forward each)", s.steps),
                         ("tep_engine_tokens_fed", "Tokens fed to forward", s.tokens_fed),
                         ("tep_engine_tokens_sampled", "Tokens sampled", s.tokens_sampled),
+                        ("tep_engine_overlapped_steps", "Steps whose forward ran while the "
+                         "previous step's tokens were delivered",
+                         getattr(s, "overlapped", 0)),
                         ("tep_prefix_cache_hit_tokens", "Prompt tokens found in the cache",
                          s.prefix_hit_tokens),
                         ("tep_prefix_cache_miss_tokens", "Prompt tokens evaluated",

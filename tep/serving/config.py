@@ -66,6 +66,9 @@ class ServerConfig:
         speculative_acceptance: "exact" (seeded outputs are the same as without
             speculation) or "rejection" (draft-model drafts accepted with min(1, p/q):
             the target's distribution, not its seeded tokens).
+        overlap: engine backends: "on" starts a steady decode step's model forward
+            while the previous step's tokens are delivered (same tokens; worth it where
+            the forward leaves a core free, e.g. on a GPU), "off" runs them in turn.
         fast_path: answer ``POST`` on the inference routes in an ASGI layer in front of
             Quart (:mod:`tep.server.fastpath`; same answers, less overhead). Quart's own
             ``before_request``/``after_request`` hooks and extensions do not see those
@@ -128,6 +131,9 @@ class ServerConfig:
     speculative_acceptance: str = field(default="exact", metadata={
         "help": "speculative decoding: exact (seeded outputs unchanged) or rejection "
                 "(draft-model drafts; the target's distribution)"})
+    overlap: str = field(default="off", metadata={
+        "help": "engine backends: on = run the next decode step's forward while this "
+                "step's tokens are delivered; off = one after the other"})
     metrics: bool = field(default=True, metadata={"cli": False})
     fast_path: bool = field(default=True, metadata={"cli": False})
     # "negate": the CLI option is --no-<name>, which sets it False
@@ -138,7 +144,7 @@ class ServerConfig:
 
     # how each field is read from its TEP_<NAME> variable
     _PARSE = {"api_keys": _keys, "events_jsonl": str, "speculative": str,
-              "draft_model": str, "speculative_acceptance": str,
+              "draft_model": str, "speculative_acceptance": str, "overlap": str,
               "generation_timeout": float, "metrics": _bool,
               "grammar_compile_timeout": float, "stream_stall_timeout": float,
               "fast_path": _bool, "ui": _bool, "responses_store": str,
@@ -189,6 +195,8 @@ class ServerConfig:
             raise ValueError("retry_after must be >= 0")
         if cfg.speculative not in ("off", "ngram", "draft"):
             raise ValueError(f"speculative must be off, ngram or draft, got {cfg.speculative!r}")
+        if cfg.overlap not in ("on", "off"):
+            raise ValueError(f"overlap must be on or off, got {cfg.overlap!r}")
         if cfg.speculative_acceptance not in ("exact", "rejection"):
             raise ValueError(f"speculative_acceptance must be exact or rejection, got "
                              f"{cfg.speculative_acceptance!r}")
@@ -284,4 +292,4 @@ def _engine_backend(model: Any) -> Any:
     cfg = ServerConfig.from_env()
     return EngineBackend(model, max_num_seqs=cfg.max_num_seqs,
                          max_batch_tokens=max(cfg.max_batch_tokens, cfg.max_num_seqs),
-                         speculative=cfg.speculative_config())
+                         speculative=cfg.speculative_config(), overlap=cfg.overlap == "on")

@@ -5,7 +5,9 @@ the same bits whether the forward fed 1 token of the sequence or K + 1 (a verify
 alone or beside other sequences, and after a rewind. Then, end to end on the engine: 10
 prompts, greedy and seeded temperature 0.8, give the same tokens with ``--speculative
 ngram`` as without, alone and among 16 concurrent sequences; and with a JSON-schema
-constraint (grammar-checked drafts), the same tokens as plain constrained decoding.
+constraint (grammar-checked drafts), the same tokens as plain constrained decoding. The
+overlap scheduler (next forward started before delivery) gives the same tokens and the
+same logprob bits as the plain engine.
 """
 from __future__ import annotations
 
@@ -96,8 +98,9 @@ def test_verify_rows_are_the_same_bits_as_one_token_decodes(model, prompts):
         model.release(s)
 
 
-def _run(model, prompts, samplings, spec, slots=16):
-    eng = Engine(model, max_num_seqs=slots, max_batch_tokens=512, speculative=spec)
+def _run(model, prompts, samplings, spec, slots=16, overlap=False, result=False):
+    eng = Engine(model, max_num_seqs=slots, max_batch_tokens=512, speculative=spec,
+                 overlap=overlap)
     sinks, errs = [], []
     for p, s in zip(prompts, samplings):
         k = StreamSink(s)
@@ -105,6 +108,8 @@ def _run(model, prompts, samplings, spec, slots=16):
         eng.add_request(p, s, k, errs.append)
     eng.run_until_idle()
     assert errs == [None] * len(sinks)
+    if result:
+        return [k.result() for k in sinks], eng
     return [k.result().token_ids for k in sinks], eng
 
 
@@ -174,3 +179,25 @@ def test_json_schema_outputs_with_ngram_equal_without(model):
         if c.finish_reason == "stop":
             assert set(json.loads(c.text)) == {"fruits"}
     assert eng.spec_stats.accepted.get("ngram", 0) > 0
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.8])
+def test_engine_with_overlap_gives_the_same_tokens_and_logprob_bits(model, prompts,
+                                                                    temperature):
+    """16 concurrent sequences (stop strings and logprobs on some, different lengths):
+    overlap on == off, tokens and the raw logprobs of every token bit for bit (they are
+    read from the logits of the forward that ran on the worker)."""
+    ps = prompts + prompts[:6]
+    ss = [Sampling(max_tokens=8 + 3 * i, temperature=temperature, seed=700 + i,
+                   stop=[" the"] if i % 3 == 0 else [], logprobs=2 if i % 2 else None)
+          for i in range(len(ps))]
+    on, eng = _run(model, ps, ss, None, overlap=True, result=True)
+    off, _ = _run(model, ps, ss, None, result=True)
+    assert [r.token_ids for r in on] == [r.token_ids for r in off]
+    assert [r.text for r in on] == [r.text for r in off]
+    for a, b in zip(on, off):
+        if a.logprobs is not None:
+            la = np.array([e.logprob for e in a.logprobs], np.float32)
+            lb = np.array([e.logprob for e in b.logprobs], np.float32)
+            assert la.tobytes() == lb.tobytes()
+    assert eng.stats.overlapped > 0
