@@ -1,7 +1,8 @@
 """A real LLM served over HTTP: tep (llama.cpp on the engine) vs llama-server vs
 llama-cpp-python's server, same GGUF, same run.
 
-    python benchmarks/bench_llm.py [--quick] [--servers tep llama-server llama-cpp-python]
+    python benchmarks/bench_llm.py [--quick] [--servers tep llama-server llama-cpp-python
+        tep-overlap]
         [--clients 1 4 16 64] [--rounds 3] [--threads 2] [--model PATH]
         [--llama-server PATH]              # or $LLAMA_SERVER; see benchmarks/README.md
         [--json benchmarks/results/llm.json] [--plot benchmarks/results/llm.png]
@@ -13,6 +14,7 @@ run interleaved: every round measures every server at every client count in turn
   llama-server      llama.cpp's server: -np 16 --cont-batching -t THREADS -c 16*CTX
   llama-cpp-python  python -m llama_cpp.server --n_threads THREADS
                     --interrupt_requests False (one request at a time)
+  tep-overlap       tep with --overlap on (only when named in --servers)
 A server that cannot be found or started is reported as such; no number is made up.
 
 Load: N clients, each sending streaming chat requests one after another (one user
@@ -26,7 +28,9 @@ content chunks. Medians over rounds. The client runs on the same cores as the se
 ``--profile`` also drives tep's engine in-process (no HTTP) with 1, 4 and 16 streams
 (``--profile-streams``) and reports where a step's time goes (inside llama_decode vs
 everything else: model glue, scheduling, sampling, delivery); ``--profile-only`` runs just
-that. Targets: tep's own share <= 3 % at 1 and 4 streams, <= 5 % at 16.
+that. Targets: tep's own share <= 3 % at 1 and 4 streams, <= 5 % at 16. ``--overlap``
+profiles the engine with the overlap scheduler; the server ``tep-overlap`` (not run by
+default) is tep with ``--overlap on``.
 """
 from __future__ import annotations
 
@@ -47,7 +51,8 @@ from _machine import describe  # noqa: E402
 from _harness import Server, answers_chat, rounds, run_clients  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
-SERVERS = ("tep", "llama-server", "llama-cpp-python")
+SERVERS = ("tep", "llama-server", "llama-cpp-python", "tep-overlap")
+DEFAULT_SERVERS = SERVERS[:3]
 CLIENTS = (1, 4, 16, 64)
 MAX_TOKENS = 128
 CTX = 512  # positions per sequence: ~40 prompt + 128 generated fits with room
@@ -83,9 +88,10 @@ def eog_ids(model: Path) -> list[int]:
 def server_cmd(name: str, port: int | str, args: argparse.Namespace) -> tuple[list[str], dict]:
     env: dict = {}
     py = sys.executable
-    if name == "tep":
+    if name in ("tep", "tep-overlap"):
         env.update(TEP_MODEL=str(args.model), TEP_THREADS=str(args.threads),
-                   TEP_MAX_NUM_SEQS="16", TEP_CONTEXT_SIZE=str(CTX))
+                   TEP_MAX_NUM_SEQS="16", TEP_CONTEXT_SIZE=str(CTX),
+                   TEP_OVERLAP="on" if name == "tep-overlap" else "off")
         return [py, "-m", "tep", "serve", "--backend", "tep.backends.llamacpp:LlamaCppBackend",
                 "--host", "127.0.0.1", "--port", str(port), "--max-concurrency", "64",
                 "--log-level", "warning"], env
@@ -136,7 +142,8 @@ async def run_level(url: str, clients: int, per_client: int, bias: dict[str, flo
 OWN_SHARE_TARGET = {1: 3.0, 4: 3.0, 16: 5.0}
 
 
-def profile_engine(model_path: Path, threads: int, n_streams: int = 16) -> dict:
+def profile_engine(model_path: Path, threads: int, n_streams: int = 16,
+                   overlap: bool = False) -> dict:
     """tep's engine in-process: n_streams concurrent 128-token streams; the share of the
     wall time spent inside llama_decode vs everything else (engine + sampling + model glue)."""
     from tep.backends.llamacpp import load_model
@@ -144,7 +151,7 @@ def profile_engine(model_path: Path, threads: int, n_streams: int = 16) -> dict:
     from tep.backend import Sampling
 
     model = load_model(model_path, context_size=CTX, max_num_seqs=16, n_threads=threads)
-    engine = EngineBackend(model)
+    engine = EngineBackend(model, overlap=overlap)
     eog = {int(t): -100.0 for t in model.eog_token_ids}
     from tep.engine.chat_template import render_chat
 
@@ -182,7 +189,7 @@ def profile_engine(model_path: Path, threads: int, n_streams: int = 16) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="1 round, clients 1 4 16")
-    ap.add_argument("--servers", nargs="+", default=list(SERVERS), choices=SERVERS)
+    ap.add_argument("--servers", nargs="+", default=list(DEFAULT_SERVERS), choices=SERVERS)
     ap.add_argument("--clients", nargs="+", type=int, default=list(CLIENTS))
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--min-requests", type=int, default=4,
@@ -190,6 +197,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
+    ap.add_argument("--overlap", action="store_true",
+                    help="profile tep's engine with the overlap scheduler")
     ap.add_argument("--profile", action="store_true", help="also profile tep's engine in-process")
     ap.add_argument("--profile-streams", nargs="+", type=int, default=[1, 4, 16])
     ap.add_argument("--profile-only", action="store_true",
@@ -207,6 +216,7 @@ def main(argv: list[str] | None = None) -> dict:
     bias = {str(t): -100.0 for t in eog_ids(args.model)}
 
     out: dict = {"machine": describe(), "model": args.model.name, "threads": args.threads,
+                 "profile_overlap": args.overlap,
                  "clients": args.clients, "rounds": args.rounds, "max_tokens": MAX_TOKENS,
                  "eog_bias": bias, "servers": {}, "skipped": {}}
     running: dict[str, Server] = {}
@@ -251,7 +261,8 @@ def main(argv: list[str] | None = None) -> dict:
         out["profile"] = {}
         for n in args.profile_streams:
             try:
-                out["profile"][str(n)] = profile_engine(args.model, args.threads, n)
+                out["profile"][str(n)] = profile_engine(args.model, args.threads, n,
+                                                          args.overlap)
             except Exception as e:  # noqa: BLE001
                 out["profile"][str(n)] = {"error": str(e)[:300]}
     print_table(out)

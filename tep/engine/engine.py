@@ -47,6 +47,7 @@ from tep.engine.speculative import (Acceptance, DraftModelDrafter, NgramDrafter,
 __all__ = ["Engine", "EngineStats", "StepRecord"]
 
 log = logging.getLogger("tep.engine")
+_F32 = np.dtype(np.float32)
 
 
 @dataclass
@@ -801,6 +802,9 @@ class Engine:
                 np.asarray(plan.counts, np.int64))
 
     def _check_logits(self, logits: Any, n_rows: int) -> np.ndarray:
+        if (type(logits) is np.ndarray and logits.dtype == _F32
+                and logits.shape == (n_rows, self.vocab_size) and logits.flags.c_contiguous):
+            return logits     # what a model normally returns: nothing to convert
         if not isinstance(logits, np.ndarray):
             raise TypeError(f"forward must return a numpy array, got {type(logits).__name__}")
         if logits.shape != (n_rows, self.vocab_size):

@@ -277,8 +277,7 @@ class RowState:
         if B == 1 and token_bitmask is None:
             tok = self._sample_one(logits, int(slots[0]))
             if tok is not None:
-                return RowSample(np.array([tok], np.int64), np.ones(1, bool), [None],
-                                 None, None, None)
+                return RowSample(np.array([tok], np.int64), _ONE_OK, [None], None, None, None)
         n_lp = int(self.n_logprobs[slots].max()) if B else -1
         st = static if static is not None else self.static_kwargs(slots)
         prompt = output = None
@@ -370,6 +369,8 @@ class RowState:
 
 
 _DEFAULT_ROWS: dict[int, RowKnobs] = {}
+_ONE_OK = np.ones(1, bool)       # RowSample.ok of one row sampled fine (read only)
+_ONE_OK.flags.writeable = False
 
 
 def _status_text(code: int) -> str:
