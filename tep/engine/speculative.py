@@ -10,8 +10,10 @@ Draft sources:
 
 - ``ngram``: prompt/history lookup. The last n tokens (n = 3, then 2, then 1) are looked up
   among the sequence's earlier tokens; the tokens that followed the latest earlier
-  occurrence are the drafts. An index of n-gram -> next position is kept per sequence and
-  updated per accepted token, so a lookup is O(1), never a scan of the history.
+  occurrence are the drafts. An index of n-gram -> next position is kept per sequence
+  (compiled: tep/_kernels/ngram.pyx) and updated per accepted token, so a lookup is O(1),
+  never a scan of the history; :meth:`NgramDrafter.propose_many` looks up a whole batch in
+  one call, without the GIL.
 - ``draft``: a second :class:`tep.engine.Model` (a smaller GGUF) decodes K tokens greedily
   per step for every speculating sequence, batched (see :class:`DraftModelDrafter`).
 
@@ -29,6 +31,8 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 import numpy as np
+
+from tep._kernels.ngram import NgramIndex
 
 __all__ = ["SpecConfig", "SpecStats", "NgramDrafter", "DraftModelDrafter", "Acceptance",
            "StepCost", "plan_drafts", "MODES", "ACCEPTANCE"]
@@ -49,6 +53,10 @@ KIND_START = (0.8, 0.5, 0.6, 0.7, 0.85, 0.93, 0.97)
 def match_kind(length: int) -> int:
     """The draft kind (1..6) of an n-gram match of ``length`` tokens."""
     return bisect.bisect_right(MATCH_BUCKETS, length)
+
+
+# match_kind of every length a lookup can report (at most max(MATCH_REACH, NGRAM_SIZES))
+_KIND_OF_LENGTH = tuple(match_kind(m) for m in range(max(MATCH_REACH, *NGRAM_SIZES) + 1))
 
 
 @dataclass(frozen=True)
@@ -286,59 +294,74 @@ def plan_drafts(base_tokens: int, offers: Sequence[tuple[int, float, int]],
 class NgramDrafter:
     """Prompt/history n-gram lookup, O(1) per lookup and per appended token.
 
-    Per slot: the token list (prompt then output) and, for each n in ``NGRAM_SIZES``, a
-    dict n-gram -> the position right after its latest occurrence. The index covers the
-    n-grams that end before the last token, so the lookup of the last n tokens finds an
-    *earlier* occurrence whose continuation already exists."""
+    Per slot, in a compiled index (:class:`tep._kernels.ngram.NgramIndex`): the tokens
+    (prompt then output) and, for each n in ``NGRAM_SIZES``, a hash table n-gram -> the
+    position right after its latest occurrence. The index covers the n-grams that end
+    before the last token, so the lookup of the last n tokens finds an *earlier*
+    occurrence whose continuation already exists; the sizes are tried in order (largest
+    first) and the first found gives the drafts. A draft's kind is :func:`match_kind` of
+    its match length (measured up to ``MATCH_REACH`` tokens back).
+
+    A released (or never admitted) slot proposes nothing and ignores ``extend``."""
 
     source = "ngram"
 
     def __init__(self, slots: int) -> None:
-        self._toks: list[list[int] | None] = [None] * slots
-        self._index: list[list[dict] | None] = [None] * slots
-        self._done = np.zeros(slots, np.int64)     # positions indexed so far
+        self._index = NgramIndex(slots, NGRAM_SIZES, MATCH_REACH)
         self.kind = [0] * slots     # the kind of each slot's last proposal (match_kind)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of C memory the index holds (flat over admit / release cycles)."""
+        return self._index.nbytes
+
     def admit(self, slot: int, prompt: Sequence[int]) -> None:
-        self._toks[slot] = [int(t) for t in prompt]
-        self._index[slot] = [{} for _ in NGRAM_SIZES]
-        self._done[slot] = 0
+        self._index.admit(slot, prompt)
 
     def release(self, slot: int) -> None:
-        self._toks[slot] = None
-        self._index[slot] = None
+        self._index.release(slot)
 
+    # A free slot is the rare case: it costs an exception, the common case one call.
     def extend(self, slot: int, tokens: Sequence[int]) -> None:
-        t = self._toks[slot]
-        if t is not None:
-            t.extend(tokens)
+        try:
+            self._index.extend(slot, tokens)
+        except ValueError:
+            if self._index.live(slot):
+                raise                   # a bad token id, not a free slot
 
     def verified(self, slot: int, accepted: int) -> None:
         """Nothing to undo: the index only ever holds emitted tokens."""
 
     def propose(self, slot: int, k: int) -> list[int]:
         """Up to k drafts for ``slot`` (empty when no n-gram recurs)."""
-        toks, index = self._toks[slot], self._index[slot]
-        if toks is None or index is None or k <= 0:
+        if k <= 0:
             return []
-        L = len(toks)
-        # index the n-grams ending at positions done .. L - 2 (continuation <= L - 1)
-        for end in range(int(self._done[slot]), L - 1):
-            for n, d in zip(NGRAM_SIZES, index):
-                if end + 1 >= n:
-                    d[tuple(toks[end + 1 - n:end + 1])] = end + 1
-        self._done[slot] = max(int(self._done[slot]), L - 1)
-        for n, d in zip(NGRAM_SIZES, index):
-            if L >= n:
-                q = d.get(tuple(toks[L - n:]))
-                if q is not None:
-                    # how far the match reaches back: a long one is a copied run
-                    m, lim = n, min(MATCH_REACH, q)
-                    while m < lim and toks[q - 1 - m] == toks[L - 1 - m]:
-                        m += 1
-                    self.kind[slot] = match_kind(m)
-                    return toks[q:q + k]
-        return []
+        try:
+            drafts, m = self._index.propose(slot, k)
+        except ValueError:
+            if self._index.live(slot):
+                raise
+            return []
+        if drafts:
+            self.kind[slot] = _KIND_OF_LENGTH[m]
+        return drafts
+
+    def propose_many(self, want: dict[int, int]) -> dict[int, list[int]]:
+        """``{slot: propose(slot, k)}`` for ``want`` = {slot: k}, in one compiled call
+        (the lookups run without the GIL)."""
+        slots = list(want)
+        try:
+            drafts, match = self._index.propose_lists(slots, list(want.values()))
+        except ValueError:              # a free slot or a k < 0 among them: no drafts there
+            ok = {s: k for s, k in want.items() if k > 0 and self._index.live(s)}
+            if len(ok) == len(want):
+                raise
+            return {s: [] for s in want} | (self.propose_many(ok) if ok else {})
+        kind, kinds = self.kind, _KIND_OF_LENGTH
+        for s, m in zip(slots, match):
+            if m:
+                kind[s] = kinds[m]
+        return dict(zip(slots, drafts))
 
 
 class DraftModelDrafter:

@@ -1,8 +1,8 @@
-"""The sampling and speculative-verification kernels under AddressSanitizer, over the
-extreme-float fuzz (sample, verify and verify_rejection).
+"""The sampling, speculative-verification and n-gram kernels under AddressSanitizer, over
+the extreme-float fuzz (sample, verify and verify_rejection) and the n-gram index fuzz.
 
 A copy of the package is built with ``-fsanitize=address`` in a temporary directory (the
-sampling and speculative extensions; the others are copied as built), and
+sampling, speculative and ngram extensions; the others are copied as built), and
 tests/support/kernel_fuzz.py runs against it with libasan preloaded into the interpreter. Any read
 or write outside a buffer - the failure mode of an empty or stale candidate set - aborts
 the child with an ASan report instead of returning a plausible token. Bounded: the build
@@ -41,9 +41,9 @@ def test_sampling_kernel_fuzz_under_address_sanitizer(tmp_path):
     shutil.copytree(ROOT / "tep", src / "tep",
                     ignore=shutil.ignore_patterns("*.so", "*.c", "*.html", "__pycache__"))
     shutil.copy(ROOT / "setup.py", src / "setup.py")
-    # sampling and speculative (which calls sampling's row kernel) are built with ASan;
-    # the other extensions are copied as built (tep.kernels imports every one)
-    sanitized = ("sampling", "speculative")
+    # sampling, speculative (which calls sampling's row kernel) and ngram are built with
+    # ASan; the other extensions are copied as built (tep.kernels imports every one)
+    sanitized = ("sampling", "speculative", "ngram")
     for so in (ROOT / "tep" / "_kernels").glob("*.so"):
         if so.name.split(".")[0] not in sanitized:
             shutil.copy(so, src / "tep" / "_kernels" / so.name)

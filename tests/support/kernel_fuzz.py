@@ -1,5 +1,6 @@
 """Extreme-float fuzz of ``tep.kernels.sample`` and the speculative ``verify`` /
-``verify_rejection``, shared by two tests.
+``verify_rejection``, and a random-program fuzz of the n-gram draft index, shared by two
+tests.
 
 tests/test_sampling_extremes.py runs it in-process; tests/test_kernel_asan.py runs this file
 as a script against a copy of the sampling kernel built with AddressSanitizer, where a read
@@ -20,6 +21,12 @@ edge logits and knobs, draft probabilities that are sometimes not a distribution
 accepted run must repeat the drafts, end with an allowed finite-logit token, and - for
 rows without penalties, where each row stands alone - equal ``sample`` at the same
 (seed, step + j).
+
+Every third case also runs a random program on an n-gram index (:func:`ngram_case`):
+random sizes and reach, vocabularies from 1 token to 2**31, prompts long enough to grow
+and rehash the tables, slots out of range, released slots, negative k and bad token ids
+mixed in. Each lookup must equal the scanning reference, each bad call must raise and
+change nothing, and the index's memory must return to its baseline.
 """
 from __future__ import annotations
 
@@ -29,8 +36,14 @@ import time
 
 import numpy as np
 
+from tep._kernels.ngram import NgramIndex
 from tep.kernels import (SampledRows, SampleResult, TokenSpans, Verified, sample, verify,
                          verify_rejection)
+
+try:
+    from support.ngram_reference import scan
+except ImportError:          # run as a script (tests/kernels/test_kernel_asan.py)
+    from ngram_reference import scan  # type: ignore[no-redef]
 
 F32_MAX = float(np.finfo(np.float32).max)
 F32_TINY = float(np.finfo(np.float32).tiny)
@@ -289,6 +302,91 @@ def _check_verified(out: Verified, x: np.ndarray, drafts: np.ndarray, nd: np.nda
                 assert t in allowed[b], (t, allowed[b])   # a draft too: it was sampled
 
 
+def _refused(exc: type, fn, *args) -> None:
+    try:
+        fn(*args)
+    except exc:
+        return
+    raise AssertionError(f"{fn.__name__}{args!r:.200} was accepted; expected {exc.__name__}")
+
+
+def ngram_case(rng: np.random.Generator) -> None:
+    """One random program on an NgramIndex; assert the contract (see the module docstring)."""
+    sizes = tuple(int(n) for n in rng.permutation(np.arange(1, 6))[:int(rng.integers(1, 5))])
+    reach = int(rng.integers(0, 40))
+    S = int(rng.integers(1, 5))
+    vocab = int(rng.choice([1, 2, 3, 50, 2**31]))
+    ix = NgramIndex(S, sizes, reach)
+    base = ix.nbytes
+    toks: list = [None] * S
+
+    def ids(n: int) -> np.ndarray:
+        t = rng.integers(0, vocab, n)
+        if n and rng.integers(10) == 0:                    # a bad id: refused, no change
+            t[int(rng.integers(n))] = int(rng.choice([-1, -2**31, 2**31, 2**40]))
+        return t
+
+    for _ in range(int(rng.integers(1, 40))):
+        s = int(rng.integers(0, S)) if rng.integers(8) else int(rng.choice([-1, S]))
+        op = int(rng.integers(5))
+        if 0 <= s < S and toks[s] is None and rng.integers(4):
+            op = 0                                         # mostly admit a free slot
+        bad = not 0 <= s < S
+        if op == 0:
+            t = ids(int(rng.choice([0, 1, 5, 40, 600])))
+            if bad:
+                _refused(IndexError, ix.admit, s, t)
+            elif t.size and (t.min() < 0 or t.max() > 2**31 - 1):
+                _refused(ValueError, ix.admit, s, t)
+            else:
+                ix.admit(s, t)
+                toks[s] = t.tolist()
+        elif op == 1:
+            t = ids(int(rng.integers(0, 9)))
+            form = t.tolist() if rng.integers(2) else t
+            if bad:
+                _refused(IndexError, ix.extend, s, form)
+            elif toks[s] is None or (t.size and (t.min() < 0 or t.max() > 2**31 - 1)):
+                _refused(ValueError, ix.extend, s, form)
+            else:
+                ix.extend(s, form)
+                toks[s] += t.tolist()
+        elif op == 2:
+            k = int(rng.integers(-1, 20))
+            if bad:
+                _refused(IndexError, ix.propose, s, k)
+            elif toks[s] is None or k < 0:
+                _refused(ValueError, ix.propose, s, k)
+            else:
+                assert ix.propose(s, k) == scan(toks[s], k, sizes, reach), (sizes, reach)
+        elif op == 3:
+            B = int(rng.integers(0, 6))
+            sl = rng.integers(-1, S + 1, B)
+            kk = rng.integers(-1, 20, B)
+            # rows are checked in order: the first bad one names the error
+            err = next((IndexError if not 0 <= x < S else ValueError
+                        for x, k in zip(sl.tolist(), kk.tolist())
+                        if not 0 <= x < S or toks[x] is None or k < 0), None)
+            if err is not None:
+                _refused(err, ix.propose_many, sl, kk)
+            else:
+                d, n, m = ix.propose_many(sl, kk)
+                lists, lm = ix.propose_lists(sl.tolist(), kk.tolist())
+                for r in range(B):
+                    want, wm = scan(toks[sl[r]], int(kk[r]), sizes, reach)
+                    assert d[r, :n[r]].tolist() == want and m[r] == wm, (sizes, reach)
+                    assert (d[r, n[r]:] == -1).all()
+                    assert lists[r] == want and lm[r] == wm
+        elif bad:
+            _refused(IndexError, ix.release, s)
+        else:
+            ix.release(s)
+            toks[s] = None
+    for s in range(S):
+        ix.release(s)
+    assert ix.nbytes == base, (ix.nbytes, base)
+
+
 def crash_repro() -> None:
     """The report that started this file: top_p 0 in float32 with top_k and logprobs."""
     x = (np.random.default_rng(4).standard_normal(257) * 3).astype(np.float32)
@@ -315,6 +413,8 @@ def run(cases: int, seed: int = 0, budget_s: float = 1e9) -> int:
         one_case(rng, on, V)
         if n % 3 == 0:
             verify_case(rng, V)
+        if n % 3 == 1:
+            ngram_case(rng)
         if time.monotonic() - t0 > budget_s:
             break
     return n
