@@ -496,8 +496,7 @@ class Engine:
         acc = self._accept
         props: dict = {}
         if isinstance(d, NgramDrafter):    # n-gram drafts cost nothing: offer what exists
-            props = self._grammar_cut(plan, {slot: d.propose(slot, k)
-                                             for slot, k in caps.items()})
+            props = self._grammar_cut(plan, d.propose_many(caps))
             kind = d.kind
             offers = [(slot, acc.p(slot, kind[slot]), len(t)) for slot, t in props.items() if t]
         else:

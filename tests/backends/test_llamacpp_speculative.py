@@ -21,7 +21,7 @@ from tep.backends.llamacpp import load_model  # noqa: E402
 from tep.engine import Engine  # noqa: E402
 from tep.engine.chat_template import render_chat  # noqa: E402
 from tep.engine.model import StepBatch  # noqa: E402
-from tep.engine.speculative import SpecConfig  # noqa: E402
+from tep.engine.speculative import SpecConfig, StepCost  # noqa: E402
 from support import smollm2  # noqa: E402
 
 CTX = 512
@@ -98,9 +98,31 @@ def test_verify_rows_are_the_same_bits_as_one_token_decodes(model, prompts):
         model.release(s)
 
 
-def _run(model, prompts, samplings, spec, slots=16, overlap=False, result=False):
+class FlatCost(StepCost):
+    """Every forward costs the same: the planner verifies every draft it is offered.
+    What these tests check is verification (tokens equal without speculation), not the
+    planner, whose choices follow measured, load-dependent forward times."""
+
+    def observe(self, n_tokens, seconds):
+        pass
+
+    def __call__(self, n_tokens):
+        return 0.01
+
+    def many(self, n_tokens):
+        return np.full(np.shape(n_tokens), 0.01)
+
+
+def _engine(model, slots, spec, overlap=False):
     eng = Engine(model, max_num_seqs=slots, max_batch_tokens=512, speculative=spec,
                  overlap=overlap)
+    if spec is not None:
+        eng._cost = FlatCost()
+    return eng
+
+
+def _run(model, prompts, samplings, spec, slots=16, overlap=False, result=False):
+    eng = _engine(model, slots, spec, overlap)
     sinks, errs = [], []
     for p, s in zip(prompts, samplings):
         k = StreamSink(s)
@@ -161,7 +183,7 @@ def test_json_schema_outputs_with_ngram_equal_without(model):
           for i, t in enumerate([0.0, 0.0, 0.8, 0.8])]
 
     def run(spec_cfg):
-        eng = Engine(model, max_num_seqs=4, max_batch_tokens=512, speculative=spec_cfg)
+        eng = _engine(model, 4, spec_cfg)
         sinks, errs = [], []
         for s in ss:
             k = StreamSink(s)
