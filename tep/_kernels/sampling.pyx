@@ -639,8 +639,20 @@ cdef bint top_token_holds(const float* v, intp_t V, float m, float s, double p,
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b
     cdef double bound = 0.0
     cdef int top_blocks = 0
+    cdef float b2 = -INFINITY
     if not (p > 0.5):
         return False
+    # cheap refusals first (a flat row costs one pass over the block maxima): the max in
+    # two blocks is a tie (p_max <= 1/2 < p), and a runner-up block max of weight above
+    # 1/p - 1 leaves the top token short of p
+    for b in range(nb):
+        if sc.bmax[b] == m:
+            top_blocks += 1
+        elif sc.bmax[b] > b2:
+            b2 = sc.bmax[b]
+    if top_blocks != 1 or tep_exp_ms(b2, m, s) > 1.0 / p - 1.0:
+        return False
+    top_blocks = 0
     # an upper bound first, from the block maxima (no pass over the row): the blocks
     # holding the max count fully, every other block as if all its tokens were its max
     tep_exp_blocks(sc.bmax, nb, m, s, -INFINITY, NULL, sc.ebuf)
