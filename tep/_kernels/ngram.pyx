@@ -63,56 +63,46 @@ cdef int table_grow(NgTable* tab, const int32_t* toks, intp_t n,
     return NG_OK
 
 
+cdef intp_t table_find(const NgTable* tab, const int32_t* toks, intp_t end, intp_t n,
+                       uint64_t h) noexcept nogil:
+    """The entry of tab holding the n-gram toks[end - n:end] (of hash h), or the empty
+    entry where it would go (tab.cap > 0, and the load factor keeps an empty entry)."""
+    cdef uint32_t tag = <uint32_t>(h >> 32)
+    cdef intp_t mask = tab.cap - 1
+    cdef intp_t j = <intp_t>(h & <uint64_t>mask)
+    cdef const NgEntry* e
+    while True:
+        e = &tab.e[j]
+        if e.pos == 0 or (e.tag == tag and memcmp(toks + e.pos - n, toks + end - n,
+                                                  n * sizeof(int32_t)) == 0):
+            return j
+        j = (j + 1) & mask
+
+
 cdef int table_put(NgTable* tab, const int32_t* toks, intp_t p, intp_t n,
                    size_t* nbytes) noexcept nogil:
     """Record that the n-gram toks[p - n:p] is followed by position p (a later occurrence
     replaces an earlier one: the latest wins)."""
-    cdef uint64_t h
-    cdef uint32_t tag
-    cdef intp_t j, mask
     cdef NgEntry* e
+    cdef uint64_t h
     if (tab.used + 1) * 2 > tab.cap:       # load factor <= 1/2: short probe runs
         if table_grow(tab, toks, n, nbytes) != NG_OK:
             return NG_NO_MEMORY
     h = ng_hash(toks + p - n, n)
-    tag = <uint32_t>(h >> 32)
-    mask = tab.cap - 1
-    j = <intp_t>(h & <uint64_t>mask)
-    while True:
-        e = &tab.e[j]
-        if e.pos == 0:
-            e.tag = tag
-            e.pos = <int32_t>p
-            tab.used += 1
-            return NG_OK
-        if e.tag == tag and memcmp(toks + e.pos - n, toks + p - n,
-                                   n * sizeof(int32_t)) == 0:
-            e.pos = <int32_t>p
-            return NG_OK
-        j = (j + 1) & mask
+    e = &tab.e[table_find(tab, toks, p, n, h)]
+    if e.pos == 0:
+        e.tag = <uint32_t>(h >> 32)
+        tab.used += 1
+    e.pos = <int32_t>p
+    return NG_OK
 
 
 cdef intp_t table_get(const NgTable* tab, const int32_t* toks, intp_t L,
                       intp_t n) noexcept nogil:
     """The position after the latest indexed occurrence of toks[L - n:L], or 0."""
-    cdef uint64_t h
-    cdef uint32_t tag
-    cdef intp_t j, mask
-    cdef const NgEntry* e
     if tab.cap == 0:
         return 0
-    h = ng_hash(toks + L - n, n)
-    tag = <uint32_t>(h >> 32)
-    mask = tab.cap - 1
-    j = <intp_t>(h & <uint64_t>mask)
-    while True:
-        e = &tab.e[j]
-        if e.pos == 0:
-            return 0
-        if e.tag == tag and memcmp(toks + e.pos - n, toks + L - n,
-                                   n * sizeof(int32_t)) == 0:
-            return e.pos
-        j = (j + 1) & mask
+    return tab.e[table_find(tab, toks, L, n, ng_hash(toks + L - n, n))].pos
 
 
 cdef int ng_index(NgSlot* s, const NgConf* c, size_t* nbytes) noexcept nogil:

@@ -639,6 +639,7 @@ cdef bint top_token_holds(const float* v, intp_t V, float m, float s, double p,
     cdef intp_t nb = (V + TEP_BLOCK - 1) // TEP_BLOCK, b
     cdef double bound = 0.0
     cdef int top_blocks = 0
+    cdef intp_t bt = 0
     cdef float b2 = -INFINITY
     if not (p > 0.5):
         return False
@@ -648,29 +649,23 @@ cdef bint top_token_holds(const float* v, intp_t V, float m, float s, double p,
     for b in range(nb):
         if sc.bmax[b] == m:
             top_blocks += 1
+            bt = b
         elif sc.bmax[b] > b2:
             b2 = sc.bmax[b]
     if top_blocks != 1 or tep_exp_ms(b2, m, s) > 1.0 / p - 1.0:
         return False
-    top_blocks = 0
-    # an upper bound first, from the block maxima (no pass over the row): the blocks
-    # holding the max count fully, every other block as if all its tokens were its max
+    # an upper bound next, from the block maxima (no pass over the row): the top block
+    # summed exactly, every other block as if all its tokens were its max
     tep_exp_blocks(sc.bmax, nb, m, s, -INFINITY, NULL, sc.ebuf)
     for b in range(nb):
-        if sc.bmax[b] == m:
-            top_blocks += 1
-        else:
+        if b != bt:
             bound += <double>sc.ebuf[b] * min(TEP_BLOCK, V - b * TEP_BLOCK)
-    if top_blocks == 1:
-        for b in range(nb):
-            if sc.bmax[b] == m:
-                bound += tep_exp_blocks(v + b * TEP_BLOCK, min(TEP_BLOCK, V - b * TEP_BLOCK),
-                                        m, s, -INFINITY, NULL, NULL)
-                break
-        if 1.0 >= p * bound * (1.0 + TOP_HOLDS_SLACK):
-            return True
-        if 1.0 < p * bound * (1.0 / 16.0):
-            return False        # far off: an exact pass would be wasted on a flat row
+    bound += tep_exp_blocks(v + bt * TEP_BLOCK, min(TEP_BLOCK, V - bt * TEP_BLOCK),
+                            m, s, -INFINITY, NULL, NULL)
+    if 1.0 >= p * bound * (1.0 + TOP_HOLDS_SLACK):
+        return True
+    if 1.0 < p * bound * (1.0 / 16.0):
+        return False        # far off: an exact pass would be wasted on a flat row
     return 1.0 >= p * tep_exp_blocks(v, V, m, s, -INFINITY, NULL, NULL) * (1.0 + TOP_HOLDS_SLACK)
 
 

@@ -126,6 +126,15 @@ class StreamSink:
             return False
         return not self._cancel.is_set()
 
+    def goes_on_after(self, token_id: int) -> bool:
+        """Whether emitting ``token_id`` next surely leaves the stream open as far as the
+        sink can tell in advance (not cancelled or closed, no stop id, ``max_tokens`` not
+        reached by it). A stop string is only found when the text arrives: an engine
+        that acts on this answer early must still drop what follows a False
+        ``emit_token``."""
+        return (not self.cancelled and not self._closed and token_id not in self._stop_ids
+                and self.n_tokens + 1 < self._max_tokens)
+
     def lower_max_tokens(self, n: int) -> None:
         """Lower this sink's ``max_tokens`` to ``n`` (never raises it): for a backend that
         learns the prompt's length only after the sink exists (a chat template) and cuts a

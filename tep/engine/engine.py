@@ -291,9 +291,7 @@ class Engine:
         if c is not None and c.version == self.sched.version:
             # the same sequences as last step, all decoding: no re-planning
             plan, slots = c.plan, c.slots
-            batch = StepBatch(token_ids=rows.last[slots].astype(np.int32),
-                              positions=rows.pos[slots].astype(np.int32),
-                              seq_ids=c.seq_ids, logits=c.want)
+            batch = self._decode_batch(c)
             fed_slots, fed_counts = slots, 1
         else:
             plan = self.sched.schedule(self._reuse_prefix if self._reuse is not None else None)
@@ -354,22 +352,34 @@ class Engine:
             self.steps.append(StepRecord(len(plan.seqs), batch.n_tokens,
                                          tuple(slots.tolist())))
         if n_rows:
-            static = None
-            if self._decode is not None and self._decode.plan is plan:
-                static = self._decode.static
-            res = rows.sample_rows(logits, slots, static, token_bitmask=bitmask)
-            t3 = time.perf_counter()
-            st.sample_s += t3 - t2
-            st.tokens_sampled += n_rows
-            rows.record(slots, res.token_ids)
-            if self._drafter is not None:
-                ext = self._drafter.extend
-                for slot, tok in zip(slots.tolist(), res.token_ids.tolist()):
-                    ext(slot, (tok,))
-            if self.overlap:
-                self._launch_next(plan, slots, res)
-            self._update_from_output(plan.samplers, res)
+            self._sample_deliver(plan, plan.samplers, slots, logits, bitmask, t2)
         st.step_s += time.perf_counter() - t0
+
+    def _sample_deliver(self, plan: Plan, samplers: list, slots: np.ndarray,
+                        logits: np.ndarray, bitmask: Any, t2: float) -> None:
+        """The end of a plain step: sample the rows of ``samplers`` (``slots``), record
+        the tokens, start the next forward when overlapping, deliver."""
+        rows, st, c = self.rows, self.stats, self._decode
+        whole = samplers is plan.samplers
+        static = c.static if whole and c is not None and c.plan is plan else None
+        res = rows.sample_rows(logits, slots, static, token_bitmask=bitmask)
+        st.sample_s += time.perf_counter() - t2
+        st.tokens_sampled += len(samplers)
+        rows.record(slots, res.token_ids)
+        if self._drafter is not None:
+            ext = self._drafter.extend
+            for slot, tok in zip(slots.tolist(), res.token_ids.tolist()):
+                ext(slot, (tok,))
+        if self.overlap and whole:
+            self._launch_next(plan, slots, res)
+        self._update_from_output(samplers, res)
+
+    def _decode_batch(self, c: _DecodePlan) -> StepBatch:
+        """The next step of a decode plan: each slot's last token at its next position."""
+        rows, slots = self.rows, c.slots
+        return StepBatch(token_ids=rows.last[slots].astype(np.int32),
+                         positions=rows.pos[slots].astype(np.int32),
+                         seq_ids=c.seq_ids, logits=c.want)
 
     # ---- overlap: the next forward runs while this step's tokens are delivered
     def _launch_next(self, plan: Plan, slots: np.ndarray, res: Any) -> None:
@@ -379,17 +389,12 @@ class Engine:
         if (c is None or c.plan is not plan or c.version != self.sched.version
                 or self._inbox or self.sched.waiting or not bool(res.ok.all())):
             return
-        toks = res.token_ids.tolist()
         eog = self._eog
-        for s, tok in zip(plan.samplers, toks):
-            sink = s.sink
-            if tok in eog or sink.cancelled or tok in getattr(sink, "_stop_ids", (tok,)) \
-                    or sink.n_tokens + 1 >= getattr(sink, "_max_tokens", 0):
+        for s, tok in zip(plan.samplers, res.token_ids.tolist()):
+            goes_on = getattr(s.sink, "goes_on_after", None)
+            if tok in eog or goes_on is None or not goes_on(tok):
                 return
-        rows = self.rows
-        batch = StepBatch(token_ids=rows.last[slots].astype(np.int32),
-                          positions=rows.pos[slots].astype(np.int32),
-                          seq_ids=c.seq_ids, logits=c.want)
+        batch = self._decode_batch(c)
         if self._pool is None:
             self._pool = ThreadPoolExecutor(1, thread_name_prefix="tep-forward")
         self._inflight = _InFlight(plan, slots, frozenset(slots.tolist()), batch.n_tokens,
@@ -450,20 +455,8 @@ class Engine:
             logits = np.ascontiguousarray(logits[live])
         if self.steps is not None:
             self.steps.append(StepRecord(len(plan.seqs), fl.n_tokens, tuple(slots.tolist())))
-        if not samplers:
-            st.step_s += time.perf_counter() - t0
-            return
-        c = self._decode
-        whole = samplers is plan.samplers
-        res = rows.sample_rows(logits, slots, c.static if whole and c is not None
-                               and c.plan is plan else None)
-        t3 = time.perf_counter()
-        st.sample_s += t3 - t2
-        st.tokens_sampled += len(samplers)
-        rows.record(slots, res.token_ids)
-        if whole:
-            self._launch_next(plan, slots, res)
-        self._update_from_output(samplers, res)
+        if samplers:
+            self._sample_deliver(plan, samplers, slots, logits, None, t2)
         st.step_s += time.perf_counter() - t0
 
     # ---- speculative decoding

@@ -14,7 +14,8 @@ from support.engine_models import EOG, HashModel
 from tep.backend import Sampling, StreamSink
 from tep.engine import Engine, EngineBackend
 
-from test_engine_properties import outcome, random_sampling, run
+from test_engine_properties import (alone_outcomes, arriving_outcomes, outcome,
+                                    random_requests, run)
 
 
 class ProbeModel(HashModel):
@@ -48,29 +49,11 @@ def test_overlap_gives_each_request_its_tokens_alone(scenario):
     sets, max_tokens 1..40) arriving at random times: the overlapped engine's outcome of
     each equals its outcome alone on the plain engine."""
     rng = random.Random(100 + scenario)
-    reqs = []
-    for _ in range(64):
-        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 60))]
-        reqs.append((prompt, random_sampling(rng)))
-    alone = []
-    for prompt, s in reqs:
-        sink = StreamSink(s)
-        errors: list = []
-        run(Engine(HashModel(2), max_num_seqs=2, max_batch_tokens=4096),
-            {0: [(prompt, s, sink, errors.append)]})
-        assert errors == [None]
-        alone.append(outcome(sink))
+    reqs = random_requests(rng, 64, 60)
+    alone = alone_outcomes(reqs, 2)
     model = ProbeModel(16)
     eng = Engine(model, max_num_seqs=16, max_batch_tokens=64, overlap=True)
-    sinks, errors = [], []
-    arrivals: dict[int, list] = {}
-    for prompt, s in reqs:
-        sink = StreamSink(s)
-        sinks.append(sink)
-        arrivals.setdefault(rng.randrange(80), []).append((prompt, s, sink, errors.append))
-    run(eng, arrivals)
-    assert errors == [None] * 64
-    assert [outcome(k) for k in sinks] == alone
+    assert arriving_outcomes(eng, reqs, rng, 80) == alone
     assert eng.stats.overlapped > 0
     assert model.violations == []
     assert "tep-forward_0" in model.threads

@@ -60,31 +60,48 @@ def outcome(sink: StreamSink) -> tuple:
     return c.token_ids, c.text, c.finish_reason, c.completion_tokens, lps
 
 
-@pytest.mark.parametrize("scenario", [0, 1, 2])
-def test_alone_equals_among_63_others_arriving_at_random_times(scenario):
-    rng = random.Random(scenario)
+def random_requests(rng: random.Random, n: int, max_prompt: int) -> list:
+    """n (prompt, Sampling) pairs with every knob drawn at random."""
     reqs = []
-    for i in range(64):
-        prompt = [rng.randrange(256) for _ in range(rng.randint(1, 100))]
+    for _ in range(n):
+        prompt = [rng.randrange(256) for _ in range(rng.randint(1, max_prompt))]
         reqs.append((prompt, random_sampling(rng)))
-    alone = []
+    return reqs
+
+
+def alone_outcomes(reqs: list, slots: int) -> list:
+    """Each request's outcome on its own engine (the reference for batched runs)."""
+    out = []
     for prompt, s in reqs:
-        eng = Engine(HashModel(4), max_num_seqs=4, max_batch_tokens=4096)
         sink = StreamSink(s)
         errors: list = []
-        run(eng, {0: [(prompt, s, sink, errors.append)]})
+        run(Engine(HashModel(slots), max_num_seqs=slots, max_batch_tokens=4096),
+            {0: [(prompt, s, sink, errors.append)]})
         assert errors == [None]
-        alone.append(outcome(sink))
-    eng = Engine(HashModel(16), max_num_seqs=16, max_batch_tokens=48, record_steps=True)
+        out.append(outcome(sink))
+    return out
+
+
+def arriving_outcomes(eng: Engine, reqs: list, rng: random.Random, within: int) -> list:
+    """The requests' outcomes on ``eng``, each joining before a random step < within."""
     sinks, errors = [], []
     arrivals: dict[int, list] = {}
     for prompt, s in reqs:
         sink = StreamSink(s)
         sinks.append(sink)
-        arrivals.setdefault(rng.randrange(60), []).append((prompt, s, sink, errors.append))
+        arrivals.setdefault(rng.randrange(within), []).append((prompt, s, sink, errors.append))
     run(eng, arrivals)
-    assert errors == [None] * 64
-    assert [outcome(k) for k in sinks] == alone
+    assert errors == [None] * len(reqs)
+    return [outcome(k) for k in sinks]
+
+
+@pytest.mark.parametrize("scenario", [0, 1, 2])
+def test_alone_equals_among_63_others_arriving_at_random_times(scenario):
+    rng = random.Random(scenario)
+    reqs = random_requests(rng, 64, 100)
+    alone = alone_outcomes(reqs, 4)
+    eng = Engine(HashModel(16), max_num_seqs=16, max_batch_tokens=48, record_steps=True)
+    assert arriving_outcomes(eng, reqs, rng, 60) == alone
     assert all(r.n_seqs <= 16 and r.n_tokens <= 48 for r in eng.steps)
     assert max(r.n_seqs for r in eng.steps) >= 12     # the batch did fill up
     assert max(r.n_tokens for r in eng.steps) == 48   # and the budget was reached
