@@ -10,7 +10,9 @@ own output buffer (no copy).
 KV cache: one stream per sequence slot (``kv_unified=False``, as ``llama-server -np N``)
 so a sequence's attention never looks at another's cells, and flash attention on
 (llama.cpp's "auto"). Slots keep what they held after a sequence ends; the next sequence
-goes to the slot with the longest common prompt prefix and only the rest is computed
+reuses the longest cached prefix of its prompt and only the rest is computed. llama.cpp
+batches only adjacent slots together, so running sequences are kept in adjacent slots
+(copying streams where needed) and each step's tokens go to llama.cpp in slot order
 (:mod:`tep.backends.llamacpp_slots`).
 
 Exact mode (the default, ``exact=True``): a token's logits and KV are the same bits
@@ -54,10 +56,14 @@ _LONE_TOKEN_LAST_SAFE = 254
 
 
 class PrefixCacheStats(NamedTuple):
-    """Prompt tokens placed so far and how many of them were found in a slot's cache."""
+    """Prompt tokens placed so far and how many of them were found in a slot's cache;
+    stream copies made to place a sequence next to the busy slots (``copies``) and to
+    close a gap left by ended sequences (``moves``)."""
 
     prompt_tokens: int
     reused_tokens: int
+    copies: int = 0
+    moves: int = 0
 
     @property
     def hit_rate(self) -> float:
@@ -191,7 +197,9 @@ class LlamaCppModel:
         except BaseException:
             self.close()
             raise
-        self._slots = SlotTable(self.max_num_seqs)
+        # a stream copy moves the whole stream: worth ~1 prompt token per 256 cells
+        self._slots = SlotTable(self.max_num_seqs,
+                                copy_min_tokens=max(4, self.context_size // 256))
         self._slot_of = np.full(self.max_num_seqs, -1, dtype=np.int32)  # engine id -> slot
         if exact and self.max_batch_tokens < 2:
             raise ValueError("exact mode needs max_batch_tokens >= 2")
@@ -345,6 +353,8 @@ class LlamaCppModel:
         ``prompt``; returns how many prompt tokens need not be fed (< len(prompt))."""
         self._check_seq_id(seq_id)
         p = self._slots.acquire(seq_id, prompt, reuse=self.prefix_cache)
+        if p.copy_from is not None:   # bit for bit, applied before the next decode
+            self._lib.llama_memory_seq_cp(self._mem, p.copy_from, p.slot, -1, -1)
         self._lib.llama_memory_seq_rm(self._mem, p.slot, p.drop_from, -1)
         self._slot_of[seq_id] = p.slot
         return p.reused
@@ -395,6 +405,10 @@ class LlamaCppModel:
         n = batch.n_tokens
         if n == 0:
             return np.empty((0, self.vocab_size), dtype=np.float32)
+        for mv in self._slots.compact():   # sequences ended and left a gap: close it
+            self._lib.llama_memory_seq_cp(self._mem, mv.src, mv.dst, -1, -1)
+            if mv.seq_id is not None:
+                self._slot_of[mv.seq_id] = mv.dst
         if n == 1:
             out = self._forward_one(batch)
             if out is not None:
@@ -408,7 +422,6 @@ class LlamaCppModel:
         if pos.min() < 0 or pos.max() >= self.context_size:
             raise ValueError(f"position {int(pos.max())} is past the context of "
                              f"{self.context_size} tokens per sequence")
-        slots = self._slot_of[seq]
         # segments: each sequence's tokens are contiguous and in position order
         cut = np.flatnonzero(seq[1:] != seq[:-1]) + 1
         if n > 1 and np.any(np.diff(pos)[seq[1:] == seq[:-1]] != 1):
@@ -418,9 +431,10 @@ class LlamaCppModel:
         tok = np.asarray(batch.token_ids, dtype=np.int32)
         if tok.min() < 0 or tok.max() >= self.vocab_size:
             raise ValueError(f"token ids must be in [0, {self.vocab_size})")
+        want = np.asarray(batch.logits, dtype=bool)
         table, rm = self._slots, self._lib.llama_memory_seq_rm
         try:
-            out = self._feed(table, rm, seq, pos, tok, slots, starts, ends, batch, n)
+            out = self._feed(table, rm, seq, pos, tok, want, starts, ends, n)
         except BaseException:
             # what these slots hold is no longer known: forget it rather than reuse it
             self._drop_slots(np.unique(self._slot_of[seq][self._slot_of[seq] >= 0]))
@@ -455,7 +469,8 @@ class LlamaCppModel:
             self._drop_slots(np.array([s]))
             raise
 
-    def _feed(self, table, rm, seq, pos, tok, slots, starts, ends, batch, n):  # noqa: ANN001, ANN202
+    def _feed(self, table, rm, seq, pos, tok, want, starts, ends, n):  # noqa: ANN001, ANN202
+        slots = self._slot_of[seq]
         for a in starts:
             if int(slots[a]) < 0:  # no reuse_prefix call: place it with nothing reused
                 sid = int(seq[a])
@@ -463,7 +478,22 @@ class LlamaCppModel:
                 rm(self._mem, s, 0, -1)
                 self._slot_of[sid] = s
                 slots = self._slot_of[seq]
-        want = np.asarray(batch.logits, dtype=bool)
+        first = slots[starts]
+        if len(starts) > 1 and bool(np.any(first[1:] <= first[:-1])):
+            # llama.cpp puts only consecutive slot ids, in batch order, into one
+            # micro-batch: feed the segments sorted by slot, give the rows back in order
+            order = np.argsort(first, kind="stable")
+            perm = np.concatenate([np.arange(starts[i], ends[i]) for i in order])
+            lens = np.array(ends)[order] - np.array(starts)[order]
+            e = np.cumsum(lens)
+            out = self._feed_placed(table, rm, pos[perm], tok[perm], slots[perm], want[perm],
+                                    (e - lens).tolist(), e.tolist(), n)
+            back = np.empty_like(out)
+            back[(np.cumsum(want) - 1)[perm][want[perm]]] = out
+            return back
+        return self._feed_placed(table, rm, pos, tok, slots, want, starts, ends, n)
+
+    def _feed_placed(self, table, rm, pos, tok, slots, want, starts, ends, n):  # noqa: ANN001, ANN202
         if self.exact:
             return self._feed_exact(table, rm, pos, tok, slots, starts, ends, want)
         for a, b in zip(starts, ends):
@@ -600,8 +630,10 @@ class LlamaCppModel:
     # ------------------------------------------------------------------ stats, teardown
 
     def prefix_cache_stats(self) -> PrefixCacheStats:
-        """Prompt tokens placed and how many came from a slot's cache, since start."""
-        return PrefixCacheStats(self._slots.prompt_tokens, self._slots.reused_tokens)
+        """Prompt tokens placed, how many came from a slot's cache, and the stream copies
+        made to keep busy slots adjacent, since start."""
+        t = self._slots
+        return PrefixCacheStats(t.prompt_tokens, t.reused_tokens, t.copies, t.moves)
 
     def step_times(self) -> StepTimes:
         """Time spent in ``forward`` and inside ``llama_decode``, since start."""

@@ -357,3 +357,27 @@ def test_long_prompt_cache_and_neighbours_give_the_same_logit_bits(long_model):
     r = m.tokenize("Name three colours.")
     three = greedy(m, [q, p, r], 2, reuse=True)
     assert_same_bits((three[0][1], three[1][1]), want, "every slot busy")
+
+
+# ---------------------------------------------------------------- adjacent busy slots
+
+def test_stream_copies_and_moves_never_change_logit_bits(model):
+    """llama.cpp batches only adjacent slots, so the model keeps running sequences in
+    adjacent slots: requests that end early leave a gap a running sequence is moved into
+    (a whole-stream copy), and a prompt whose prefix sits in a slot away from the busy
+    ones has that stream copied next to them. Either way the logits are the cold run's."""
+    a, b = chat_ids(model, A), chat_ids(model, B)
+    q = [chat_ids(model, [{"role": "user", "content": x}]) for x in QUESTIONS[:3]]
+    more = b + chat_ids(model, [{"role": "user", "content": "ok"}])[1:]
+    model.clear_prefix_cache()
+    before = model.prefix_cache_stats()
+    rec = Recorder(model)
+    # wave 1: a and b end after one token and leave gaps between q0 and q1
+    # wave 2: a's prefix and b's extension, placed next to each other
+    plan = [[(a, 1), (q[0], 6), (b, 1), (q[1], 6)], [(a[:len(a) - 5], 4), (more, 4), (q[2], 3)]]
+    got = run_engine(rec, plan, max_batch_tokens=400)   # each wave admitted in one step
+    after = model.prefix_cache_stats()
+    assert after.moves > before.moves and after.copies > before.copies
+    assert after.reused_tokens > before.reused_tokens
+    for (prompt, n), (toks, rows) in zip([r for w in plan for r in w], got):
+        assert_same_bits((toks, rows), _cold_ref(model, prompt, n), f"prompt of {len(prompt)}")

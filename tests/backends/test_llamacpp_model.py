@@ -184,3 +184,38 @@ def test_tokenize_detokenize_round_trip_and_pieces_join(model, text):
     ids = model.tokenize(text, add_special=False)
     assert model.detokenize(ids) == text.encode()
     assert b"".join(model.detokenize([t]) for t in ids) == text.encode()
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, exact):
+    """llama.cpp micro-batches only consecutive slots in batch order, so the model feeds
+    a step's sequences sorted by slot: a batch listed in another order must give every
+    sequence the same bits as the batch listed in slot order, in its own row."""
+    ps = prompts[:3]
+
+    def run(order):
+        m = load_model(smollm2.model_path(), context_size=CTX, max_num_seqs=4,
+                       n_threads=THREADS, exact=exact)
+        try:
+            for s in (2, 0, 1):
+                m.reuse_prefix(s, ps[s])
+            slot = {s: m._slots.slot_of(s) for s in order}
+            first = m.forward(_step([(s, ps[s], 0) for s in order])).copy()
+            t = {s: int(np.argmax(first[order.index(s)])) for s in order}
+            second = m.forward(_step([(s, [t[s]], len(ps[s])) for s in order])).copy()
+        finally:
+            m.close()
+        return slot, {s: (first[order.index(s)], second[order.index(s)]) for s in order}
+
+    slot, _ = run([0, 1, 2])
+    by_slot = sorted(slot, key=slot.get)
+    _, want = run(by_slot)
+    for order in ([0, 1, 2], [1, 2, 0], [2, 1, 0]):
+        if order == by_slot:
+            continue
+        got = run(order)[1]
+        for s in order:
+            for k in range(2):
+                assert np.array_equal(got[s][k], want[s][k]), (order, s, k)
+    # the rows really differ between sequences (not one row repeated)
+    assert not np.array_equal(want[0][1], want[1][1])
