@@ -75,6 +75,7 @@ class RequestRecord:
         self.cancel: Any = None            # the request's cancel flag while it holds a slot
         self.ttft: float | None = None
         self._last: dict[int, float] = {}
+        self._gaps: list[float] = []       # inter-token gaps, recorded when the request ends
         self.finished = False
 
     @property
@@ -93,7 +94,13 @@ class RequestRecord:
             if m is not None:
                 m.observe_ttft(self.endpoint, self.ttft)
         elif last is not None and m is not None:
-            m.observe_itl(self.endpoint, now - last)
+            self._gaps.append(now - last)
+
+    def flush_metrics(self) -> None:
+        """Record the inter-token gaps gathered so far (the request is ending)."""
+        gaps, self._gaps = self._gaps, []
+        if gaps and self.metrics is not None:
+            self.metrics.observe_itl_many(self.endpoint, gaps)
 
     def final_status_and_outcome(self) -> tuple[int, str]:
         """The HTTP status (499 if no response started) and the outcome word."""
@@ -160,6 +167,7 @@ class TelemetryMiddleware:
         finally:
             if counted:
                 self.metrics.in_flight.dec()
+            rec.flush_metrics()
             if not rec.finished:
                 rec.finished = True
                 self.finish(rec)

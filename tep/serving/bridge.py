@@ -12,6 +12,7 @@ import contextvars
 import threading
 import time
 import weakref
+from collections import deque
 from concurrent.futures import Executor, Future
 from typing import Any, AsyncIterator, Callable, NamedTuple, Union
 
@@ -175,7 +176,10 @@ class StreamBridge:
         self.request_id = request_id
         self.cancel = cancel
         self._loop = asyncio.get_running_loop()
-        self._queue: asyncio.Queue = asyncio.Queue()
+        # events handed to the loop, and the stream's wait for the next one (a deque
+        # and one future: an asyncio.Queue costs several futures and calls per token)
+        self._events: deque[StreamEvent] = deque()
+        self._waiter: asyncio.Future | None = None
         self._running = 0
         self.sinks: dict[int, StreamSink] = {}
         # Events from worker threads wait here; one loop wake-up moves all of them, so a
@@ -259,7 +263,7 @@ class StreamBridge:
                 # the sequence ended because its client stalled: say so, not "length"
                 self._end_stalled()
                 stalled = False
-            self._queue.put_nowait(item)
+            self._deliver(item)
         if stalled:
             self._end_stalled()
 
@@ -294,18 +298,35 @@ class StreamBridge:
     def _end_stalled(self) -> None:
         """(loop) Queue the stream's final error event, once."""
         self._stall_sent = True
-        self._queue.put_nowait(ErrorEvent(-1, StreamStalled(
+        self._deliver(ErrorEvent(-1, StreamStalled(
             f"the stream was ended: {self.stalled}")))
 
     def expire(self) -> None:
         """End the stream now (on the loop): the cancel flag is set and the stream gets a
         :class:`TimeoutEvent`, so every open choice finishes with "length"."""
         self.cancel.set()
-        self._queue.put_nowait(TimeoutEvent())
+        self._deliver(TimeoutEvent())
 
     def has_pending(self) -> bool:
         """Whether an event is ready for :meth:`events` without waiting."""
-        return not self._queue.empty()
+        return bool(self._events)
+
+    def _deliver(self, item: StreamEvent) -> None:
+        """(loop) Queue an event for :meth:`events` and wake it if it waits."""
+        self._events.append(item)
+        w = self._waiter
+        if w is not None and not w.done():
+            w.set_result(None)
+
+    async def _next(self) -> StreamEvent:
+        """(loop) The next event, waiting for one."""
+        while not self._events:
+            w = self._waiter = self._loop.create_future()
+            try:
+                await w
+            finally:
+                self._waiter = None
+        return self._events.popleft()
 
     def start(self, index: int, make_sink: Callable[..., StreamSink],
               call: Callable[[StreamSink], None]) -> None:
@@ -369,11 +390,13 @@ class StreamBridge:
         """
         try:
             while self._running:
-                if deadline is None:
-                    ev = await self._queue.get()
+                if self._events and (deadline is None or self._loop.time() < deadline):
+                    ev = self._events.popleft()
+                elif deadline is None:
+                    ev = await self._next()
                 else:
                     try:
-                        ev = await asyncio.wait_for(self._queue.get(),
+                        ev = await asyncio.wait_for(self._next(),
                                                     max(0.0, deadline - self._loop.time()))
                     except asyncio.TimeoutError:
                         self.cancel.set()

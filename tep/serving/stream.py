@@ -98,14 +98,6 @@ async def first_event(state: ServerState, bridge: StreamBridge, deadline: float 
     return it, first
 
 
-async def _chain(first: StreamEvent | None, rest: AsyncIterator[StreamEvent]
-                 ) -> AsyncIterator[StreamEvent]:
-    if first is not None:
-        yield first
-    async for ev in rest:
-        yield ev
-
-
 def stream_reply(state: ServerState, rec: RequestRecord, bridge: StreamBridge,
                  events: AsyncIterator[StreamEvent], first: StreamEvent | None,
                  render: ChunkRenderer, what: str,
@@ -141,7 +133,13 @@ def stream_reply(state: ServerState, rec: RequestRecord, bridge: StreamBridge,
             render.bind(bridge.sinks)
             for b in render.opening():
                 yield b
-            async for ev in _chain(first, events):
+            ev, more = first, events.__anext__
+            while True:
+                if ev is None:   # (no chaining generator: one layer less per token)
+                    try:
+                        ev = await more()
+                    except StopAsyncIteration:
+                        break
                 t = type(ev)
                 if t is DeltaEvent:
                     rec.token(ev.index)
@@ -170,6 +168,7 @@ def stream_reply(state: ServerState, rec: RequestRecord, bridge: StreamBridge,
                     for b in render.error(backend_failure(ev.exc, what, rid)):
                         yield b
                     return
+                ev = None
             if render.include_usage:
                 yield render.usage(prompt_tokens, completion_tokens)
             for b in render.done(prompt_tokens, completion_tokens):

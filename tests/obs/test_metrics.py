@@ -120,3 +120,31 @@ async def test_engine_counters_and_prefix_hit_rate_are_exported():
     assert samples[("tep_prefix_cache_miss_tokens_total", ())] == 3
     assert samples[("tep_prefix_cache_hit_rate", ())] == 0.4
     assert samples[("tep_engine_steps_total", ())] >= 2
+
+
+def test_a_streams_gaps_recorded_at_once_equal_one_observe_each():
+    """The inter-token histogram takes a stream's gaps when it ends (off the per-token
+    path): buckets, count and sum must equal prometheus_client's own observe per gap,
+    bucket edges included."""
+    import random
+
+    from prometheus_client import generate_latest
+
+    from tep.obs.metrics import _ITL, Metrics
+
+    rng = random.Random(3)
+    gaps = [rng.choice(_ITL) for _ in range(50)] + [rng.uniform(0, 3.0) for _ in range(200)]
+    gaps += [0.0, 1e-9, 99.0]
+    one, many = Metrics(), Metrics()
+    for g in gaps:
+        one._child(one.itl, CHAT).observe(g)
+    many.observe_itl_many(CHAT, gaps[:100])
+    many.observe_itl_many(CHAT, gaps[100:])
+    many.observe_itl_many(CHAT, [])
+    a = parse(generate_latest(one.registry).decode())
+    b = parse(generate_latest(many.registry).decode())
+    keys = [k for k in a if k[0].startswith("tep_inter_token_latency_seconds")
+            and not k[0].endswith("_created")]
+    assert len(keys) == len(_ITL) + 3     # buckets with +Inf, count, sum
+    for k in keys:
+        assert b[k] == pytest.approx(a[k], rel=1e-12, abs=1e-12), k
