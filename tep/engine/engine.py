@@ -343,7 +343,10 @@ class Engine:
         st.forward_s += t2 - t1
         if self._drafter is not None and not plan.prefills:
             self._cost.observe(batch.n_tokens, t2 - t1)
-        rows.pos[fed_slots] += fed_counts
+        if type(fed_counts) is int and fed_slots.shape[0] == 1:   # one sequence: no ufunc
+            rows.pos[int(fed_slots[0])] += fed_counts
+        else:
+            rows.pos[fed_slots] += fed_counts
         if plan.prefills:
             for s, n in zip(plan.seqs, plan.counts):
                 if s.n_fed < s.plen:
