@@ -26,7 +26,7 @@ from tep import errors as E
 from tep.backend import Backend
 from tep.engine.engine import EngineStats
 from tep.server.ray.prefix_table import RouteKey, chat_key_bytes, prompt_key_bytes
-from tep.server.ray.relay import ErrorInfo, replay
+from tep.server.ray.relay import ENGINE_COUNTERS, ErrorInfo, replay
 
 __all__ = ["RemoteBackend", "ReplicaHeader", "ReplicaCollector", "SERVED", "HEADER",
            "router_snapshot"]
@@ -107,13 +107,11 @@ class RemoteBackend(Backend):
 
     @property
     def stats(self) -> EngineStats:
-        """The replicas' prefix-cache counters, summed (from Ray's routing stats)."""
+        """The replicas' engine counters, summed (from Ray's routing stats)."""
         out = EngineStats()
         for st in self._replica_stats().values():
-            out.prefix_hit_tokens += int(st.get("prefix_hit_tokens", 0))
-            out.prefix_miss_tokens += int(st.get("prefix_miss_tokens", 0))
-            out.tokens_sampled += int(st.get("tokens_sampled", 0))
-            out.steps += int(st.get("steps", 0))
+            for name in ENGINE_COUNTERS:
+                setattr(out, name, getattr(out, name) + int(st.get(name, 0)))
         return out
 
     # ---- text (worker-pool threads: blocking on the handle is allowed there)

@@ -24,7 +24,12 @@ from typing import Any, Callable, Sequence
 from tep import errors as E
 from tep.backend import ChatStreamSink, StreamSink
 
-__all__ = ["RelaySink", "Outbox", "ErrorInfo", "replay", "meta_of"]
+__all__ = ["RelaySink", "Outbox", "ErrorInfo", "replay", "meta_of", "ENGINE_COUNTERS"]
+
+# The engine counters (EngineStats fields) a replica reports in its routing stats and the
+# ingress sums over replicas for its /metrics.
+ENGINE_COUNTERS = ("prefix_hit_tokens", "prefix_miss_tokens", "tokens_sampled", "steps",
+                   "tokens_fed", "overlapped")
 
 
 @dataclass(frozen=True)

@@ -19,7 +19,7 @@ import os
 import threading
 from typing import Any, AsyncIterator, Callable
 
-from tep.server.ray.relay import ErrorInfo, Outbox, RelaySink
+from tep.server.ray.relay import ENGINE_COUNTERS, ErrorInfo, Outbox, RelaySink
 
 __all__ = ["ModelReplica", "replica_name", "build_backend"]
 
@@ -192,10 +192,9 @@ class ModelReplica:
         st = getattr(self.backend, "stats", None)
         out: dict = {"replica": self.name, "requests": self.requests}
         if st is not None and hasattr(st, "prefix_hit_tokens"):
-            hit, miss = int(st.prefix_hit_tokens), int(st.prefix_miss_tokens)
-            out.update(prefix_hit_tokens=hit, prefix_miss_tokens=miss,
-                       prefix_hit_rate=hit / (hit + miss) if hit + miss else 0.0,
-                       tokens_sampled=int(st.tokens_sampled), steps=int(st.steps))
+            out.update({k: int(getattr(st, k, 0)) for k in ENGINE_COUNTERS})
+            hit, miss = out["prefix_hit_tokens"], out["prefix_miss_tokens"]
+            out["prefix_hit_rate"] = hit / (hit + miss) if hit + miss else 0.0
         return out
 
     def __del__(self) -> None:
