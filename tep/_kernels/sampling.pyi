@@ -5,6 +5,9 @@ Use the validating wrappers in :mod:`tep.kernels`; these entry points trust thei
 import numpy as np
 import numpy.typing as npt
 
+TOP_P_SAMPLE_SIZE: int
+"""top_p alone estimates its threshold from every (V // TOP_P_SAMPLE_SIZE)-th token."""
+
 def simd_init(allow_avx2: bool = True) -> int:
     """Select the AVX2+FMA row primitives (1) or the portable C path (0); returns the level."""
 def simd_level() -> int:

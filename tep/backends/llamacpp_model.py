@@ -206,6 +206,10 @@ class LlamaCppModel:
         self._block = max(2, min(block_tokens, self.max_batch_tokens))
         self._alloc_batch(self.max_batch_tokens)
         self._views: dict[tuple, np.ndarray] = {}   # logits views by (address, rows)
+        # llama_get_logits returning the address as a plain int (it may wait for an
+        # accelerator's step, so the GIL is released as for any ctypes call)
+        self._logits_addr = ctypes.CFUNCTYPE(ctypes.c_void_p, ctypes.c_void_p)(
+            ctypes.cast(llama_cpp.llama_get_logits, ctypes.c_void_p).value)
         self._steps = 0
         self._forward_ns = 0
         self._decode_ns = 0
@@ -409,12 +413,11 @@ class LlamaCppModel:
             self._lib.llama_memory_seq_cp(self._mem, mv.src, mv.dst, -1, -1)
             if mv.seq_id is not None:
                 self._slot_of[mv.seq_id] = mv.dst
-        if n == 1:
-            out = self._forward_one(batch)
-            if out is not None:
-                self._steps += 1
-                self._forward_ns += time.perf_counter_ns() - t0
-                return out
+        out = self._forward_one(batch) if n == 1 else self._forward_singles(batch)
+        if out is not None:
+            self._steps += 1
+            self._forward_ns += time.perf_counter_ns() - t0
+            return out
         seq = np.asarray(batch.seq_ids, dtype=np.int32)
         pos = np.asarray(batch.positions, dtype=np.int32)
         if seq.min() < 0 or seq.max() >= self.max_num_seqs:
@@ -445,9 +448,10 @@ class LlamaCppModel:
 
     def _forward_one(self, batch: StepBatch) -> np.ndarray | None:
         """One token of one placed sequence (one stream decoding: the most common step),
-        with the calls the general path makes for it and none of its array bookkeeping;
-        None when the general path must decide (an unplaced sequence, a position past
-        the lone-token limit in exact mode, anything out of range: its errors)."""
+        with the calls the general path makes for it and none of its array bookkeeping
+        (scalar stores into the batch buffers); None when the general path must decide (an
+        unplaced sequence, a position past the lone-token limit in exact mode, anything
+        out of range: its errors)."""
         sid, p0, t = int(batch.seq_ids[0]), int(batch.positions[0]), int(batch.token_ids[0])
         if not (0 <= sid < self.max_num_seqs and 0 <= p0 < self.context_size
                 and 0 <= t < self.vocab_size):
@@ -457,17 +461,63 @@ class LlamaCppModel:
         s = int(self._slot_of[sid])
         if s < 0:
             return None
-        tok = np.asarray(batch.token_ids, dtype=np.int32)
-        pos = np.asarray(batch.positions, dtype=np.int32)
-        want = np.asarray(batch.logits, dtype=bool)
+        want = bool(batch.logits[0])
         try:
             drop = self._slots.fed(s, p0, (t,))
             if drop >= 0:
                 self._lib.llama_memory_seq_rm(self._mem, s, drop, -1)
-            return self._decode(tok, pos, np.array([s], np.int32), want, 0, 1)
+            self._tok[0] = t
+            self._pos[0] = p0
+            self._seq[0] = s
+            self._want[0] = want
+            return self._run_decode(1, int(want))
         except BaseException:
             self._drop_slots(np.array([s]))
             raise
+
+    def _forward_singles(self, batch: StepBatch) -> np.ndarray | None:
+        """A decode step of several placed sequences, one token each, all wanting logits,
+        every position within the lone-token limit in exact mode (a busy server's usual
+        step): what the general path does for it — fed in slot order, rows returned in
+        batch order — in list arithmetic instead of its per-segment numpy bookkeeping.
+        None when the general path must decide (its errors included)."""
+        n = batch.n_tokens
+        if n > self.max_batch_tokens or n > self.n_ubatch:
+            return None
+        sids = np.asarray(batch.seq_ids).tolist()
+        ps = np.asarray(batch.positions).tolist()
+        ts = np.asarray(batch.token_ids).tolist()
+        if (len(set(sids)) != n or min(sids) < 0 or max(sids) >= self.max_num_seqs
+                or min(ps) < 0 or max(ps) >= self.context_size
+                or min(ts) < 0 or max(ts) >= self.vocab_size
+                or not bool(np.all(batch.logits))):
+            return None
+        if self.exact and max(ps) > _LONE_TOKEN_LAST_SAFE:
+            return None
+        slots = self._slot_of[sids].tolist()
+        if min(slots) < 0:
+            return None
+        order = sorted(range(n), key=slots.__getitem__)
+        sorted_ = all(order[i] == i for i in range(n))
+        fed = self._slots.fed
+        try:
+            for i in order:
+                drop = fed(slots[i], ps[i], (ts[i],))
+                if drop >= 0:
+                    self._lib.llama_memory_seq_rm(self._mem, slots[i], drop, -1)
+            self._tok[:n] = ts if sorted_ else [ts[i] for i in order]
+            self._pos[:n] = ps if sorted_ else [ps[i] for i in order]
+            self._seq[:n] = sorted(slots)
+            self._want[:n] = 1
+            out = self._run_decode(n, n)
+        except BaseException:
+            self._drop_slots(np.unique(np.array(slots)))
+            raise
+        if sorted_:
+            return out
+        back = np.empty_like(out)
+        back[order] = out           # row j of the call is the batch's row order[j]
+        return back
 
     def _feed(self, table, rm, seq, pos, tok, want, starts, ends, n):  # noqa: ANN001, ANN202
         slots = self._slot_of[seq]
@@ -594,7 +644,11 @@ class LlamaCppModel:
         self._pos[:m] = pos[a:b]
         self._seq[:m] = slots[a:b]
         self._want[:m] = want[a:b]
-        rows = int(np.count_nonzero(want[a:b]))
+        return self._run_decode(m, int(np.count_nonzero(want[a:b])))
+
+    def _run_decode(self, m: int, rows: int) -> np.ndarray:
+        """``llama_decode`` of the first ``m`` tokens in the batch buffers, ``rows`` of
+        them asking for logits; their logits ``[rows, V]``."""
         self._batch.n_tokens = m
         t = time.perf_counter_ns()
         rc = self._lib.llama_decode(self._ctx, self._batch)
@@ -611,13 +665,15 @@ class LlamaCppModel:
     def _logits_view(self, rows: int) -> np.ndarray:
         """float32 [rows, V], a view of llama.cpp's output buffer. The buffer moves only
         when llama.cpp grows it, so the view is kept per (address, rows): building one
-        (``np.ctypeslib.as_array``) costs ~100 us after a decode, ~1 % of a CPU step."""
-        ptr = self._lib.llama_get_logits(self._ctx)
-        key = (ctypes.cast(ptr, ctypes.c_void_p).value, rows)
+        (``np.ctypeslib.as_array``) costs ~100 us after a decode, ~1 % of a CPU step.
+        The address comes from a prototype of ``llama_get_logits`` that returns a plain
+        int (llama-cpp-python's returns a float pointer object, cast each step)."""
+        key = (self._logits_addr(self._ctx), rows)
         out = self._views.get(key)
         if out is None:
             if len(self._views) >= 64:
                 self._views.clear()
+            ptr = ctypes.cast(key[0], ctypes.POINTER(ctypes.c_float))
             out = self._views[key] = np.ctypeslib.as_array(ptr, shape=(rows, self.vocab_size))
         return out
 

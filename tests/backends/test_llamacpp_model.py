@@ -219,3 +219,40 @@ def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, exa
                 assert np.array_equal(got[s][k], want[s][k]), (order, s, k)
     # the rows really differ between sequences (not one row repeated)
     assert not np.array_equal(want[0][1], want[1][1])
+
+
+@pytest.mark.parametrize("exact", [True, False])
+def test_one_token_steps_give_the_same_bits_through_the_list_path_and_the_general_one(prompts, exact):
+    """A decode step of several sequences, one token each, takes a shortcut of list
+    arithmetic (``_forward_singles``); with the shortcut switched off the same steps go
+    through the general path. Both must give every sequence the same logit bits, in its
+    own row, and leave the slots holding the same tokens, also when the batch is not in
+    slot order."""
+    ps = prompts[:3]
+    order = [2, 0, 1]
+
+    def run(shortcut):
+        m = load_model(smollm2.model_path(), context_size=CTX, max_num_seqs=4,
+                       n_threads=THREADS, exact=exact)
+        if not shortcut:
+            m._forward_singles = lambda batch: None
+        try:
+            for s in (0, 1, 2):          # slots 0, 1, 2; the batch lists them 2, 0, 1
+                m.reuse_prefix(s, ps[s])
+            out = m.forward(_step([(s, ps[s], 0) for s in order])).copy()
+            rows, pos = [out], {s: len(ps[s]) for s in order}
+            for _ in range(3):
+                t = {s: int(np.argmax(rows[-1][i])) for i, s in enumerate(order)}
+                rows.append(m.forward(_step([(s, [t[s]], pos[s]) for s in order])).copy())
+                pos = {s: p + 1 for s, p in pos.items()}
+            held = {s: list(m._slots.tokens(m._slots.slot_of(s))) for s in order}
+        finally:
+            m.close()
+        return rows, held
+
+    fast, fast_held = run(True)
+    slow, slow_held = run(False)
+    assert fast_held == slow_held
+    for a, b in zip(fast, slow):
+        assert np.array_equal(a, b)
+    assert not np.array_equal(fast[-1][0], fast[-1][1])

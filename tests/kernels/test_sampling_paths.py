@@ -81,14 +81,15 @@ def test_top_p_alone_matches_reference(kind, top_p):
 
 
 def _skewed_row(direction: str, V: int = 32768) -> np.ndarray:
-    """A row whose strided top-p sample (every (V // 8192)-th token) is unrepresentative.
+    """A row whose strided top-p sample (every (V // TOP_P_SAMPLE_SIZE)-th token) is
+    unrepresentative.
 
     "up": the sampled tokens sit lower than the rest, so the sample puts the threshold too
     low and the kernel must move its bracket up; "down": the opposite."""
     rng = np.random.default_rng({"up": 5, "down": 6}[direction])
     row = rng.standard_normal(V).astype(np.float32)
     sampled = np.zeros(V, bool)
-    sampled[:: V // 8192] = True
+    sampled[:: V // _k.TOP_P_SAMPLE_SIZE] = True
     row[sampled if direction == "down" else ~sampled] += 1.5
     return row
 
