@@ -156,6 +156,7 @@ class Engine:
         self._reuse = getattr(model, "reuse_prefix", None)
         self._piece_cache: dict[int, bytes] = {}
         self._text_cache: dict[int, str] = {}   # tokens that are whole UTF-8 alone
+        self._checked: Any = None   # the last logits array _check_logits passed as is
         self._decode: _DecodePlan | None = None
         self._masks: Any = None   # tep.structured.StepMasks, made on the first constraint
         # held around forward; other users of the model (embeddings) take it too
@@ -390,7 +391,7 @@ class Engine:
         step's sequences all go on and nothing waits to be admitted."""
         c = self._decode
         if (c is None or c.plan is not plan or c.version != self.sched.version
-                or self._inbox or self.sched.waiting or not bool(res.ok.all())):
+                or self._inbox or self.sched.waiting or not res.all_ok):
             return
         eog = self._eog
         for s, tok in zip(plan.samplers, res.token_ids.tolist()):
@@ -797,8 +798,11 @@ class Engine:
                 np.asarray(plan.counts, np.int64))
 
     def _check_logits(self, logits: Any, n_rows: int) -> np.ndarray:
+        if logits is self._checked and logits.shape[0] == n_rows:
+            return logits     # the view the model returned last step, checked then
         if (type(logits) is np.ndarray and logits.dtype == _F32
                 and logits.shape == (n_rows, self.vocab_size) and logits.flags.c_contiguous):
+            self._checked = logits
             return logits     # what a model normally returns: nothing to convert
         if not isinstance(logits, np.ndarray):
             raise TypeError(f"forward must return a numpy array, got {type(logits).__name__}")
@@ -827,7 +831,7 @@ class Engine:
 
     def _update_from_output(self, samplers: list, res: Any) -> None:
         toks = res.token_ids.tolist()
-        all_ok = bool(res.ok.all())
+        all_ok = res.all_ok
         eog, texts = self._eog, self._text_cache
         for i, s in enumerate(samplers):
             tok = toks[i]

@@ -39,6 +39,7 @@ class RowSample(NamedTuple):
         errors: one entry per row, None or the exception for that row.
         logprobs: float32 [B] raw logprob of the chosen token, or None.
         top_ids: int64 [B, n], top_lps: float32 [B, n] (n = the most asked), or None.
+        all_ok: every row was sampled (``ok.all()``, computed once per step).
     """
 
     token_ids: np.ndarray
@@ -47,6 +48,7 @@ class RowSample(NamedTuple):
     logprobs: np.ndarray | None
     top_ids: np.ndarray | None
     top_lps: np.ndarray | None
+    all_ok: bool
 
 
 class RowState:
@@ -277,7 +279,8 @@ class RowState:
         if B == 1 and token_bitmask is None:
             tok = self._sample_one(logits, int(slots[0]))
             if tok is not None:
-                return RowSample(np.array([tok], np.int64), _ONE_OK, [None], None, None, None)
+                return RowSample(np.array([tok], np.int64), _ONE_OK, [None], None, None, None,
+                                 True)
         n_lp = int(self.n_logprobs[slots].max()) if B else -1
         st = static if static is not None else self.static_kwargs(slots)
         prompt = output = None
@@ -297,15 +300,16 @@ class RowState:
             ok &= ~bad
             for i in np.flatnonzero(bad).tolist():
                 errors[i] = self.invalid_error[int(slots[i])]
-        if not ok.all():
+        all_ok = bool(ok.all())
+        if not all_ok:
             for i in np.flatnonzero(~ok).tolist():
                 if errors[i] is None:
                     errors[i] = ValueError(f"logits: the row {_status_text(int(status[i]))}")
         lp = r.logprobs
         if lp is not None:
             return RowSample(r.token_ids, ok, errors, lp.logprobs, lp.top_token_ids,
-                             lp.top_logprobs)
-        return RowSample(r.token_ids, ok, errors, None, None, None)
+                             lp.top_logprobs, all_ok)
+        return RowSample(r.token_ids, ok, errors, None, None, None, all_ok)
 
     def _sample_one(self, logits: np.ndarray, s: int) -> int | None:
         """One row that needs no history, allowed set or logprobs: the kernel's one-row
