@@ -1,10 +1,12 @@
 """What exact mode costs: prefix-cache hit rate, time to first token and decode time of
-tep's llama.cpp model, in one run, three ways:
+tep's llama.cpp model, in one run, four ways:
 
-  old     exact=False: whole chunks to llama.cpp (its tiled / KV-split attention kernels
-          may run), prefix cache on
-  exact   exact=True (the default): pieces of ``block_tokens``, prefix cache on
-  off     exact=True, prefix cache off
+  old     f16 KV cache, exact=False: whole chunks to llama.cpp (its tiled / KV-split
+          attention kernels may run), prefix cache on
+  exact   f16 KV cache, exact=True: pieces of ``block_tokens``, prefix cache on
+  off     f16 KV cache, exact=True, prefix cache off
+  q8_0    the default: 8-bit KV cache (only the per-row kernel exists), exact=True, each
+          step fed as it comes, prefix cache on
 
     python benchmarks/bench_determinism.py [--threads 1] [--rounds 2] [--model PATH]
 
@@ -13,7 +15,7 @@ each, every turn resent with the previous answer and a new question (what a chat
 does), then three questions about one ~400-token document. Per way: hit rate = reused
 prompt tokens / prompt tokens; TTFT = median time from submit to first token; long-decode
 = median time per generated token of the document questions (past position 255, where
-exact mode feeds each token with the one before it). The ways run interleaved per round,
+exact mode with an f16 cache feeds each token with the one before it). The ways run interleaved per round,
 each on its own model, so load on the machine hits all of them alike. Also checks the
 evidence: the old way's logits after a prefix hit differ from its cold run's.
 """
@@ -107,8 +109,9 @@ def main() -> None:
     ap.add_argument("--model", default=None)
     a = ap.parse_args()
     path = a.model or default_model_path()
-    ways = {"old": dict(exact=False), "exact": dict(exact=True),
-            "off": dict(exact=True, prefix_cache=False)}
+    ways = {"old": dict(exact=False, kv_type="f16"), "exact": dict(exact=True, kv_type="f16"),
+            "off": dict(exact=True, prefix_cache=False, kv_type="f16"),
+            "q8_0": dict(exact=True, kv_type="q8_0")}
     models = {k: load_model(path, context_size=1024, max_num_seqs=4, n_threads=a.threads, **kw)
               for k, kw in ways.items()}
     res = {k: ([], []) for k in ways}
@@ -128,7 +131,7 @@ def main() -> None:
         print(f"{k:6s} hit rate {st.hit_rate:6.1%}  TTFT median {ttft * 1e3:8.1f} ms "
               f"({ttft / base:5.2f}x old)  long-decode {dec * 1e3:6.1f} ms/token "
               f"({dec / base_d:5.2f}x old)")
-    for k in ("old", "exact"):
+    for k in ("old", "exact", "q8_0"):
         print(f"{k} way, logits after a 40-token prefix hit equal the cold run's:",
               _evidence(models[k]))
     for m in models.values():

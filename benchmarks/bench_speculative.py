@@ -161,6 +161,14 @@ def main(argv: list[str] | None = None) -> dict:
         up = servers       # started in turn below
     cases = [(s.name, kind, T, c) for kind in args.kinds for T in args.temperatures
              for c in args.clients for s in up]
+
+    def warm(s: Server) -> None:
+        """One short request before any measured case: a server's first request pays
+        one-time costs (for tep, Python code paths and caches) that would otherwise land
+        on whichever case runs first."""
+        run_async(run_clients(s.url, 1, 1, lambda k, i: {
+            "model": model_id(args), "messages": [{"role": "user", "content": "Hello!"}],
+            "max_tokens": 8, "temperature": 0}))
     by_name = {s.name: s for s in up}
 
     def measure(r: int, case: tuple) -> dict:
@@ -200,12 +208,15 @@ def main(argv: list[str] | None = None) -> dict:
                 not_run[s.name] = str(e)[:300]
                 continue
             try:
+                warm(s)
                 results.update(rounds([c for c in cases if c[0] == s.name], args.rounds,
                                       measure))
             finally:
                 s.stop()
     else:
         try:
+            for s in up:
+                warm(s)
             results = rounds(cases, args.rounds, measure)
         finally:
             for s in up:

@@ -21,12 +21,15 @@ has three kernels and picks one per micro-batch: a tiled one when a stream has >
 (``GGML_FA_TILE_Q``) query tokens in it, a KV-split one (a reduction whose partition
 follows the thread count and the padded cache length) when the micro-batch is one token
 of one stream and that stream's padded cache is >= 512 cells, and a per-row one
-otherwise. The per-row kernel's result for a token depends only on the cells before it,
-so exact mode only ever lets that one run: each sequence is fed in pieces of at most
-``block_tokens`` (< 64) tokens, pieces of equal length go to llama.cpp together sorted by
-slot (so its micro-batch split never strands one token of one stream), and a token at
-position >= 255 that would be alone in its micro-batch (no adjacent slot decoding with
-it) is fed with the token before it again (its cell is rewritten with the same bits).
+otherwise. The per-row kernel's result for a token depends only on the cells before it.
+The tiled and KV-split kernels exist only for an f16 (or f32) KV cache. With the default
+f16 cache exact mode only lets the per-row kernel run by how it feeds: each sequence in
+pieces of at most ``block_tokens`` (< 64) tokens, pieces of equal length to llama.cpp
+together sorted by slot (so its micro-batch split never strands one token of one
+stream), and a token at position >= 255 that would be alone in its micro-batch (no
+adjacent slot decoding with it) fed with the token before it again (its cell is
+rewritten with the same bits). With ``kv_type="q8_0"`` (an 8-bit cache) the per-row
+kernel is the only one, so exact mode needs none of this and feeds each step as it comes.
 The cost and the evidence: docs/DETERMINISM.md.
 """
 from __future__ import annotations
@@ -48,6 +51,9 @@ __all__ = ["LlamaCppModel", "PrefixCacheStats", "StepTimes"]
 log = logging.getLogger("tep.llamacpp")
 
 _FLASH_ATTN = {"auto": -1, "off": 0, "on": 1}
+# KV cache element types (ggml type ids). Only f16 has llama.cpp's tiled and KV-split
+# flash-attention kernels, so only f16 needs exact mode's feeding rules.
+KV_TYPES = {"f16": 1, "q8_0": 8}
 _MAX_SLOTS = 256  # llama.cpp's LLAMA_MAX_SEQ
 _FA_TILE_Q = 64   # llama.cpp CPU: >= this many query rows of a stream -> the tiled kernel
 # a one-token, one-stream micro-batch takes the KV-split kernel once the stream's padded
@@ -103,10 +109,13 @@ class LlamaCppModel:
             larger steps are split into several decodes. Default 512.
         flash_attn: "auto" (default; on where the backend supports it), "on" or "off".
         kv_unified: one KV buffer shared by all slots instead of one stream per slot.
-        exact: feed tokens so that batching, chunking and the prefix cache never change a
-            logit (see the module docstring). Default True.
-        block_tokens: most tokens of one sequence in one llama.cpp call in exact mode
-            (2..63). Default 32.
+        exact: batching, chunking and the prefix cache never change a logit (see the
+            module docstring). Default True.
+        block_tokens: most tokens of one sequence in one llama.cpp call in exact mode with
+            an f16 KV cache (2..63). Default 32.
+        kv_type: the KV cache's element type: "f16" (default, llama.cpp's) or "q8_0"
+            (8-bit: half the memory, and llama.cpp has only its per-row attention kernel
+            for it, so exact mode feeds steps as they come and never feeds a token twice).
         prefix_cache: reuse a slot's cached prefix (default True).
         model_name: the id served in ``/v1/models`` (default: the file's stem).
         verbose: let llama.cpp log at INFO level (default: errors only).
@@ -127,7 +136,7 @@ class LlamaCppModel:
                  max_batch_tokens: int = 512, flash_attn: str = "auto",
                  kv_unified: bool = False, exact: bool = True, block_tokens: int = 32,
                  prefix_cache: bool = True, model_name: str | None = None,
-                 verbose: bool = False) -> None:
+                 verbose: bool = False, kv_type: str = "f16") -> None:
         llama_cpp = _llama()
         self._lib = llama_cpp
         path = Path(model_path)
@@ -137,6 +146,12 @@ class LlamaCppModel:
             raise ValueError(f"max_num_seqs must be in [1, {_MAX_SLOTS}], got {max_num_seqs}")
         if context_size < 1:
             raise ValueError(f"context_size must be >= 1, got {context_size}")
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"kv_type must be one of {', '.join(KV_TYPES)}, got {kv_type!r}")
+        if kv_type != "f16" and flash_attn == "off":
+            raise ValueError(f"kv_type {kv_type!r} needs flash attention (llama.cpp quantizes "
+                             "the V cache only with it): use flash_attn 'auto' or 'on', or "
+                             "kv_type 'f16'")
         if max_batch_tokens < 1:
             raise ValueError(f"max_batch_tokens must be >= 1, got {max_batch_tokens}")
         if flash_attn not in _FLASH_ATTN:
@@ -170,6 +185,7 @@ class LlamaCppModel:
             cparams.n_threads_batch = threads
             cparams.flash_attn_type = _FLASH_ATTN[flash_attn]
             cparams.kv_unified = kv_unified
+            cparams.type_k = cparams.type_v = KV_TYPES[kv_type]
             cparams.embeddings = False
             cparams.no_perf = True
             self._ctx = llama_cpp.llama_init_from_model(self._model, cparams)
@@ -187,6 +203,9 @@ class LlamaCppModel:
             self.flash_attn = flash_attn
             self.kv_unified = kv_unified
             self.exact = exact
+            self.kv_type = kv_type
+            # exact mode's feeding rules: only an f16 cache has the kernels they avoid
+            self._exact_feed = exact and kv_type == "f16"
             self.block_tokens = block_tokens
             self.prefix_cache = prefix_cache
             self.n_ubatch = int(cparams.n_ubatch)
@@ -201,8 +220,8 @@ class LlamaCppModel:
         self._slots = SlotTable(self.max_num_seqs,
                                 copy_min_tokens=max(4, self.context_size // 256))
         self._slot_of = np.full(self.max_num_seqs, -1, dtype=np.int32)  # engine id -> slot
-        if exact and self.max_batch_tokens < 2:
-            raise ValueError("exact mode needs max_batch_tokens >= 2")
+        if self._exact_feed and self.max_batch_tokens < 2:
+            raise ValueError("exact mode with an f16 KV cache needs max_batch_tokens >= 2")
         self._block = max(2, min(block_tokens, self.max_batch_tokens))
         self._alloc_batch(self.max_batch_tokens)
         self._views: dict[tuple, np.ndarray] = {}   # logits views by (address, rows)
@@ -276,12 +295,13 @@ class LlamaCppModel:
             "n_threads": self.n_threads, "n_batch": self.max_batch_tokens,
             "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
             "kv_unified": self.kv_unified, "exact": self.exact,
-            "block_tokens": self.block_tokens})
+            "block_tokens": self.block_tokens, "kv_type": self.kv_type})
 
     def fingerprint(self) -> str:
         """``system_fingerprint``: the model file's digest, tep's and llama.cpp's
         versions, the CPU features llama.cpp was built for, and the settings that
-        change the arithmetic (threads, batch sizes, exact mode and its block)."""
+        change the arithmetic (threads, batch sizes, KV cache type, exact mode and its
+        block)."""
         return self._fingerprint
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
@@ -456,7 +476,7 @@ class LlamaCppModel:
         if not (0 <= sid < self.max_num_seqs and 0 <= p0 < self.context_size
                 and 0 <= t < self.vocab_size):
             return None
-        if self.exact and p0 > _LONE_TOKEN_LAST_SAFE:
+        if self._exact_feed and p0 > _LONE_TOKEN_LAST_SAFE:
             return None
         s = int(self._slot_of[sid])
         if s < 0:
@@ -492,7 +512,7 @@ class LlamaCppModel:
                 or min(ts) < 0 or max(ts) >= self.vocab_size
                 or not bool(np.all(batch.logits))):
             return None
-        if self.exact and max(ps) > _LONE_TOKEN_LAST_SAFE:
+        if self._exact_feed and max(ps) > _LONE_TOKEN_LAST_SAFE:
             return None
         slots = self._slot_of[sids].tolist()
         if min(slots) < 0:
@@ -544,7 +564,7 @@ class LlamaCppModel:
         return self._feed_placed(table, rm, pos, tok, slots, want, starts, ends, n)
 
     def _feed_placed(self, table, rm, pos, tok, slots, want, starts, ends, n):  # noqa: ANN001, ANN202
-        if self.exact:
+        if self._exact_feed:
             return self._feed_exact(table, rm, pos, tok, slots, starts, ends, want)
         for a, b in zip(starts, ends):
             s = int(slots[a])

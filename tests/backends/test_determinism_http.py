@@ -47,7 +47,8 @@ def _ask(url: str, messages, stream: bool = False):
 def _direct(path, messages) -> tuple[str, str]:
     """Greedy decoding with llama-cpp-python on the prompt tokens the server renders."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=256, n_batch=32, n_ubatch=32,
-                          n_threads=1, n_threads_batch=1, flash_attn=True, verbose=False)
+                          n_threads=1, n_threads_batch=1, flash_attn=True,
+                          **smollm2.reference_kv(), verbose=False)
     try:
         from tep.engine.chat_template import render_chat
 

@@ -5,6 +5,10 @@ own prefill, alone or in a batch of 16 or 64, in any arrival order, after any hi
 References: the same model with nothing cached (cold: a wiped slot, the whole prompt
 fed), and llama-cpp-python's ``Llama`` run directly on the same prompt tokens.
 
+Every test runs on both KV cache types: f16 (the default), where exact mode's feeding
+rules keep llama.cpp's tiled and KV-split attention kernels from running, and q8_0, where
+llama.cpp has only its per-row kernel and exact mode feeds steps as they come.
+
 Most tests run llama.cpp on one thread (fast on a busy CI box: its threads spin-wait);
 the long-prompt test runs two, since the kernel that exact mode avoids past position 255
 only differs from the per-row one with more than one thread.
@@ -22,6 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tep.backend import Sampling, StreamSink  # noqa: E402
 from tep.backends.llamacpp import load_model  # noqa: E402
+from tep.backends.llamacpp_model import KV_TYPES  # noqa: E402
 from tep.engine.chat_template import render_chat  # noqa: E402
 from tep.engine.engine import Engine  # noqa: E402
 from tep.engine.model import StepBatch  # noqa: E402
@@ -47,19 +52,20 @@ QUESTIONS = [
 LONG = " ".join(f"Item {i} is painted blue and sits on shelf {i % 7}." for i in range(30))
 
 
-@pytest.fixture(scope="module")
-def model():
+@pytest.fixture(scope="module", params=list(KV_TYPES))
+def model(request):
     path = smollm2.model_path()
-    m = load_model(path, context_size=CTX, max_num_seqs=64, n_threads=THREADS)
+    m = load_model(path, context_size=CTX, max_num_seqs=64, n_threads=THREADS,
+                   kv_type=request.param)
     assert m.exact
     yield m
     m.close()
 
 
-@pytest.fixture(scope="module")
-def long_model():
+@pytest.fixture(scope="module", params=list(KV_TYPES))
+def long_model(request):
     m = load_model(smollm2.model_path(), context_size=LONG_CTX, max_num_seqs=3,
-                   n_threads=LONG_THREADS)
+                   n_threads=LONG_THREADS, kv_type=request.param)
     yield m
     m.close()
 
@@ -168,7 +174,8 @@ def test_cold_equals_llama_cpp_python_run_directly_bitwise(model):
     n_new = 8
     ref = llama_cpp.Llama(model_path=str(model.model_path), n_ctx=CTX, n_batch=32,
                           n_ubatch=32, n_threads=THREADS, n_threads_batch=THREADS,
-                          flash_attn=True, verbose=False)
+                          flash_attn=True, **smollm2.reference_kv(model.kv_type),
+                          verbose=False)
     try:
         ref.reset()
         ref.eval(a)
@@ -267,7 +274,7 @@ _COLD: dict = {}
 
 
 def _cold_ref(model, prompt, n):
-    key = (tuple(prompt), n)
+    key = (model.kv_type, tuple(prompt), n)
     if key not in _COLD:
         _COLD[key] = cold(model, prompt, n)
     return _COLD[key]
@@ -319,7 +326,7 @@ def test_seeded_sampling_is_the_same_alone_among_15_after_history_and_restart(mo
     after = sampled(Recorder(model), [[(pool[3], 5, 7), (pool[5], 4, 8)],
                                       [(pool[2], 3, 9)], [(target, n, seed)]])[-1]
     fresh = load_model(model.model_path, context_size=CTX, max_num_seqs=4,
-                       n_threads=THREADS)
+                       n_threads=THREADS, kv_type=model.kv_type)
     try:
         assert fresh.fingerprint() == model.fingerprint()
         restarted = sampled(Recorder(fresh), [[(target, n, seed)]])[0]

@@ -47,7 +47,8 @@ def model_id(oai):
 @pytest.fixture(scope="module")
 def ref(server):
     llm = llama_cpp.Llama(model_path=str(server[1]), n_ctx=CTX, n_threads=THREADS,
-                          n_threads_batch=THREADS, flash_attn=True, verbose=False)
+                          n_threads_batch=THREADS, flash_attn=True,
+                          **smollm2.reference_kv(), verbose=False)
     yield llm
     llm.close()
 

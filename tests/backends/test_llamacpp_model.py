@@ -116,7 +116,8 @@ def _first_divergence(a_tokens, a_rows, b_tokens, b_rows) -> str:
 def test_greedy_alone_equals_llama_cpp_python(model, prompts, alone):
     ref = llama_cpp.Llama(model_path=str(model.model_path), n_ctx=model.context_size,
                           n_batch=512, n_threads=THREADS, n_threads_batch=THREADS,
-                          flash_attn=True, verbose=False)
+                          flash_attn=True, **smollm2.reference_kv(model.kv_type),
+                          verbose=False)
     try:
         for k in range(10):
             ref.reset()
@@ -186,8 +187,8 @@ def test_tokenize_detokenize_round_trip_and_pieces_join(model, text):
     assert b"".join(model.detokenize([t]) for t in ids) == text.encode()
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, exact):
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])   # steps fed in pieces / as they come
+def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, kv_type):
     """llama.cpp micro-batches only consecutive slots in batch order, so the model feeds
     a step's sequences sorted by slot: a batch listed in another order must give every
     sequence the same bits as the batch listed in slot order, in its own row."""
@@ -195,7 +196,7 @@ def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, exa
 
     def run(order):
         m = load_model(smollm2.model_path(), context_size=CTX, max_num_seqs=4,
-                       n_threads=THREADS, exact=exact)
+                       n_threads=THREADS, kv_type=kv_type)
         try:
             for s in (2, 0, 1):
                 m.reuse_prefix(s, ps[s])
@@ -221,8 +222,9 @@ def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, exa
     assert not np.array_equal(want[0][1], want[1][1])
 
 
-@pytest.mark.parametrize("exact", [True, False])
-def test_one_token_steps_give_the_same_bits_through_the_list_path_and_the_general_one(prompts, exact):
+@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+def test_one_token_steps_give_the_same_bits_through_the_list_path_and_the_general_one(prompts,
+                                                                                    kv_type):
     """A decode step of several sequences, one token each, takes a shortcut of list
     arithmetic (``_forward_singles``); with the shortcut switched off the same steps go
     through the general path. Both must give every sequence the same logit bits, in its
@@ -233,7 +235,7 @@ def test_one_token_steps_give_the_same_bits_through_the_list_path_and_the_genera
 
     def run(shortcut):
         m = load_model(smollm2.model_path(), context_size=CTX, max_num_seqs=4,
-                       n_threads=THREADS, exact=exact)
+                       n_threads=THREADS, kv_type=kv_type)
         if not shortcut:
             m._forward_singles = lambda batch: None
         try:

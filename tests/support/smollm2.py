@@ -10,9 +10,18 @@ import pytest
 
 from support.process import child_env, free_port, start_process
 
-__all__ = ["SPEC", "model_path", "serve"]
+__all__ = ["SPEC", "KV_TYPE", "model_path", "serve", "reference_kv"]
 
 SPEC = "tep.backends.llamacpp:LlamaCppBackend"
+KV_TYPE = "f16"   # the KV cache type of the servers started here (set explicitly)
+
+
+def reference_kv(kv_type: str = KV_TYPE) -> dict:
+    """The ``llama_cpp.Llama`` arguments that give a reference context tep's KV cache
+    type (its logits are then comparable bit for bit)."""
+    from tep.backends.llamacpp_model import KV_TYPES
+
+    return {"type_k": KV_TYPES[kv_type], "type_v": KV_TYPES[kv_type]}
 
 
 def model_path() -> Path:
@@ -36,4 +45,4 @@ def serve(*extra: str, context_size: int, threads: int, max_num_seqs: int,
         args += ["--max-concurrency", str(max_concurrency)]
     return start_process(args, port, child_env(
         TEP_MODEL=str(model_path()), TEP_CONTEXT_SIZE=str(context_size),
-        TEP_THREADS=str(threads), TEP_MAX_NUM_SEQS=str(max_num_seqs)))
+        TEP_THREADS=str(threads), TEP_MAX_NUM_SEQS=str(max_num_seqs), TEP_KV_TYPE=KV_TYPE))
