@@ -3,10 +3,11 @@ tep's llama.cpp model, in one run, four ways:
 
   old     f16 KV cache, exact=False: whole chunks to llama.cpp (its tiled / KV-split
           attention kernels may run), prefix cache on
-  exact   f16 KV cache, exact=True: pieces of ``block_tokens``, prefix cache on
+  exact   the default: f16 KV cache, exact=True, pieces of ``block_tokens``, prefix
+          cache on
   off     f16 KV cache, exact=True, prefix cache off
-  q8_0    the default: 8-bit KV cache (only the per-row kernel exists), exact=True, each
-          step fed as it comes, prefix cache on
+  q8_0    8-bit KV cache (only the per-row kernel exists), exact=True, each step fed
+          as it comes, prefix cache on
 
     python benchmarks/bench_determinism.py [--threads 1] [--rounds 2] [--model PATH]
 

@@ -3,10 +3,10 @@
     python benchmarks/bench_kv_type.py [--rounds 3] [--steps 12] [--threads 2]
         [--json benchmarks/results/kv_type.json]
 
-Three ways to run the llama.cpp backend: ``q8_0`` (the default: an 8-bit KV cache, for
-which llama.cpp has only its per-row attention kernel, so exact mode feeds every step as
-it comes), ``f16 exact`` (an f16 cache; exact mode feeds in pieces and gives a lone
-token past position 254 the token before it again, to keep the tiled and KV-split
+Three ways to run the llama.cpp backend: ``q8_0`` (an 8-bit KV cache, for which
+llama.cpp has only its per-row attention kernel, so exact mode feeds every step as it
+comes), ``f16 exact`` (the default: an f16 cache; exact mode feeds in pieces and gives a
+lone token past position 254 the token before it again, to keep the tiled and KV-split
 kernels from running) and ``f16 plain`` (``exact=False``: what llama-server does; logits
 depend on batching). Measured through ``forward``: decode ms per step with 1 and 4
 sequences at positions ~150, ~300 and ~500, and one 256-token prompt in one call.
