@@ -7,7 +7,8 @@
 
 Per case: N sequences submitted together (seeds = index), e2e tokens/s = generated
 tokens / wall time, over --rounds interleaved rounds (the mode order rotates each round;
-the ratio to the first mode is the median of the per-round ratios); every mode's tokens are compared with off's (exact acceptance: they
+the ratio to the first mode is the median of the per-round ratios; the prefix cache is
+emptied before each case, so every mode computes its prompts); every mode's tokens are compared with off's (exact acceptance: they
 must be equal); acceptance from the engine's counters; the share of the wall time inside
 llama_decode.
 """
@@ -70,6 +71,9 @@ def main() -> None:
         d0, a0, r0 = (sum(sp.drafted.values()), sum(sp.accepted.values()),
                       sum(sp.runs.values()))
         steps0 = eng.stats.steps
+        # every case computes its prompts: the modes share the model, and a prompt cached
+        # by the mode before would make the next one look faster
+        model.clear_prefix_cache()
         sinks = []
         st0 = model.step_times()
         t0 = time.perf_counter()

@@ -629,8 +629,8 @@ class Engine:
         st.steps += 1
         st.tokens_fed += batch.n_tokens
         st.forward_s += t2 - t1
-        if not plan.prefills:
-            self._cost.observe(batch.n_tokens, t2 - t1)
+        if not plan.prefills:   # one pass per distinct count of tokens fed by a sequence
+            self._cost.observe(batch.n_tokens, t2 - t1, len(set(nd.tolist())))
         for s, n in zip(plan.seqs, plan.counts):
             if s.n_fed < s.plen:
                 rows.pos[s.slot] += n

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import bisect
 import weakref
+from itertools import accumulate
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -193,8 +194,17 @@ class Acceptance:
 
 
 class StepCost:
-    """What a decode step's forward costs (seconds) by the tokens it feeds, learned from
-    the steps the engine runs: an exponential average per token count.
+    """What a decode step's forward costs (seconds) by the tokens it feeds and the passes
+    it takes, learned from the steps the engine runs.
+
+    A step whose sequences feed different numbers of tokens takes one pass over the
+    weights per distinct number (llama.cpp splits a batch into micro-batches of equal
+    tokens per sequence), and each pass costs about what a small step costs: on the
+    2-core test machine 4 sequences x 4 tokens take 126 ms, 1+1+7+7 tokens 138 ms and
+    1+3+5+7 tokens 172 ms. So the table holds one-pass steps, an exponential average per
+    token count, and each further pass adds ``pass_s``, learned from the steps that took
+    several (until then: the cost per token of the smallest step seen, a guess between a
+    token's and a step's price).
 
     A count not seen yet is estimated from the seen ones: linearly between the nearest
     two; beyond the largest, with the slope of the last two (or, with one point,
@@ -206,6 +216,9 @@ class StepCost:
         self._t: dict[int, float] = {}
         self._n: dict[int, int] = {}
         self._keys: list[int] = []
+        self._arrays: tuple[np.ndarray, np.ndarray] | None = None   # (keys, costs), sorted
+        self._pass: float | None = None     # learned cost of one more pass (seconds)
+        self._pass_n = 0
 
     @classmethod
     def of(cls, model: Any) -> "StepCost":
@@ -219,8 +232,19 @@ class StepCost:
         except TypeError:            # not weak-referenceable: this engine's own table
             return cls()
 
-    def observe(self, n_tokens: int, seconds: float) -> None:
+    def observe(self, n_tokens: int, seconds: float, passes: int = 1) -> None:
+        """Record one forward of ``n_tokens`` that took ``seconds`` in ``passes`` passes
+        (the number of distinct per-sequence token counts in it)."""
         if n_tokens <= 0 or not seconds > 0:
+            return
+        if passes > 1:
+            if self._keys:    # the excess over a one-pass step of as many tokens
+                extra = max(0.0, (seconds - float(self.many(np.array([n_tokens]))[0]))
+                            / (passes - 1))
+                self._pass_n += 1
+                old = self._pass
+                self._pass = extra if old is None else \
+                    old + max(self.alpha, 1.0 / self._pass_n) * (extra - old)
             return
         n = self._n.get(n_tokens, 0) + 1
         self._n[n_tokens] = n
@@ -228,15 +252,19 @@ class StepCost:
         if old is None:
             self._t[n_tokens] = seconds
             self._keys = sorted(self._t)
+            self._arrays = None
         else:   # a plain mean over the first 1/alpha steps (one slow step is not the
             # price), then an exponential average
             self._t[n_tokens] = old + max(self.alpha, 1.0 / n) * (seconds - old)
+            self._arrays = None
 
     def many(self, n_tokens: np.ndarray) -> np.ndarray:
         """The estimated costs (seconds) of steps of ``n_tokens`` (an array of counts),
         by the rules in the class docstring; at least one count must have been seen."""
-        keys = np.asarray(self._keys, np.float64)
-        vals = np.asarray([self._t[k] for k in self._keys], np.float64)
+        if self._arrays is None:     # rebuilt after a step, not per estimate
+            self._arrays = (np.asarray(self._keys, np.float64),
+                            np.asarray([self._t[k] for k in self._keys], np.float64))
+        keys, vals = self._arrays
         n = np.asarray(n_tokens, np.float64)
         out = np.interp(n, keys, vals)        # flat below the first and past the last
         last = keys[-1]
@@ -247,6 +275,16 @@ class StepCost:
         beyond = n > last
         out[beyond] = vals[-1] + slope * (n[beyond] - last)
         return out
+
+    @property
+    def pass_s(self) -> float | None:
+        """The estimated cost (seconds) of one more pass, or None before any step."""
+        if self._pass is not None:
+            return self._pass
+        if not self._keys:
+            return None
+        k = self._keys[0]
+        return self._t[k] / k
 
     def __call__(self, n_tokens: int) -> float | None:
         """The cost of a step of ``n_tokens`` (seconds), or None before any step."""
@@ -261,34 +299,77 @@ _COSTS: "weakref.WeakKeyDictionary[Any, StepCost]" = weakref.WeakKeyDictionary()
 
 def plan_drafts(base_tokens: int, offers: Sequence[tuple[int, float, int]],
                 cost: StepCost, *, margin: float = 0.02) -> dict[int, int]:
-    """How many drafts each slot verifies this step: ``offers`` = (slot, p, most).
+    """How many drafts each slot verifies this step: ``offers`` = (slot, p, most); the
+    step decodes ``base_tokens`` sequences, one token each before drafts.
 
     The choice maximises expected tokens emitted per second of forward. Every decoding
     row emits one token; the j-th draft of a slot adds p**j expected tokens (it counts
-    only when the j - 1 before it were accepted) and one token to the batch. Drafts are
-    taken best first and the prefix with the best ratio wins - not the first that stops
-    improving, since a step's cost is not linear in its tokens (on a CPU, two tokens of
-    one sequence can cost much more than one, a third little more). A prefix must beat
-    the plain step by ``margin`` (measured costs are noisy). Returns {slot: k > 0}."""
+    only when the j - 1 before it were accepted) and one token to the batch, and every
+    distinct number of drafts in the step (no drafts counts too) is one pass of the
+    forward (:class:`StepCost`). Two families of plans are priced:
+
+    - best first: drafts taken in order of p**j across the batch, every prefix of that
+      order (not the first that stops improving: a step's cost is not linear in its
+      tokens; on a CPU, two tokens of one sequence can cost much more than one, a third
+      little more);
+    - one length: every K, the m slots that gain most from K drafts each draft K (one
+      pass if all rows do, else two), every m.
+
+    The best plan must beat the plain step by ``margin`` (measured costs are noisy).
+    Returns {slot: k > 0}."""
     base = cost(base_tokens)
     if base is None or not offers:
         return {}
-    gains = sorted(((p ** j, slot) for slot, p, most in offers if p > 0
+    offers = [(slot, p, most) for slot, p, most in offers if p > 0 and most > 0]
+    if not offers:
+        return {}
+    B = base_tokens
+    pass_s = cost.pass_s or 0.0
+    # (plain Python past this one estimate: the lists are short, numpy's per-call cost
+    # is not, and this runs every decode step)
+    top = sum(most for _, _, most in offers)
+    step_s = cost.many(np.arange(B, B + top + 1)).tolist()    # [n]: one pass, B + n tokens
+    best_ratio = B / base * (1.0 + margin)
+    best: dict[int, int] | None = None
+
+    # best first
+    gains = sorted(((p ** j, slot) for slot, p, most in offers
                     for j in range(1, most + 1)), reverse=True)
-    if not gains:
-        return {}
-    m = len(gains)
-    # expected tokens and cost of every prefix at once (one vectorised pass)
-    expected = base_tokens + np.cumsum(np.fromiter((g for g, _ in gains), np.float64, m))
-    costs = cost.many(np.arange(base_tokens + 1, base_tokens + m + 1))
-    ratio = expected / np.maximum(costs, 1e-12)
-    best_m = int(np.argmax(ratio)) + 1
-    if not ratio[best_m - 1] > base_tokens / base * (1.0 + margin):
-        return {}
-    out: dict[int, int] = {}
-    for _, slot in gains[:best_m]:
-        out[slot] = out.get(slot, 0) + 1
-    return out
+    lens: dict[int, int] = {}       # slot -> drafts so far
+    have: dict[int, int] = {}       # number of drafts -> slots with that many
+    expected, cut = float(B), 0
+    for i, (g, slot) in enumerate(gains):
+        k = lens.get(slot, 0)
+        if k:
+            have[k] -= 1
+            if not have[k]:
+                del have[k]
+        lens[slot] = k + 1
+        have[k + 1] = have.get(k + 1, 0) + 1
+        expected += g
+        passes = len(have) + (len(lens) < B)
+        r = expected / max(step_s[i + 1] + (passes - 1) * pass_s, 1e-12)
+        if r > best_ratio:
+            best_ratio, cut = r, i + 1
+    if cut:
+        best = {}
+        for _, slot in gains[:cut]:
+            best[slot] = best.get(slot, 0) + 1
+
+    # one length (with one slot offering, these are the best-first prefixes again)
+    if len(offers) > 1:
+        sums = [(slot, most, list(accumulate(p ** j for j in range(1, most + 1))))
+                for slot, p, most in offers]
+        for k in range(1, max(most for _, _, most in offers) + 1):
+            ranked = sorted(((g[k - 1], slot) for slot, most, g in sums if most >= k),
+                            reverse=True)
+            expected = float(B)
+            for m, (g1, _) in enumerate(ranked, 1):
+                expected += g1
+                r = expected / max(step_s[k * m] + (pass_s if m < B else 0.0), 1e-12)
+                if r > best_ratio:
+                    best_ratio, best = r, {slot: k for _, slot in ranked[:m]}
+    return best or {}
 
 
 class NgramDrafter:

@@ -103,7 +103,7 @@ class FlatCost(StepCost):
     What these tests check is verification (tokens equal without speculation), not the
     planner, whose choices follow measured, load-dependent forward times."""
 
-    def observe(self, n_tokens, seconds):
+    def observe(self, n_tokens, seconds, passes=1):
         pass
 
     def __call__(self, n_tokens):

@@ -220,6 +220,33 @@ def test_plan_drafts_pays_only_when_expected_tokens_per_second_rise():
     assert got.get(1, 0) == 0 and got[0] >= got[2] >= 1
 
 
+def test_step_cost_learns_what_a_further_pass_costs_apart_from_the_table():
+    c = StepCost()
+    assert c.pass_s is None
+    for n in range(4, 31):
+        c.observe(n, 1.0 + 0.1 * (n - 4))
+    assert abs(c.pass_s - 0.25) < 1e-12      # before any: the smallest step's per token
+    c.observe(16, 2.2 + 2 * 0.5, passes=3)   # two more passes than a one-pass step
+    assert abs(c(16) - 2.2) < 1e-12          # the one-pass table is untouched
+    assert abs(c.pass_s - 0.5) < 1e-12
+
+
+def test_plan_drafts_gives_the_batch_one_length_when_passes_cost():
+    def cost_with(pass_s):
+        c = StepCost()
+        for n in range(4, 31):
+            c.observe(n, 1.0 + 0.1 * (n - 4))
+        c.observe(16, 2.2 + pass_s, passes=2)
+        return c
+    offers = [(0, 0.97, 6), (1, 0.9, 2), (2, 0.9, 2), (3, 0.9, 2)]
+    # passes free: slot 0 drafts past the others (14.53 expected tokens / 2.2 s)
+    free = plan_drafts(4, offers, cost_with(0.0))
+    assert free[0] > free[1] == free[2] == free[3] == 2
+    # a pass costs half a second: 6 + 2 + 2 + 2 drafts take two passes (14.53 / 2.7);
+    # 2 drafts each take one (11.04 / 1.8)
+    assert plan_drafts(4, offers, cost_with(0.5)) == {0: 2, 1: 2, 2: 2, 3: 2}
+
+
 def test_draft_model_exact_equals_plain_and_rejection_runs():
     rng = random.Random(21)
     reqs = [(repetitive_prompt(rng), Sampling(max_tokens=40, temperature=T, seed=i,
