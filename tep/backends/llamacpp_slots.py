@@ -86,6 +86,11 @@ class Move:
     seq_id: int | None
 
 
+# what a cached token a placement overwrites is worth against a prompt token it reuses
+# (it may be asked for again, or may not)
+_LOST_WEIGHT = 0.5
+
+
 class SlotTable:
     """``n_slots`` llama.cpp sequence slots shared by the engine's sequences.
 
@@ -134,9 +139,13 @@ class SlotTable:
 
     def acquire(self, seq_id: int, prompt: Sequence[int], reuse: bool = True) -> Placement:
         """Place a new engine sequence in a free slot that keeps the busy slots in as few
-        runs as possible; among those, the one with the longest cached prefix of
-        ``prompt``, then the least recently used. When another free slot holds at least
-        ``copy_min_tokens`` more of the prompt, its stream is copied in (``copy_from``).
+        runs as possible; among those, the one that scores best, then the least recently
+        used. A slot's score is the prompt tokens it gives (its own cached prefix of
+        ``prompt``, or the longest one of any free slot copied in (``copy_from``) when
+        that is at least ``copy_min_tokens`` more, less ``copy_min_tokens`` for the copy)
+        minus half the cached tokens it would lose (what it holds past that prefix). So
+        prompts that share only a system turn keep their own slots: the next one takes an
+        empty slot and copies the shared part, instead of overwriting the other's cache.
         At most ``len(prompt) - 1`` tokens are reused, so the last prompt token is always
         fed for its logits; none when ``reuse`` is False (the prefix cache is off).
 
@@ -158,11 +167,19 @@ class SlotTable:
             return (s - 1 in busy) + (s + 1 in busy) - 1
 
         gain = {s: held(s) for s in self._free}
-        target = max(self._free, key=lambda s: (joins(s) if busy else 0, gain[s],
-                                                -slots[s].last_used, -s))
         source = max(self._free, key=lambda s: (gain[s], -s))
+        most, copy_min = gain[source], self._copy_min
+
+        def score(s: int) -> float:
+            n = gain[s]
+            if most - n >= copy_min:
+                n = most - copy_min
+            return n - _LOST_WEIGHT * (len(slots[s].tokens) - gain[s])
+
+        target = max(self._free, key=lambda s: (joins(s) if busy else 0, score(s),
+                                                -slots[s].last_used, -s))
         n, copy_from = gain[target], None
-        if source != target and gain[source] - n >= self._copy_min:
+        if source != target and most - n >= copy_min:
             n, copy_from = gain[source], source
             slots[target].tokens = slots[source].tokens[:n]
             self.copies += 1

@@ -56,6 +56,28 @@ def test_longest_match_wins_then_least_recently_used():
     assert t.acquire(8, [9, 9]).slot == slot_of[2]
 
 
+def test_prompts_sharing_only_a_prefix_keep_their_own_slots():
+    t = SlotTable(4, copy_min_tokens=4)
+    system = list(range(30))
+    a = system + [100 + i for i in range(40)]
+    b = system + [200 + i for i in range(40)]
+    pa = t.acquire(0, a)
+    t.fed(pa.slot, 0, a)
+    t.release(0)
+    # b would overwrite 40 of a's cached tokens to reuse 30: it takes an empty slot and
+    # copies the shared 30 in
+    pb = t.acquire(1, b)
+    assert pb.slot != pa.slot and pb.copy_from == pa.slot and pb.reused == 30
+    t.fed(pb.slot, 30, b[30:])
+    t.release(1)
+    # each comes back to its own cache: all but its last token, no copy
+    for seq, prompt, slot in ((2, a, pa.slot), (3, b, pb.slot), (4, a, pa.slot)):
+        q = t.acquire(seq, prompt)
+        assert (q.slot, q.reused, q.copy_from) == (slot, len(prompt) - 1, None)
+        t.fed(q.slot, q.reused, prompt[q.reused:])
+        t.release(seq)
+
+
 def test_busy_and_double_acquire_are_errors_and_double_release_is_harmless():
     t = SlotTable(1)
     t.acquire(0, [1])
