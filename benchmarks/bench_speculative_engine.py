@@ -108,7 +108,6 @@ def main() -> None:
                     for mode in order:
                         got[mode].append(run_case(kind, T, c, mode))
                 base = got[a.modes[0]]
-                base_tps = statistics.median(x["tps"] for x in base)
                 for mode in a.modes:
                     xs = got[mode]
                     tps = statistics.median(x["tps"] for x in xs)

@@ -27,8 +27,8 @@ from __future__ import annotations
 
 import bisect
 import weakref
-from itertools import accumulate
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any, Sequence
 
 import numpy as np

@@ -8,7 +8,6 @@ from __future__ import annotations
 import random
 import threading
 
-import numpy as np
 import pytest
 
 from support.engine_models import EOG, HashModel, InductionModel
