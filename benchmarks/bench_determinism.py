@@ -16,8 +16,9 @@ each, every turn resent with the previous answer and a new question (what a chat
 does), then three questions about one ~400-token document. Per way: hit rate = reused
 prompt tokens / prompt tokens; TTFT = median time from submit to first token; long-decode
 = median time per generated token of the document questions (past position 255, where
-exact mode with an f16 cache feeds each token with the one before it). The ways run interleaved per round,
-each on its own model, so load on the machine hits all of them alike. Also checks the
+exact mode with an f16 cache feeds each token with the one before it). The ways run
+interleaved per round, each on its own model, so load on the machine hits all of them
+alike. Also checks the
 evidence: the old way's logits after a prefix hit differ from its cold run's.
 """
 from __future__ import annotations

@@ -65,21 +65,26 @@ def main() -> None:
                            bos_token=model.bos_token, eos_token=model.eos_token)
         return model.tokenize(text, add_special=False)
 
+    def submit(eng, kind: str, T: float, c: int, max_tokens: int) -> list:
+        """Requests 0..c-1 of ``kind`` into ``eng`` (seed = index), run to the end; their
+        sinks."""
+        sinks = []
+        for i in range(c):
+            s = Sampling(max_tokens=max_tokens, temperature=T, seed=i)
+            sinks.append(StreamSink(s))
+            eng.add_request(toks(kind, i), s, sinks[-1], lambda e: None)
+        eng.run_until_idle()
+        return sinks
+
     def run_case(kind: str, T: float, c: int, mode: str) -> dict:
         eng = engines[mode]
         sp = eng.spec_stats
         d0, a0, r0 = (sum(sp.drafted.values()), sum(sp.accepted.values()),
                       sum(sp.runs.values()))
         steps0 = eng.stats.steps
-        sinks = []
         st0 = model.step_times()
         t0 = time.perf_counter()
-        for i in range(c):
-            s = Sampling(max_tokens=a.max_tokens, temperature=T, seed=i)
-            k = StreamSink(s)
-            sinks.append(k)
-            eng.add_request(toks(kind, i), s, k, lambda e: None)
-        eng.run_until_idle()
+        sinks = submit(eng, kind, T, c, a.max_tokens)
         wall = time.perf_counter() - t0
         st1 = model.step_times()
         ids = [k.result().token_ids for k in sinks]
@@ -98,11 +103,7 @@ def main() -> None:
                 got: dict = {m: [] for m in a.modes}
                 # the modes share the model: put the prompts in its prefix cache first, or
                 # the first mode of round 1 computes them and the others reuse them
-                eng0 = engines[a.modes[0]]
-                for i in range(c):
-                    w = Sampling(max_tokens=1)
-                    eng0.add_request(toks(kind, i), w, StreamSink(w), lambda e: None)
-                eng0.run_until_idle()
+                submit(engines[a.modes[0]], kind, T, c, 1)
                 for r in range(a.rounds):   # interleaved, the order rotating per round
                     order = a.modes[r % len(a.modes):] + a.modes[:r % len(a.modes)]
                     for mode in order:

@@ -223,6 +223,8 @@ class LlamaCppModel:
         if self._exact_feed and self.max_batch_tokens < 2:
             raise ValueError("exact mode with an f16 KV cache needs max_batch_tokens >= 2")
         self._block = max(2, min(block_tokens, self.max_batch_tokens))
+        # most tokens a step of one token per sequence can have (more: a prompt chunk)
+        self._singles_max = min(self.max_num_seqs, self.max_batch_tokens, self.n_ubatch)
         self._alloc_batch(self.max_batch_tokens)
         self._views: dict[tuple, np.ndarray] = {}   # logits views by (address, rows)
         # llama_get_logits returning the address as a plain int (it may wait for an
@@ -506,7 +508,7 @@ class LlamaCppModel:
         batch order — in list arithmetic instead of its per-segment numpy bookkeeping.
         None when the general path must decide (its errors included)."""
         n = batch.n_tokens
-        if n > min(self.max_num_seqs, self.max_batch_tokens, self.n_ubatch):
+        if n > self._singles_max:
             return None     # a prompt chunk (more tokens than sequences): no list work
         sids = np.asarray(batch.seq_ids).tolist()
         ps = np.asarray(batch.positions).tolist()

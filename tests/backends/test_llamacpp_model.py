@@ -11,6 +11,7 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from tep.backends.llamacpp import load_model  # noqa: E402
+from tep.backends.llamacpp_model import KV_TYPES  # noqa: E402
 from tep.engine.chat_template import render_chat  # noqa: E402
 from tep.engine.model import StepBatch  # noqa: E402
 from support import smollm2  # noqa: E402
@@ -187,7 +188,7 @@ def test_tokenize_detokenize_round_trip_and_pieces_join(model, text):
     assert b"".join(model.detokenize([t]) for t in ids) == text.encode()
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])   # steps fed in pieces / as they come
+@pytest.mark.parametrize("kv_type", list(KV_TYPES))   # f16: fed in pieces; q8_0: as they come
 def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, kv_type):
     """llama.cpp micro-batches only consecutive slots in batch order, so the model feeds
     a step's sequences sorted by slot: a batch listed in another order must give every
@@ -222,7 +223,7 @@ def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, kv_
     assert not np.array_equal(want[0][1], want[1][1])
 
 
-@pytest.mark.parametrize("kv_type", ["f16", "q8_0"])
+@pytest.mark.parametrize("kv_type", list(KV_TYPES))
 def test_one_token_steps_give_the_same_bits_through_the_list_path_and_the_general_one(prompts,
                                                                                     kv_type):
     """A decode step of several sequences, one token each, takes a shortcut of list
