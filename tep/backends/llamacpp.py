@@ -21,11 +21,14 @@ flash_attn         ``TEP_FLASH_ATTN``           auto (on / off)
 exact              ``TEP_EXACT``                1: logits independent of batch and cache
 kv_type            ``TEP_KV_TYPE``              f16 (q8_0): the KV cache's element type
 block_tokens       ``TEP_BLOCK_TOKENS``         32 tokens of a sequence per llama.cpp call
-                                                (exact mode with an f16 KV cache)
+                                                (exact mode's f16 feeding rules)
+reference_kernels  ``TEP_REFERENCE_KERNELS``    1: exact mode with an f16 cache runs
+                                                llama.cpp's reference CPU kernels
 prefix_cache       ``TEP_PREFIX_CACHE``         1: reuse a slot's cached prompt prefix
 =================  ===========================  =======================================
 
-``exact``, ``kv_type`` and ``block_tokens`` are explained in docs/DETERMINISM.md.
+``exact``, ``kv_type``, ``block_tokens`` and ``reference_kernels`` are explained in
+docs/DETERMINISM.md.
 
 The model (:class:`tep.backends.llamacpp_model.LlamaCppModel`) is served by
 :class:`tep.engine.EngineBackend`: continuous batching, one ``llama_decode`` per step.
@@ -46,7 +49,8 @@ _PACKAGE_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _ENV_INT = {"context_size": "TEP_CONTEXT_SIZE", "max_num_seqs": "TEP_MAX_NUM_SEQS",
             "n_threads": "TEP_THREADS", "max_batch_tokens": "TEP_MAX_BATCH_TOKENS",
             "block_tokens": "TEP_BLOCK_TOKENS"}
-_ENV_BOOL = {"exact": "TEP_EXACT", "prefix_cache": "TEP_PREFIX_CACHE"}
+_ENV_BOOL = {"exact": "TEP_EXACT", "prefix_cache": "TEP_PREFIX_CACHE",
+             "reference_kernels": "TEP_REFERENCE_KERNELS"}
 _ENV_STR = {"flash_attn": "TEP_FLASH_ATTN", "kv_type": "TEP_KV_TYPE"}
 
 INSTALL_HINT = ('no GGUF model: pass --model PATH (or set TEP_MODEL), or install the default '

@@ -23,13 +23,16 @@ follows the thread count and the padded cache length) when the micro-batch is on
 of one stream and that stream's padded cache is >= 512 cells, and a per-row one
 otherwise. The per-row kernel's result for a token depends only on the cells before it.
 The tiled and KV-split kernels exist only for an f16 (or f32) KV cache. With the default
-f16 cache exact mode only lets the per-row kernel run by how it feeds: each sequence in
-pieces of at most ``block_tokens`` (< 64) tokens, pieces of equal length to llama.cpp
-together sorted by slot (so its micro-batch split never strands one token of one
-stream), and a token at position >= 255 that would be alone in its micro-batch (no
-adjacent slot decoding with it) fed with the token before it again (its cell is
-rewritten with the same bits). With ``kv_type="q8_0"`` (an 8-bit cache) the per-row
-kernel is the only one, so exact mode needs none of this and feeds each step as it comes.
+f16 cache exact mode switches the context's CPU backend to llama.cpp's reference kernels
+(:mod:`tep.backends.llamacpp_reference`), under which only the per-row kernel runs, and
+feeds each step as it comes. Where that switch cannot be found, it falls back to feeding
+rules that keep the other two kernels from running: each sequence in pieces of at most
+``block_tokens`` (< 64) tokens, pieces of equal length to llama.cpp together sorted by
+slot (so its micro-batch split never strands one token of one stream), and a token at
+position >= 255 that would be alone in its micro-batch (no adjacent slot decoding with
+it) fed with the token before it again (its cell is rewritten with the same bits). With
+``kv_type="q8_0"`` (an 8-bit cache) the per-row kernel is the only one, so exact mode
+needs neither and feeds each step as it comes.
 The cost and the evidence: docs/DETERMINISM.md.
 """
 from __future__ import annotations
@@ -111,12 +114,18 @@ class LlamaCppModel:
         kv_unified: one KV buffer shared by all slots instead of one stream per slot.
         exact: batching, chunking and the prefix cache never change a logit (see the
             module docstring). Default True.
-        block_tokens: most tokens of one sequence in one llama.cpp call in exact mode with
-            an f16 KV cache (2..63). Default 32.
+        block_tokens: most tokens of one sequence in one llama.cpp call when exact mode
+            feeds by its rules (an f16 KV cache without reference kernels; 2..63).
+            Default 32.
         kv_type: the KV cache's element type: "f16" (default, llama.cpp's) or "q8_0"
             (8-bit: half the memory, and llama.cpp has only its per-row attention kernel
             for it, so exact mode feeds steps as they come and never feeds a token twice).
         prefix_cache: reuse a slot's cached prefix (default True).
+        reference_kernels: in exact mode with an f16 KV cache, switch llama.cpp's CPU
+            backend to its reference kernels (:mod:`tep.backends.llamacpp_reference`;
+            default True), so steps go to llama.cpp as they come. Where that cannot be
+            done, or with False, exact mode keeps to its feeding rules instead. ``self.reference_kernels`` says which one runs and
+            ``self.reference_kernels_note`` why not, when not.
         model_name: the id served in ``/v1/models`` (default: the file's stem).
         verbose: let llama.cpp log at INFO level (default: errors only).
 
@@ -136,7 +145,8 @@ class LlamaCppModel:
                  max_batch_tokens: int = 512, flash_attn: str = "auto",
                  kv_unified: bool = False, exact: bool = True, block_tokens: int = 32,
                  prefix_cache: bool = True, model_name: str | None = None,
-                 verbose: bool = False, kv_type: str = "f16") -> None:
+                 verbose: bool = False, kv_type: str = "f16",
+                 reference_kernels: bool = True) -> None:
         llama_cpp = _llama()
         self._lib = llama_cpp
         path = Path(model_path)
@@ -204,8 +214,23 @@ class LlamaCppModel:
             self.kv_unified = kv_unified
             self.exact = exact
             self.kv_type = kv_type
-            # exact mode's feeding rules: only an f16 cache has the kernels they avoid
-            self._exact_feed = exact and kv_type == "f16"
+            # exact mode with an f16 cache (the only one with the kernels to avoid):
+            # llama.cpp's reference kernels where they can be switched on (then every
+            # step goes to llama.cpp as it comes), else the feeding rules. Not for q8_0:
+            # it needs neither, and its reference path rounds differently from
+            # llama.cpp's usual one (measured), so it would lose llama.cpp's numbers.
+            self.reference_kernels = False
+            self.reference_kernels_note: str | None = "not asked for"
+            if exact and reference_kernels and kv_type == "f16":
+                from tep.backends.llamacpp_reference import use_reference_kernels
+
+                self.reference_kernels_note = use_reference_kernels(
+                    llama_cpp.llama_cpp._lib, self._ctx)
+                self.reference_kernels = self.reference_kernels_note is None
+                if not self.reference_kernels:
+                    log.warning("exact mode without llama.cpp's reference kernels (%s): "
+                                "feeding rules instead", self.reference_kernels_note)
+            self._exact_feed = exact and kv_type == "f16" and not self.reference_kernels
             self.block_tokens = block_tokens
             self.prefix_cache = prefix_cache
             self.n_ubatch = int(cparams.n_ubatch)
@@ -297,13 +322,14 @@ class LlamaCppModel:
             "n_threads": self.n_threads, "n_batch": self.max_batch_tokens,
             "n_ubatch": self.n_ubatch, "flash_attn": self.flash_attn,
             "kv_unified": self.kv_unified, "exact": self.exact,
-            "block_tokens": self.block_tokens, "kv_type": self.kv_type})
+            "block_tokens": self.block_tokens, "kv_type": self.kv_type,
+            "reference_kernels": self.reference_kernels})
 
     def fingerprint(self) -> str:
         """``system_fingerprint``: the model file's digest, tep's and llama.cpp's
         versions, the CPU features llama.cpp was built for, and the settings that
-        change the arithmetic (threads, batch sizes, KV cache type, exact mode and its
-        block)."""
+        change the arithmetic (threads, batch sizes, KV cache type, exact mode, its
+        block and whether the reference kernels run)."""
         return self._fingerprint
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:

@@ -5,9 +5,11 @@ own prefill, alone or in a batch of 16 or 64, in any arrival order, after any hi
 References: the same model with nothing cached (cold: a wiped slot, the whole prompt
 fed), and llama-cpp-python's ``Llama`` run directly on the same prompt tokens.
 
-Every test runs on both KV cache types: f16 (the default), where exact mode's feeding
-rules keep llama.cpp's tiled and KV-split attention kernels from running, and q8_0, where
-llama.cpp has only its per-row kernel and exact mode feeds steps as they come.
+Every test runs three ways: an f16 KV cache (the default) with llama.cpp's CPU backend
+switched to its reference kernels, so only the per-row attention kernel runs and steps
+go to llama.cpp as they come; an f16 cache fed by exact mode's rules instead (the
+fallback where that switch is not available), which keep the tiled and KV-split kernels
+from running; and a q8_0 cache, for which llama.cpp has only its per-row kernel.
 
 Most tests run llama.cpp on one thread (fast on a busy CI box: its threads spin-wait);
 the long-prompt test runs two, since the kernel that exact mode avoids past position 255
@@ -26,7 +28,6 @@ from hypothesis import strategies as st  # noqa: E402
 
 from tep.backend import Sampling, StreamSink  # noqa: E402
 from tep.backends.llamacpp import load_model  # noqa: E402
-from tep.backends.llamacpp_model import KV_TYPES  # noqa: E402
 from tep.engine.chat_template import render_chat  # noqa: E402
 from tep.engine.engine import Engine  # noqa: E402
 from tep.engine.model import StepBatch  # noqa: E402
@@ -52,20 +53,30 @@ QUESTIONS = [
 LONG = " ".join(f"Item {i} is painted blue and sits on shelf {i % 7}." for i in range(30))
 
 
-@pytest.fixture(scope="module", params=list(KV_TYPES))
+WAYS = smollm2.exact_ways()
+
+
+def _check_way(m, way: str) -> None:
+    assert m.exact
+    # on the llama.cpp build CI installs the switch must work: the rules are the fallback
+    assert m.reference_kernels == (way == "f16"), m.reference_kernels_note
+
+
+@pytest.fixture(scope="module", params=list(WAYS))
 def model(request):
     path = smollm2.model_path()
     m = load_model(path, context_size=CTX, max_num_seqs=64, n_threads=THREADS,
-                   kv_type=request.param)
-    assert m.exact
+                   **WAYS[request.param])
+    _check_way(m, request.param)
     yield m
     m.close()
 
 
-@pytest.fixture(scope="module", params=list(KV_TYPES))
+@pytest.fixture(scope="module", params=list(WAYS))
 def long_model(request):
     m = load_model(smollm2.model_path(), context_size=LONG_CTX, max_num_seqs=3,
-                   n_threads=LONG_THREADS, kv_type=request.param)
+                   n_threads=LONG_THREADS, **WAYS[request.param])
+    _check_way(m, request.param)
     yield m
     m.close()
 
@@ -274,7 +285,7 @@ _COLD: dict = {}
 
 
 def _cold_ref(model, prompt, n):
-    key = (model.kv_type, tuple(prompt), n)
+    key = (model.fingerprint(), tuple(prompt), n)
     if key not in _COLD:
         _COLD[key] = cold(model, prompt, n)
     return _COLD[key]
@@ -326,7 +337,7 @@ def test_seeded_sampling_is_the_same_alone_among_15_after_history_and_restart(mo
     after = sampled(Recorder(model), [[(pool[3], 5, 7), (pool[5], 4, 8)],
                                       [(pool[2], 3, 9)], [(target, n, seed)]])[-1]
     fresh = load_model(model.model_path, context_size=CTX, max_num_seqs=4,
-                       n_threads=THREADS, kv_type=model.kv_type)
+                       n_threads=THREADS, **smollm2.way_of(model))
     try:
         assert fresh.fingerprint() == model.fingerprint()
         restarted = sampled(Recorder(fresh), [[(target, n, seed)]])[0]
@@ -364,6 +375,54 @@ def test_long_prompt_cache_and_neighbours_give_the_same_logit_bits(long_model):
     r = m.tokenize("Name three colours.")
     three = greedy(m, [q, p, r], 2, reuse=True)
     assert_same_bits((three[0][1], three[1][1]), want, "every slot busy")
+
+
+def test_reference_kernels_feed_each_token_once_and_give_the_rules_bits():
+    """With llama.cpp's reference kernels a step goes to llama.cpp as it comes: a 300-token
+    prompt in one call (the tiled kernel's shape) and a lone token past position 255 as
+    one token (the KV-split kernel's shape), where the feeding rules make pieces of 32
+    and feed the token before it again. The logits are the same bits both ways, and the
+    same as feeding the prompt token by token."""
+    def run(way: str, step_tokens: list[int], by_token: bool = False):
+        m = load_model(smollm2.model_path(), context_size=LONG_CTX, max_num_seqs=3,
+                       n_threads=LONG_THREADS, **WAYS[way])
+        _check_way(m, way)
+        fed: list[int] = []
+        decode = m._run_decode
+
+        def counting(n, rows):
+            fed.append(n)
+            return decode(n, rows)
+        m._run_decode = counting
+        try:
+            p = m.tokenize(LONG + LONG)[:300]
+            if by_token:
+                m.reuse_prefix(0, [])
+                for i in range(len(p) - 1):
+                    m.forward(_step([(0, [p[i]], i)]))
+                fed.clear()
+                first = m.forward(_step([(0, [p[-1]], len(p) - 1)])).copy()
+                toks, rows = [int(np.argmax(first[0]))], [first[0]]
+                for k in range(2):
+                    out = m.forward(_step([(0, [toks[-1]], len(p) + k)]))
+                    rows.append(out[0].copy())
+                    toks.append(int(np.argmax(out[0])))
+                got = (toks, np.stack(rows))
+            else:
+                got = cold(m, p, 3)
+        finally:
+            m.close()
+        step_tokens += fed
+        return got
+
+    ref_fed: list[int] = []
+    rules_fed: list[int] = []
+    ref = run("f16", ref_fed)
+    assert ref_fed == [300, 1, 1], ref_fed            # as it comes: one call, one token
+    rules = run("f16-rules", rules_fed)
+    assert rules_fed == [32] * 9 + [12, 2, 2], rules_fed   # pieces; a lone token twice
+    assert_same_bits(ref, rules, "reference kernels vs feeding rules")
+    assert_same_bits(run("f16", [], by_token=True), ref, "token by token vs whole")
 
 
 # ---------------------------------------------------------------- adjacent busy slots

@@ -11,7 +11,6 @@ import pytest
 llama_cpp = pytest.importorskip("llama_cpp")
 
 from tep.backends.llamacpp import load_model  # noqa: E402
-from tep.backends.llamacpp_model import KV_TYPES  # noqa: E402
 from tep.engine.chat_template import render_chat  # noqa: E402
 from tep.engine.model import StepBatch  # noqa: E402
 from support import smollm2  # noqa: E402
@@ -188,8 +187,8 @@ def test_tokenize_detokenize_round_trip_and_pieces_join(model, text):
     assert b"".join(model.detokenize([t]) for t in ids) == text.encode()
 
 
-@pytest.mark.parametrize("kv_type", list(KV_TYPES))   # f16: fed in pieces; q8_0: as they come
-def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, kv_type):
+@pytest.mark.parametrize("way", list(smollm2.exact_ways()))
+def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, way):
     """llama.cpp micro-batches only consecutive slots in batch order, so the model feeds
     a step's sequences sorted by slot: a batch listed in another order must give every
     sequence the same bits as the batch listed in slot order, in its own row."""
@@ -197,7 +196,7 @@ def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, kv_
 
     def run(order):
         m = load_model(smollm2.model_path(), context_size=CTX, max_num_seqs=4,
-                       n_threads=THREADS, kv_type=kv_type)
+                       n_threads=THREADS, **smollm2.exact_ways()[way])
         try:
             for s in (2, 0, 1):
                 m.reuse_prefix(s, ps[s])
@@ -223,9 +222,9 @@ def test_a_batch_out_of_slot_order_gives_each_sequence_its_own_rows(prompts, kv_
     assert not np.array_equal(want[0][1], want[1][1])
 
 
-@pytest.mark.parametrize("kv_type", list(KV_TYPES))
+@pytest.mark.parametrize("way", list(smollm2.exact_ways()))
 def test_one_token_steps_give_the_same_bits_through_the_list_path_and_the_general_one(prompts,
-                                                                                    kv_type):
+                                                                                    way):
     """A decode step of several sequences, one token each, takes a shortcut of list
     arithmetic (``_forward_singles``); with the shortcut switched off the same steps go
     through the general path. Both must give every sequence the same logit bits, in its
@@ -236,7 +235,7 @@ def test_one_token_steps_give_the_same_bits_through_the_list_path_and_the_genera
 
     def run(shortcut):
         m = load_model(smollm2.model_path(), context_size=CTX, max_num_seqs=4,
-                       n_threads=THREADS, kv_type=kv_type)
+                       n_threads=THREADS, **smollm2.exact_ways()[way])
         if not shortcut:
             m._forward_singles = lambda batch: None
         try:

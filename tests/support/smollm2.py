@@ -10,7 +10,8 @@ import pytest
 
 from support.process import child_env, free_port, start_process
 
-__all__ = ["SPEC", "KV_TYPE", "model_path", "serve", "reference_kv"]
+__all__ = ["SPEC", "KV_TYPE", "model_path", "serve", "reference_kv", "exact_ways",
+           "way_of"]
 
 SPEC = "tep.backends.llamacpp:LlamaCppBackend"
 KV_TYPE = "f16"   # the KV cache type of the servers started here (set explicitly)
@@ -22,6 +23,22 @@ def reference_kv(kv_type: str = KV_TYPE) -> dict:
     from tep.backends.llamacpp_model import KV_TYPES
 
     return {"type_k": KV_TYPES[kv_type], "type_v": KV_TYPES[kv_type]}
+
+
+def exact_ways() -> dict[str, dict]:
+    """The ways exact mode runs, as ``load_model`` keywords by test id: each KV cache
+    type as it comes by default (f16: llama.cpp's reference kernels), and f16 fed by
+    exact mode's rules (where the reference kernels cannot be switched on)."""
+    from tep.backends.llamacpp_model import KV_TYPES
+
+    ways = {k: {"kv_type": k} for k in KV_TYPES}
+    ways["f16-rules"] = {"kv_type": "f16", "reference_kernels": False}
+    return ways
+
+
+def way_of(model) -> dict:  # noqa: ANN001 - a LlamaCppModel
+    """The ``load_model`` keywords that build another model the way ``model`` runs."""
+    return {"kv_type": model.kv_type, "reference_kernels": model.reference_kernels}
 
 
 def model_path() -> Path:
