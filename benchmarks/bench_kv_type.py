@@ -9,8 +9,9 @@ comes), ``f16 exact`` (the default: an f16 cache, llama.cpp's reference CPU kern
 that only the per-row kernel runs, each step fed as it comes), ``f16 rules`` (an f16
 cache fed by exact mode's rules instead: pieces, and a lone token past position 254 given
 the token before it again, to keep the tiled and KV-split kernels from running) and
-``f16 plain`` (``exact=False``: what llama-server does; logits depend on batching). Measured through ``forward``: decode ms per step with 1 and 4
-sequences at positions ~150, ~300 and ~500, and one 256-token prompt in one call.
+``f16 plain`` (``exact=False``: what llama-server does; logits depend on batching).
+Measured through ``forward``: decode ms per step with 1 and 4 sequences at positions
+~150, ~300 and ~500, and one 256-token prompt in one call.
 
 Cases are interleaved round by round (the box is 2 shared cores); medians, ms.
 """

@@ -124,7 +124,8 @@ class LlamaCppModel:
         reference_kernels: in exact mode with an f16 KV cache, switch llama.cpp's CPU
             backend to its reference kernels (:mod:`tep.backends.llamacpp_reference`;
             default True), so steps go to llama.cpp as they come. Where that cannot be
-            done, or with False, exact mode keeps to its feeding rules instead. ``self.reference_kernels`` says which one runs and
+            done, or with False, exact mode keeps to its feeding rules instead.
+            ``self.reference_kernels`` says which one runs and
             ``self.reference_kernels_note`` why not, when not.
         model_name: the id served in ``/v1/models`` (default: the file's stem).
         verbose: let llama.cpp log at INFO level (default: errors only).

@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import os
 import struct
+import sys
 
 __all__ = ["use_reference_kernels"]
 
@@ -149,6 +150,8 @@ def use_reference_kernels(llama_lib: ctypes.CDLL, ctx: int | ctypes.c_void_p) ->
     """
     if not os.path.exists("/proc/self/mem"):
         return "no /proc/self/mem on this platform"
+    if ctypes.sizeof(ctypes.c_void_p) != _WORD or sys.byteorder != "little":
+        return "the layout checks assume a 64-bit little-endian process"
     address = ctypes.cast(ctx, ctypes.c_void_p).value if not isinstance(ctx, int) else ctx
     if not address:
         return "no context"
