@@ -8,9 +8,9 @@
 Per case: N sequences submitted together (seeds = index), e2e tokens/s = generated
 tokens / wall time, over --rounds interleaved rounds (the mode order rotates each round;
 the ratio to the first mode is the median of the per-round ratios; each case's prompts
-are computed once before its rounds, so every mode finds them in the prefix cache); every mode's tokens are compared with off's (exact acceptance: they
-must be equal); acceptance from the engine's counters; the share of the wall time inside
-llama_decode.
+are computed once before its rounds, so every mode finds them in the prefix cache);
+every mode's tokens are compared with off's (exact acceptance: they must be equal);
+acceptance from the engine's counters; the share of the wall time inside llama_decode.
 """
 from __future__ import annotations
 

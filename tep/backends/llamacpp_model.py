@@ -220,15 +220,17 @@ class LlamaCppModel:
             # step goes to llama.cpp as it comes), else the feeding rules. Not for q8_0:
             # it needs neither, and its reference path rounds differently from
             # llama.cpp's usual one (measured), so it would lose llama.cpp's numbers.
-            self.reference_kernels = False
-            self.reference_kernels_note: str | None = "not asked for"
-            if exact and reference_kernels and kv_type == "f16":
+            # why the reference kernels do not run (None: they do)
+            self.reference_kernels_note: str | None = (
+                "exact mode is off" if not exact
+                else "reference_kernels=False" if not reference_kernels
+                else f"not used with a {kv_type} cache" if kv_type != "f16" else None)
+            if self.reference_kernels_note is None:
                 from tep.backends.llamacpp_reference import use_reference_kernels
 
                 self.reference_kernels_note = use_reference_kernels(
                     llama_cpp.llama_cpp._lib, self._ctx)
-                self.reference_kernels = self.reference_kernels_note is None
-                if not self.reference_kernels:
+                if self.reference_kernels_note is not None:
                     log.warning("exact mode without llama.cpp's reference kernels (%s): "
                                 "feeding rules instead", self.reference_kernels_note)
             self._exact_feed = exact and kv_type == "f16" and not self.reference_kernels
@@ -325,6 +327,12 @@ class LlamaCppModel:
             "kv_unified": self.kv_unified, "exact": self.exact,
             "block_tokens": self.block_tokens, "kv_type": self.kv_type,
             "reference_kernels": self.reference_kernels})
+
+    @property
+    def reference_kernels(self) -> bool:
+        """Whether llama.cpp's reference CPU kernels run (``reference_kernels_note`` says
+        why not, when not)."""
+        return self.reference_kernels_note is None
 
     def fingerprint(self) -> str:
         """``system_fingerprint``: the model file's digest, tep's and llama.cpp's
