@@ -2,7 +2,7 @@
 llama-cpp-python's server, same GGUF, same run.
 
     python benchmarks/bench_llm.py [--quick] [--servers tep llama-server llama-cpp-python
-        tep-overlap tep-rules]
+        tep-overlap tep-rules tep-asyncio]
         [--clients 1 4 16 64] [--rounds 3] [--threads 2] [--model PATH]
         [--document-tokens 0]
         [--llama-server PATH]              # or $LLAMA_SERVER; see benchmarks/README.md
@@ -18,6 +18,8 @@ run interleaved: every round measures every server at every client count in turn
   tep-overlap       tep with --overlap on (only when named in --servers)
   tep-rules         tep with TEP_REFERENCE_KERNELS=0: exact mode's feeding rules instead
                     of llama.cpp's reference kernels (only when named in --servers)
+  tep-asyncio       tep on the standard library's event loop (--event-loop asyncio)
+                    instead of uvloop (only when named in --servers)
 A server that cannot be found or started is reported as such; no number is made up.
 
 Load: N clients, each sending streaming chat requests one after another (one user
@@ -58,7 +60,8 @@ from _machine import describe  # noqa: E402
 from _harness import Server, answers_chat, rounds, run_clients  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
-SERVERS = ("tep", "llama-server", "llama-cpp-python", "tep-overlap", "tep-rules")
+SERVERS = ("tep", "llama-server", "llama-cpp-python", "tep-overlap", "tep-rules",
+           "tep-asyncio")
 DEFAULT_SERVERS = SERVERS[:3]
 CLIENTS = (1, 4, 16, 64)
 MAX_TOKENS = 128
@@ -119,11 +122,12 @@ def eog_ids(model: Path) -> list[int]:
 def server_cmd(name: str, port: int | str, args: argparse.Namespace) -> tuple[list[str], dict]:
     env: dict = {}
     py = sys.executable
-    if name in ("tep", "tep-overlap", "tep-rules"):
+    if name.startswith("tep"):
         env.update(TEP_MODEL=str(args.model), TEP_THREADS=str(args.threads),
                    TEP_MAX_NUM_SEQS="16", TEP_CONTEXT_SIZE=str(args.ctx),
                    TEP_OVERLAP="on" if name == "tep-overlap" else "off",
-                   TEP_REFERENCE_KERNELS="0" if name == "tep-rules" else "1")
+                   TEP_REFERENCE_KERNELS="0" if name == "tep-rules" else "1",
+                   TEP_EVENT_LOOP="asyncio" if name == "tep-asyncio" else "auto")
         return [py, "-m", "tep", "serve", "--backend", "tep.backends.llamacpp:LlamaCppBackend",
                 "--host", "127.0.0.1", "--port", str(port), "--max-concurrency", "64",
                 "--log-level", "warning"], env

@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import codecs
 import os
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -408,6 +409,10 @@ class ToyModel:
                 hist[sq].extend(tl[b:e + 1])
         rows = np.flatnonzero(want)
         if self.toy.instant:
+            # a real forward lets go of the GIL while it computes; so does this one, or
+            # the engine thread would keep the event loop from sending for a switch
+            # interval (5 ms) at a time
+            time.sleep(0)
             return self._instant_rows[pos[rows] % len(_LOREM)]
         out = np.empty((rows.shape[0], self.vocab_size), np.float32)
         toy = self.toy

@@ -161,6 +161,30 @@ def _hypercorn_config(args: argparse.Namespace) -> Any:
     return cfg
 
 
+def _loop_runner(event_loop: str) -> tuple[str, Any]:
+    """``(name, run)`` for ``event_loop`` (ServerConfig.event_loop): ``run(coroutine)`` is
+    ``uvloop.run`` or ``asyncio.run``."""
+    import asyncio
+
+    if event_loop == "asyncio":
+        return "asyncio", asyncio.run
+    try:
+        import uvloop
+    except ImportError:
+        if event_loop == "uvloop":
+            raise _UsageError("event loop 'uvloop' asked for but uvloop is not installed "
+                              "(pip install uvloop)") from None
+        return "asyncio", asyncio.run
+    return "uvloop", uvloop.run
+
+
+def _run(main: Any, event_loop: str) -> None:
+    """Run ``main()`` on the loop ``event_loop`` names (logged)."""
+    name, run = _loop_runner(event_loop)
+    log.info("event loop: %s", name)
+    run(main())
+
+
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(),
                         format="%(asctime)s %(levelname)s %(process)d %(name)s: %(message)s")
@@ -181,6 +205,7 @@ def serve(args: argparse.Namespace) -> int:
     except (ValueError, TypeError) as e:
         raise _UsageError(str(e)) from None
     _check_responses_store(config)
+    _loop_runner(config.event_loop)  # uvloop asked for but missing: one line, exit 2
     cfg = _hypercorn_config(args)
     try:
         sockets = cfg.create_sockets()  # bound here: a port in use is one clear line
@@ -211,7 +236,7 @@ def serve(args: argparse.Namespace) -> int:
                                lambda: state.begin_drain(args.graceful_timeout)))
 
     envelope_protocol_errors()
-    asyncio.run(run())
+    _run(run, config.event_loop)
     return 0
 
 
@@ -332,6 +357,7 @@ def _worker_main(cfg: Any, sockets: Any, shutdown: Any, index: int, log_level: s
     from hypercorn.utils import wrap_app
 
     from tep.server.hardening import QuietLoopErrors, envelope_protocol_errors
+    from tep.serving.config import ServerConfig
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the supervisor
     os.environ["TEP_WORKER_ID"] = str(index)      # decides; {worker} in the events path
@@ -358,7 +384,7 @@ def _worker_main(cfg: Any, sockets: Any, shutdown: Any, index: int, log_level: s
                            sockets=sockets, shutdown_trigger=stop_requested)
 
     envelope_protocol_errors()
-    asyncio.run(run())
+    _run(run, ServerConfig.from_env().event_loop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

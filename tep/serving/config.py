@@ -69,6 +69,11 @@ class ServerConfig:
         overlap: engine backends: "on" starts a steady decode step's model forward
             while the previous step's tokens are delivered (same tokens; worth it where
             the forward leaves a core free, e.g. on a GPU), "off" runs them in turn.
+        event_loop: the asyncio event loop ``tep serve`` runs hypercorn on: "uvloop"
+            (libuv; its socket writes and cross-thread wake-ups are C, which leaves more
+            of the cores to the model), "asyncio" (the standard library's), or "auto"
+            (uvloop when it is installed). Apps run another way (``quart run``, Ray
+            Serve) keep the loop their runner chose.
         fast_path: answer ``POST`` on the inference routes in an ASGI layer in front of
             Quart (:mod:`tep.server.fastpath`; same answers, less overhead). Quart's own
             ``before_request``/``after_request`` hooks and extensions do not see those
@@ -134,6 +139,8 @@ class ServerConfig:
     overlap: str = field(default="off", metadata={
         "help": "engine backends: on = run the next decode step's forward while this "
                 "step's tokens are delivered; off = one after the other"})
+    event_loop: str = field(default="auto", metadata={
+        "help": "tep serve's event loop: uvloop, asyncio, or auto (uvloop when installed)"})
     metrics: bool = field(default=True, metadata={"cli": False})
     fast_path: bool = field(default=True, metadata={"cli": False})
     # "negate": the CLI option is --no-<name>, which sets it False
@@ -145,6 +152,7 @@ class ServerConfig:
     # how each field is read from its TEP_<NAME> variable
     _PARSE = {"api_keys": _keys, "events_jsonl": str, "speculative": str,
               "draft_model": str, "speculative_acceptance": str, "overlap": str,
+              "event_loop": str,
               "generation_timeout": float, "metrics": _bool,
               "grammar_compile_timeout": float, "stream_stall_timeout": float,
               "fast_path": _bool, "ui": _bool, "responses_store": str,
@@ -197,6 +205,9 @@ class ServerConfig:
             raise ValueError(f"speculative must be off, ngram or draft, got {cfg.speculative!r}")
         if cfg.overlap not in ("on", "off"):
             raise ValueError(f"overlap must be on or off, got {cfg.overlap!r}")
+        if cfg.event_loop not in ("auto", "uvloop", "asyncio"):
+            raise ValueError(f"event_loop must be auto, uvloop or asyncio, got "
+                             f"{cfg.event_loop!r}")
         if cfg.speculative_acceptance not in ("exact", "rejection"):
             raise ValueError(f"speculative_acceptance must be exact or rejection, got "
                              f"{cfg.speculative_acceptance!r}")

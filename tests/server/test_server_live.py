@@ -275,3 +275,53 @@ def test_early_errors_keep_the_connection_usable(live_server):
     finally:
         f.close()
         sock.close()
+
+
+def test_event_loops_serve_the_same_streams():
+    """``--event-loop uvloop`` and ``asyncio`` each serve (the log names the loop), and a
+    seeded streamed chat from the toy engine gives the same text on both, equal to the
+    unstreamed answer."""
+    pytest.importorskip("tep.kernels")
+    from support.process import process_log
+
+    texts = {}
+    for loop in ("uvloop", "asyncio"):
+        port = free_port()
+        proc, url = start_process([sys.executable, "-m", "tep", "serve", "--backend",
+                                   "tep.backends.toy:ToyBackend", "--port", str(port),
+                                   "--event-loop", loop], port, child_env())
+        try:
+            c = client(url)
+            kw = dict(model="tep-toy", messages=MSGS, max_tokens=24, seed=5,
+                      temperature=0.9)
+            streamed = "".join(ch.choices[0].delta.content or ""
+                               for ch in c.chat.completions.create(stream=True, **kw)
+                               if ch.choices)
+            whole = c.chat.completions.create(**kw).choices[0].message.content
+            assert streamed == whole and streamed
+            texts[loop] = streamed
+            assert f"event loop: {loop}" in process_log(proc)
+        finally:
+            stop_process(proc)
+    assert texts["uvloop"] == texts["asyncio"]
+
+
+def test_event_loop_option_is_checked():
+    from tep.server import cli
+
+    r = subprocess.run([sys.executable, "-m", "tep", "serve", "--event-loop", "libev",
+                        "--port", str(free_port())], capture_output=True, text=True,
+                       env=child_env(), timeout=60)
+    assert r.returncode == 2 and "event_loop must be auto, uvloop or asyncio" in r.stderr
+    assert cli._loop_runner("asyncio")[0] == "asyncio"
+    assert cli._loop_runner("auto")[0] == "uvloop"     # installed with tep
+
+
+def test_event_loop_without_uvloop(monkeypatch):
+    """auto falls back to asyncio; asking for uvloop by name is a usage error."""
+    from tep.server import cli
+
+    monkeypatch.setitem(sys.modules, "uvloop", None)   # import uvloop -> ImportError
+    assert cli._loop_runner("auto")[0] == "asyncio"
+    with pytest.raises(cli._UsageError, match="uvloop is not installed"):
+        cli._loop_runner("uvloop")
