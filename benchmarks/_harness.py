@@ -348,16 +348,24 @@ def run_async(coro: Any) -> Any:
 
 
 def rounds(cases: Sequence[Any], n_rounds: int, measure: Callable[[int, Any], dict],
-           key: str = "tokens_per_s", rotate: bool = False) -> dict:
+           key: str = "tokens_per_s", rotate: bool = False, block: int = 0) -> dict:
     """Measure every case once per round, in turn, round after round, so drift in machine
     load (this box is 2 shared cores) hits all cases alike; with ``rotate``, round ``r``
-    starts at case ``r mod len(cases)`` (so no case always goes first). Returns ``{case:
-    {"runs": [measure(round, case) ...], "median": median of run[key]}}``."""
+    starts at case ``r mod len(cases)`` (so no case always goes first); with ``block``
+    = b, the cases are runs of b (e.g. every server at one load level) and round ``r``
+    starts each run at its ``r mod b``-th case (so no server is always measured first
+    after another one's load). Returns ``{case: {"runs": [measure(round, case) ...],
+    "median": median of run[key]}}``."""
     out: dict = {c: {"runs": []} for c in cases}
     cases = list(cases)
     for r in range(n_rounds):
         k = r % len(cases) if rotate and cases else 0
-        for c in cases[k:] + cases[:k]:
+        order = cases[k:] + cases[:k]
+        if block > 1:
+            j = r % block
+            order = [c for i in range(0, len(order), block)
+                     for c in order[i:i + block][j:] + order[i:i + block][:j]]
+        for c in order:
             out[c]["runs"].append(measure(r, c))
     for c in cases:
         vals = [run[key] for run in out[c]["runs"] if run.get(key) is not None]

@@ -9,7 +9,8 @@ llama-cpp-python's server, same GGUF, same run.
         [--json benchmarks/results/llm.json] [--plot benchmarks/results/llm.png]
 
 Servers (each its own process on 127.0.0.1, all started once and kept up; the levels are
-run interleaved: every round measures every server at every client count in turn):
+run interleaved: every round measures every server at every client count in turn, the
+servers in a rotated order, so none is always measured first):
   tep               python -m tep serve --backend tep.backends.llamacpp:LlamaCppBackend
                     (--max-concurrency 64; TEP_MAX_NUM_SEQS 16; TEP_THREADS = --threads)
   llama-server      llama.cpp's server: -np 16 --cont-batching -t THREADS -c 16*CTX
@@ -285,7 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
                      if "error" not in r else f"ERROR {r['error']}"), flush=True)
             return r
 
-        runs = rounds([(c, n) for c in args.clients for n in running], args.rounds, measure)
+        # per client count, the servers in a rotated order per round (none always first)
+        runs = rounds([(c, n) for c in args.clients for n in running], args.rounds, measure,
+                      block=len(running))
         samples = {n: {c: runs[(c, n)]["runs"] for c in args.clients} for n in running}
     finally:
         for srv in running.values():

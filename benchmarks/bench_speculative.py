@@ -9,12 +9,13 @@ ngram-simple / ngram-mod when a binary is given), same GGUF, same run.
 Workload: streaming chat, ~100-token prompts of three kinds - copy (repeat a paragraph),
 edit (rewrite a paragraph with one change) and free (a story) - max_tokens 128, seeded
 (seed = request index), greedy or temperature 0.8. N clients, each sending its requests
-one after another; e2e tokens/s = completion tokens / (last byte - first send). Every
-server runs the same requests; tep modes' texts are compared to tep off's (exact
-acceptance: a seeded output must not change with speculation). Acceptance per mode comes
-from tep's /metrics (tep_spec_*). The draft model defaults to the target GGUF itself
-(no smaller GGUF of the same vocabulary is installed here): it shows the mechanism, not a
-speed-up. Each server: TEP_THREADS / -t = --threads.
+one after another; e2e tokens/s = completion tokens / (last byte - first send). Each
+round measures every server on a case in turn, starting with a different server each
+round. Every server runs the same requests; tep modes' texts are compared to tep off's
+(exact acceptance: a seeded output must not change with speculation). Acceptance per
+mode comes from tep's /metrics (tep_spec_*). The draft model defaults to the target GGUF
+itself (no smaller GGUF of the same vocabulary is installed here): it shows the
+mechanism, not a speed-up. Each server: TEP_THREADS / -t = --threads.
 """
 from __future__ import annotations
 
@@ -217,7 +218,8 @@ def main(argv: list[str] | None = None) -> dict:
         try:
             for s in up:
                 warm(s)
-            results = rounds(cases, args.rounds, measure)
+            # each case's servers in a rotated order per round: none always goes first
+            results = rounds(cases, args.rounds, measure, block=len(up))
         finally:
             for s in up:
                 s.stop()
