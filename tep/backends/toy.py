@@ -47,11 +47,11 @@ import numpy as np
 from tep.backend import Backend, ChatStreamSink, StreamSink, TokenLogprob
 from tep.errors import BadRequestError
 from tep.backend import Sampling
+from tep.wire.chat import ChatRequest, text_message
 
 # Lets go of the GIL for a moment: sched_yield takes ~1 us; time.sleep(0) (where there is
 # no sched_yield) sleeps out the timer slack, ~50 us on Linux.
 _yield_gil = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
-from tep.wire.chat import ChatRequest, text_message
 
 __all__ = ["ToyBackend", "ToyModel", "ToyEngineBackend", "EOS", "chat_template",
            "CHAT_TEMPLATE", "toy_tokenizer"]

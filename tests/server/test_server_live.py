@@ -288,8 +288,8 @@ def test_event_loops_serve_the_same_streams():
     for loop in ("uvloop", "asyncio"):
         port = free_port()
         proc, url = start_process([sys.executable, "-m", "tep", "serve", "--backend",
-                                   "tep.backends.toy:ToyBackend", "--port", str(port),
-                                   "--event-loop", loop], port, child_env())
+                                   "tep.backends.toy:ToyEngineBackend", "--port",
+                                   str(port), "--event-loop", loop], port, child_env())
         try:
             c = client(url)
             kw = dict(model="tep-toy", messages=MSGS, max_tokens=24, seed=5,
