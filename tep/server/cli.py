@@ -357,7 +357,6 @@ def _worker_main(cfg: Any, sockets: Any, shutdown: Any, index: int, log_level: s
     from hypercorn.utils import wrap_app
 
     from tep.server.hardening import QuietLoopErrors, envelope_protocol_errors
-    from tep.serving.config import ServerConfig
 
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the group: the supervisor
     os.environ["TEP_WORKER_ID"] = str(index)      # decides; {worker} in the events path
@@ -384,7 +383,7 @@ def _worker_main(cfg: Any, sockets: Any, shutdown: Any, index: int, log_level: s
                            sockets=sockets, shutdown_trigger=stop_requested)
 
     envelope_protocol_errors()
-    _run(run, ServerConfig.from_env().event_loop)
+    _run(run, state.config.event_loop)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,6 +10,8 @@ from typing import Any
 __all__ = ["ServerConfig", "load_backend", "DEFAULT_BACKEND"]
 
 DEFAULT_BACKEND = "tep.backends.toy:ToyEngineBackend"
+# the values of ServerConfig.event_loop (tep serve's loop; auto = uvloop when installed)
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
 
 
 def _bool(v: str) -> bool:
@@ -205,9 +207,9 @@ class ServerConfig:
             raise ValueError(f"speculative must be off, ngram or draft, got {cfg.speculative!r}")
         if cfg.overlap not in ("on", "off"):
             raise ValueError(f"overlap must be on or off, got {cfg.overlap!r}")
-        if cfg.event_loop not in ("auto", "uvloop", "asyncio"):
-            raise ValueError(f"event_loop must be auto, uvloop or asyncio, got "
-                             f"{cfg.event_loop!r}")
+        if cfg.event_loop not in EVENT_LOOPS:
+            raise ValueError(f"event_loop must be {', '.join(EVENT_LOOPS[:-1])} or "
+                             f"{EVENT_LOOPS[-1]}, got {cfg.event_loop!r}")
         if cfg.speculative_acceptance not in ("exact", "rejection"):
             raise ValueError(f"speculative_acceptance must be exact or rejection, got "
                              f"{cfg.speculative_acceptance!r}")
