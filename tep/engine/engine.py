@@ -137,11 +137,15 @@ class Engine:
         overlap: start a steady decode step's ``forward`` before delivering the previous
             step's tokens (see the module docstring). Not with speculation, whose drafts
             depend on the delivered tokens.
+        step_cost: the forward's cost table the draft plan prices drafts by (a
+            :class:`~tep.engine.speculative.StepCost`, e.g. ``StepCost.fixed(...)``);
+            default: the model's table, learned from the steps it runs.
     """
 
     def __init__(self, model: Any, *, max_num_seqs: int = 64, max_batch_tokens: int = 2048,
                  record_steps: bool = False, sample_threads: int | None = None,
-                 speculative: SpecConfig | None = None, overlap: bool = False) -> None:
+                 speculative: SpecConfig | None = None, overlap: bool = False,
+                 step_cost: StepCost | None = None) -> None:
         self.model = model
         cap = getattr(model, "max_num_seqs", None)
         if cap is not None and max_num_seqs > int(cap):
@@ -181,7 +185,7 @@ class Engine:
                                  f"({type(model).__name__} has none)")
             S = self.sched.max_num_seqs
             self._accept = Acceptance(S)
-            self._cost = StepCost.of(model)
+            self._cost = step_cost if step_cost is not None else StepCost.of(model)
             self._kind: dict[int, int] = {}      # {slot: draft kind} of this step
             self._drafter = (NgramDrafter(S) if self.spec.mode == "ngram" else
                              DraftModelDrafter(self.spec.draft_model, S, self.vocab_size))

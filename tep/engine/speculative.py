@@ -29,7 +29,7 @@ import bisect
 import weakref
 from dataclasses import dataclass, field
 from itertools import accumulate
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 
@@ -219,6 +219,27 @@ class StepCost:
         self._arrays: tuple[np.ndarray, np.ndarray] | None = None   # (keys, costs), sorted
         self._pass: float | None = None     # learned cost of one more pass (seconds)
         self._pass_n = 0
+        self.frozen = False                 # True: observe() learns nothing (fixed)
+
+    @classmethod
+    def fixed(cls, costs: Mapping[int, float], pass_s: float = 0.0) -> "StepCost":
+        """A table that does not learn: a one-pass step of ``n`` tokens costs ``costs[n]``
+        seconds (counts in between and beyond estimated by the class rules) and each
+        further pass ``pass_s``. The draft plan then follows from the acceptance
+        estimates alone, never from how loaded the machine was while steps ran: for
+        tests, and for a deployment that measured its model once."""
+        if not costs:
+            raise ValueError("a fixed step cost needs at least one token count")
+        c = cls()
+        for n, t in costs.items():
+            if int(n) < 1 or not 0 < float(t) < float("inf"):
+                raise ValueError(f"step cost {n} tokens -> {t} s: need n >= 1 and a "
+                                 "finite cost > 0")
+            c._t[int(n)], c._n[int(n)] = float(t), 1
+        if not 0 <= float(pass_s) < float("inf"):
+            raise ValueError(f"pass_s must be finite and >= 0, got {pass_s}")
+        c._keys, c._pass, c.frozen = sorted(c._t), float(pass_s), True
+        return c
 
     @classmethod
     def of(cls, model: Any) -> "StepCost":
@@ -235,7 +256,7 @@ class StepCost:
     def observe(self, n_tokens: int, seconds: float, passes: int = 1) -> None:
         """Record one forward of ``n_tokens`` that took ``seconds`` in ``passes`` passes
         (the number of distinct per-sequence token counts in it)."""
-        if n_tokens <= 0 or not seconds > 0:
+        if self.frozen or n_tokens <= 0 or not seconds > 0:
             return
         if passes > 1:
             if self._keys:    # the excess over a one-pass step of as many tokens

@@ -98,27 +98,12 @@ def test_verify_rows_are_the_same_bits_as_one_token_decodes(model, prompts):
         model.release(s)
 
 
-class FlatCost(StepCost):
-    """Every forward costs the same: the planner verifies every draft it is offered.
-    What these tests check is verification (tokens equal without speculation), not the
-    planner, whose choices follow measured, load-dependent forward times."""
-
-    def observe(self, n_tokens, seconds, passes=1):
-        pass
-
-    def __call__(self, n_tokens):
-        return 0.01
-
-    def many(self, n_tokens):
-        return np.full(np.shape(n_tokens), 0.01)
-
-
 def _engine(model, slots, spec, overlap=False):
-    eng = Engine(model, max_num_seqs=slots, max_batch_tokens=512, speculative=spec,
-                 overlap=overlap)
-    if spec is not None:
-        eng._cost = FlatCost()
-    return eng
+    # Every forward costs the same, so the planner verifies every draft it is offered:
+    # what these tests check is verification (tokens equal without speculation), not
+    # the planner, whose learned choices follow load-dependent forward times.
+    return Engine(model, max_num_seqs=slots, max_batch_tokens=512, speculative=spec,
+                  overlap=overlap, step_cost=StepCost.fixed({1: 0.01, 512: 0.01}))
 
 
 def _run(model, prompts, samplings, spec, slots=16, overlap=False, result=False):

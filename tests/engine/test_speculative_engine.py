@@ -19,6 +19,14 @@ from tep.engine.speculative import (Acceptance, NgramDrafter, SpecConfig, StepCo
 NGRAM = SpecConfig(mode="ngram", k=6)
 
 
+def gpu_like_cost() -> StepCost:
+    """A fixed cost table for the numpy models (whose measured forward times follow the
+    machine's load, so a learned table would make the draft plan, and the step counts
+    asserted here, depend on it): extra tokens nearly free, as on an accelerator, a
+    further pass dearer."""
+    return StepCost.fixed({1: 0.010, 512: 0.014}, pass_s=0.002)
+
+
 def outcome(sink: StreamSink) -> tuple:
     c = sink.result()
     lps = None if c.logprobs is None else [(e.token_id, e.logprob, e.top) for e in c.logprobs]
@@ -28,7 +36,7 @@ def outcome(sink: StreamSink) -> tuple:
 def generate(reqs, *, spec, slots=16, budget=512, model=None):
     model = model or InductionModel(slots)
     eng = Engine(model, max_num_seqs=slots, max_batch_tokens=budget, speculative=spec,
-                 record_steps=True)
+                 record_steps=True, step_cost=gpu_like_cost())
     sinks, errors = [], []
     for prompt, s in reqs:
         k = StreamSink(s)
@@ -109,7 +117,8 @@ def test_stops_and_max_tokens_inside_an_accepted_run():
 def test_cancel_mid_run_frees_the_slot_and_others_go_on():
     rng = random.Random(11)
     model = InductionModel(2)
-    eng = Engine(model, max_num_seqs=2, max_batch_tokens=64, speculative=NGRAM)
+    eng = Engine(model, max_num_seqs=2, max_batch_tokens=64, speculative=NGRAM,
+                 step_cost=gpu_like_cost())
     cancel = threading.Event()
     s = Sampling(max_tokens=200, temperature=0.0, logit_bias={EOG: -100.0}, seed=1)
     a, b = StreamSink(s, cancel=cancel), StreamSink(s)
@@ -195,6 +204,20 @@ def test_step_cost_interpolates_and_extrapolates():
     assert abs(c(2) - 0.019) < 1e-12                     # (a plain mean while young)
     model = type("M", (), {})()
     assert StepCost.of(model) is StepCost.of(model)      # one table per model
+
+
+def test_a_fixed_step_cost_learns_nothing_and_checks_its_table():
+    c = StepCost.fixed({1: 0.010, 3: 0.016}, pass_s=0.004)
+    c.observe(1, 5.0)
+    c.observe(2, 5.0, passes=2)
+    assert c(1) == 0.010 and abs(c(2) - 0.013) < 1e-12 and c.pass_s == 0.004
+    assert abs(c(5) - 0.022) < 1e-12                  # the last slope beyond
+    assert plan_drafts(1, [(0, 0.9, 2)], c) == {0: 2}
+    for bad in ({}, {0: 0.01}, {1: 0.0}, {1: float("nan")}, {1: float("inf")}):
+        with pytest.raises(ValueError):
+            StepCost.fixed(bad)
+    with pytest.raises(ValueError, match="pass_s"):
+        StepCost.fixed({1: 0.01}, pass_s=-1.0)
 
 
 def test_plan_drafts_pays_only_when_expected_tokens_per_second_rise():
@@ -320,7 +343,8 @@ def test_grammar_checked_drafts_equal_plain_constrained_decoding(temperature):
 
     def run(spec):
         model = InductionModel(16)
-        eng = Engine(model, max_num_seqs=16, max_batch_tokens=512, speculative=spec)
+        eng = Engine(model, max_num_seqs=16, max_batch_tokens=512, speculative=spec,
+                     step_cost=gpu_like_cost())
         sinks, errors = [], []
         for (prompt, s), g in zip(reqs, grammars):
             k = StreamSink(s)
