@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 __all__ = ["ROOT", "gguf_args", "free_port", "wait_ready", "Server", "answers_chat", "metrics_text",
-           "metric_values", "pct", "StreamResult", "stream_chat", "run_clients", "Conn",
+           "pct", "StreamResult", "stream_chat", "run_clients", "Conn",
            "post_loop", "run_async", "summarize", "rounds", "table", "print_table"]
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -147,17 +147,6 @@ def metrics_text(url: str, timeout: float = 30.0) -> str:
     """The Prometheus exposition text at ``url``/metrics (OSError when it cannot be read)."""
     with urllib.request.urlopen(url + "/metrics", timeout=timeout) as r:
         return r.read().decode()
-
-
-def metric_values(text: str, name: str) -> dict[str, float]:
-    """``{labels: value}`` of one metric's samples in an exposition text (labels as
-    written, e.g. ``'{source="ngram"}'``; ``""`` for a sample without labels)."""
-    out = {}
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
-        if m:
-            out[m.group(1) or ""] = float(m.group(2))
-    return out
 
 
 def pct(xs: Sequence[float], q: float) -> float | None:

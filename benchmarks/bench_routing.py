@@ -45,7 +45,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
 from _machine import describe  # noqa: E402
-from _harness import metric_values, metrics_text, pct, wait_ready  # noqa: E402
+from tep.obs.metrics import sample_values  # noqa: E402
+from _harness import metrics_text, pct, wait_ready  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
 
 SYSTEM = "You are a helpful assistant. Answer in one short sentence."
@@ -72,15 +73,15 @@ def _histories(users: int, turns: int) -> list[list[dict]]:
 
 def _replica_totals(url: str) -> tuple[float, float, int]:
     text = metrics_text(url)
-    hit = metric_values(text, "tep_replica_prefix_cache_hit_tokens_total")
-    miss = metric_values(text, "tep_replica_prefix_cache_miss_tokens_total")
+    hit = sample_values(text, "tep_replica_prefix_cache_hit_tokens_total")
+    miss = sample_values(text, "tep_replica_prefix_cache_miss_tokens_total")
     return sum(hit.values()), sum(miss.values()), len(hit)
 
 
 def _router_cost(url: str) -> tuple[float, float]:
     text = metrics_text(url)
-    s = sum(metric_values(text, "tep_router_route_seconds_total").values())
-    n = sum(metric_values(text, "tep_router_routed_total").values())
+    s = sum(sample_values(text, "tep_router_route_seconds_total").values())
+    n = sum(sample_values(text, "tep_router_routed_total").values())
     return s, n
 
 

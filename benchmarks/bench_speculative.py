@@ -31,7 +31,8 @@ ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(ROOT))
 
-from _harness import (Server, answers_chat, metric_values, metrics_text, rounds,  # noqa: E402
+from tep.obs.metrics import sample_values  # noqa: E402
+from _harness import (Server, answers_chat, metrics_text, rounds,  # noqa: E402
                       run_async, run_clients, table)
 from _machine import describe  # noqa: E402
 from _report import print_targets, write_result  # noqa: E402
@@ -112,7 +113,7 @@ def spec_metrics(url: str) -> dict:
         return {}
     out: dict = {}
     for name in SPEC_COUNTERS:
-        for labels, v in metric_values(text, name + "_total").items():
+        for labels, v in sample_values(text, name + "_total").items():
             m = re.fullmatch(r'\{source="(\w+)"\}', labels)
             if m:
                 out.setdefault(m.group(1), {})[name] = v

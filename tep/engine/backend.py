@@ -13,8 +13,6 @@ from __future__ import annotations
 import threading
 from typing import Any, Callable, NamedTuple, Sequence
 
-import numpy as np
-
 from tep.backend import Backend, ChatStreamSink, StreamSink
 from tep.engine.embed_batcher import EmbedBatcher
 from tep.engine.engine import Engine, EngineStats

@@ -32,6 +32,7 @@ Without prometheus-client installed the server still runs and ``/metrics`` is a 
 from __future__ import annotations
 
 import os
+import re
 from bisect import bisect_left
 from typing import Any
 
@@ -42,7 +43,7 @@ except ImportError:  # pragma: no cover - it is a dependency; stay servable with
 
 from tep.wire.routes import endpoint_label
 
-__all__ = ["Metrics", "multiprocess_dir", "endpoint_label"]
+__all__ = ["Metrics", "multiprocess_dir", "endpoint_label", "sample_values"]
 
 _LATENCY = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
             120.0, 300.0)
@@ -218,3 +219,17 @@ class Metrics:
             from prometheus_client import multiprocess
 
             multiprocess.mark_process_dead(os.getpid())
+
+
+def sample_values(text: str, name: str) -> dict[str, float]:
+    """``{labels: value}`` of one metric's samples in an exposition text such as
+    ``GET /metrics`` answers (labels as written, e.g. ``'{source="ngram"}'``; ``""`` for a
+    sample without labels). For scripts and tests that read a running server's metrics."""
+    out = {}
+    for m in re.finditer(rf"^{re.escape(name)}(\{{{_LABELS}\}})?\s+(\S+)$", text, re.M):
+        out[m.group(1) or ""] = float(m.group(2))
+    return out
+
+
+# label pairs: a quoted value may hold "}", "," and escaped quotes
+_LABELS = r'(?:\s*\w+="(?:[^"\\]|\\.)*"\s*,?)*'

@@ -3,12 +3,14 @@ requests through the Quart test client. Several workers: tests/test_workers.py."
 from __future__ import annotations
 
 import asyncio
+import re
 
 import pytest
 from support.backends import ScriptBackend
 from support.http import client_for, post_json, post_stream
 
 from support.prometheus import parse
+from tep.obs.metrics import sample_values
 from tep.wire.routes import endpoint_label
 
 pytestmark = pytest.mark.anyio
@@ -65,6 +67,29 @@ async def test_counters_histograms_and_labels():
     assert _v(m, "tep_inter_token_latency_seconds_count", endpoint=CHAT) == 2
     assert _v(m, "tep_requests_in_flight") == 0 and _v(m, "tep_queue_depth") == 0
     assert not any("/etc" in str(k) or "/no/such" in str(k) for k in m)
+
+
+async def test_sample_values_reads_what_prometheus_client_parses():
+    """tep.obs.metrics.sample_values (the scripts' and Ray tests' reader) against
+    prometheus-client's own parser, on a real /metrics text."""
+    async with client_for(ScriptBackend()) as c:
+        for path, body in ((CMPL, {"model": "script", "prompt": [9], "max_tokens": 2}),
+                           (CHAT, {"model": "script", "messages": MSGS, "max_tokens": 2}),
+                           (CMPL, {"model": "nope", "prompt": [1]})):
+            await post_json(c, path, body)
+        assert (await c.get("/v1/models/script")).status_code == 200   # "{" in a label
+        text = (await (await c.get("/metrics")).get_data()).decode()
+    want = parse(text)
+    names = {name for name, _ in want}
+    assert {"tep_requests_total", "tep_queue_depth",
+            "tep_request_duration_seconds_bucket"} <= names
+    for name in names:
+        got = sample_values(text, name)
+        ref = {labels: v for (n, labels), v in want.items() if n == name}
+        assert len(got) == len(ref), name
+        for labels, v in got.items():
+            pairs = tuple(sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels)))
+            assert ref[pairs] == v or (v != v and ref[pairs] != ref[pairs]), (name, labels)
 
 
 async def test_in_flight_and_queue_depth_while_busy():

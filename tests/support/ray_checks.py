@@ -14,6 +14,7 @@ import httpx
 
 from support.http import client_for, sse_events
 from support.process import ROOT, TESTS, wait_health
+from tep.obs.metrics import sample_values
 
 MODEL = "tep-toy"
 HEADER = "x-tep-replica"
@@ -69,16 +70,6 @@ def metrics(url: str) -> str:
     return httpx.get(url + "/metrics", timeout=30).text
 
 
-def metric_values(text: str, name: str) -> dict[str, float]:
-    """``{labels: value}`` of one metric family's samples (labels as written)."""
-    out = {}
-    for line in text.splitlines():
-        m = re.match(rf"^{re.escape(name)}(\{{[^}}]*\}})?\s+(\S+)$", line)
-        if m:
-            out[m.group(1) or ""] = float(m.group(2))
-    return out
-
-
 def replica_of(labels: str) -> str:
     return re.search(r'replica="([^"]+)"', labels).group(1)
 
@@ -89,7 +80,7 @@ def wait_replica_stats(url: str, replicas: set[str], timeout: float = 30) -> str
     last = None
     while time.monotonic() < deadline:
         text = metrics(url)
-        hits = metric_values(text, "tep_replica_prefix_cache_hit_tokens_total")
+        hits = sample_values(text, "tep_replica_prefix_cache_hit_tokens_total")
         got = {replica_of(k): v for k, v in hits.items()}
         if replicas <= set(got) and got == last:
             return text
@@ -166,7 +157,7 @@ def spread_requests(url: str, n: int, prefix: str = "fresh") -> list[str]:
 
 def table_replicas(url: str) -> set[str]:
     """Replicas the ingress's router still holds prefix entries for."""
-    return {replica_of(k) for k in metric_values(metrics(url), "tep_router_table_blocks")}
+    return {replica_of(k) for k in sample_values(metrics(url), "tep_router_table_blocks")}
 
 
 def wait_until(pred: Any, timeout: float, what: str) -> None:
@@ -201,7 +192,7 @@ def deploy(port: int, n_replicas: int | str, **kw: Any) -> str:
     wait_health(url, None, timeout=120)
     # the ingress's router learns the replica set (and their stats) asynchronously
     n = n_replicas if isinstance(n_replicas, int) else kw["autoscaling_config"]["min_replicas"]
-    wait_until(lambda: len(metric_values(metrics(url),
+    wait_until(lambda: len(sample_values(metrics(url),
                                          "tep_replica_prefix_cache_hit_tokens_total")) >= n,
                60, f"the router to see {n} replicas")
     return url
@@ -212,25 +203,25 @@ def check_routing(url: str, n_replicas: int) -> None:
     on their first one, and the replicas' prefix caches are hit (ingress /metrics)."""
     turns = chat_turns(url, n_conv=4 * n_replicas, n_turns=5)
     firsts = {names[0] for names in turns.values()}
-    why = (turns, metric_values(metrics(url), "tep_router_routed_total"))
+    why = (turns, sample_values(metrics(url), "tep_router_routed_total"))
     assert len(firsts) == n_replicas, why             # conversations spread over all
     assert stickiness(turns) >= 0.95, why             # and stay where their cache is
     text = wait_replica_stats(url, firsts)
     hits = {replica_of(k): v for k, v in
-            metric_values(text, "tep_replica_prefix_cache_hit_tokens_total").items()}
+            sample_values(text, "tep_replica_prefix_cache_hit_tokens_total").items()}
     misses = {replica_of(k): v for k, v in
-              metric_values(text, "tep_replica_prefix_cache_miss_tokens_total").items()}
+              sample_values(text, "tep_replica_prefix_cache_miss_tokens_total").items()}
     assert all(hits[r] > 0 for r in firsts), hits      # every replica reused prefixes
     # the aggregate sums the replicas; later turns reuse most of their history
-    assert metric_values(text, "tep_prefix_cache_hit_tokens_total")[""] == sum(hits.values())
+    assert sample_values(text, "tep_prefix_cache_hit_tokens_total")[""] == sum(hits.values())
     assert sum(hits.values()) / (sum(hits.values()) + sum(misses.values())) > 0.5
-    routed = metric_values(text, "tep_router_routed_total")
+    routed = sample_values(text, "tep_router_routed_total")
     by_prefix = sum(v for k, v in routed.items() if 'how="by_prefix"' in k)
     later = sum(len(t) - 1 for t in turns.values())
     hows = {h: sum(v for k, v in routed.items() if f'how="{h}"' in k)
             for h in ("by_prefix", "no_match", "fallback", "no_key")}
     # (a few later turns may go by the least-loaded rule after a false eviction signal)
-    assert by_prefix >= 0.9 * later, (hows, metric_values(text, "tep_router_stale_total"))
+    assert by_prefix >= 0.9 * later, (hows, sample_values(text, "tep_router_stale_total"))
 
 
 def check_sse(url: str) -> None:
@@ -303,7 +294,7 @@ def check_kill(ray: Any, url: str) -> None:
     wait_until(lambda: dead not in table_replicas(url), 30, "the router to drop " + dead)
 
 
-__all__ = ["chat_turns", "stickiness", "metrics", "metric_values", "replica_of",
+__all__ = ["chat_turns", "stickiness", "metrics", "replica_of",
            "wait_replica_stats", "sse_payloads", "local_sse", "kill_replica_mid_stream",
            "spread_requests", "table_replicas", "wait_until", "deploy", "runtime_env",
            "check_routing", "check_sse", "check_kill"]
