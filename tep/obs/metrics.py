@@ -131,16 +131,20 @@ class Metrics:
                 buckets[i].inc(n)
         total.inc(sum(gaps))
 
-    def attach_engine(self, stats: Any) -> None:
+    def attach_engine(self, stats: Any, kv_stats: Any = None) -> None:
         """Export an engine's counters (``stats()`` returns a
-        :class:`tep.engine.EngineStats`), read at scrape time: ``tep_engine_steps_total``,
+        :class:`tep.engine.EngineStats`; ``kv_stats()``, when given, the model's
+        ``prefix_cache_stats()``), read at scrape time: ``tep_engine_steps_total``,
         ``tep_engine_tokens_fed_total``, ``tep_engine_tokens_sampled_total``,
         ``tep_engine_overlapped_steps_total`` (steps whose forward ran during the previous
         step's delivery), ``tep_prefix_cache_hit_tokens_total`` / ``..._miss_tokens_total`` and the hit rate
         ``tep_prefix_cache_hit_rate`` (hit / (hit + miss) prompt tokens); with speculative
         decoding, per draft ``source``: ``tep_spec_drafted_tokens_total``,
         ``tep_spec_accepted_tokens_total``, ``tep_spec_runs_total`` (verifications),
-        ``tep_spec_acceptance_rate`` and ``tep_spec_mean_accepted_length``. Per process."""
+        ``tep_spec_acceptance_rate`` and ``tep_spec_mean_accepted_length``; with
+        ``kv_stats``, ``tep_kv_stream_copies_total`` (a slot's KV copied so a new sequence
+        sits next to the busy ones) and ``tep_kv_stream_moves_total`` (copied to close a
+        gap left by ended ones). Per process."""
         if not self.enabled:
             return
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -164,6 +168,14 @@ class Metrics:
                 yield GaugeMetricFamily("tep_prefix_cache_hit_rate", "Share of prompt "
                                         "tokens found in the prefix cache",
                                         value=s.prefix_hit_tokens / total if total else 0.0)
+                if kv_stats is not None:
+                    kv = kv_stats()
+                    yield CounterMetricFamily(
+                        "tep_kv_stream_copies", "KV streams copied to place a sequence "
+                        "next to the busy slots", value=kv.copies)
+                    yield CounterMetricFamily(
+                        "tep_kv_stream_moves", "KV streams copied to close a gap left by "
+                        "ended sequences", value=kv.moves)
                 sp = getattr(s, "spec", None)
                 if sp is not None and sp.runs:
                     fams = [CounterMetricFamily(n, d, labels=["source"]) for n, d in (

@@ -41,7 +41,9 @@ class ServerState:
         self.metrics = Metrics(config.metrics)
         engine_stats = getattr(backend, "stats", None)
         if engine_stats is not None and hasattr(engine_stats, "prefix_hit_tokens"):
-            self.metrics.attach_engine(lambda: backend.stats)  # an EngineBackend
+            # an EngineBackend; a model with slots (llama.cpp) counts its KV copies too
+            self.metrics.attach_engine(lambda: backend.stats, getattr(
+                getattr(backend, "model", None), "prefix_cache_stats", None))
         self.events = EventLog(resolve_path(config.events_jsonl) if config.events_jsonl
                                else None)
         running = config.max_concurrency

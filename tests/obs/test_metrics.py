@@ -127,13 +127,20 @@ async def test_engine_counters_and_prefix_hit_rate_are_exported():
     from support.engine_models import HashModel
     from support.http import client_for, post_json
 
+    from tep.backends.llamacpp_model import PrefixCacheStats
     from tep.engine import EngineBackend
 
     class Cached(HashModel):
         def reuse_prefix(self, seq_id, prompt):  # as if the first 2 tokens were cached
             self.last[seq_id] = prompt[0], prompt[1]
             self.length[seq_id] = 2
+            self.copies += 1                     # as if its stream was copied to place it
             return 2
+
+        copies = 0
+
+        def prefix_cache_stats(self):            # as LlamaCppModel's
+            return PrefixCacheStats(0, 0, copies=self.copies, moves=7)
 
     async with client_for(EngineBackend(Cached(4), max_num_seqs=4)) as c:
         st, _ = await post_json(c, "/v1/completions", {"model": Cached(4).list_models()[0],
@@ -145,6 +152,12 @@ async def test_engine_counters_and_prefix_hit_rate_are_exported():
     assert samples[("tep_prefix_cache_miss_tokens_total", ())] == 3
     assert samples[("tep_prefix_cache_hit_rate", ())] == 0.4
     assert samples[("tep_engine_steps_total", ())] >= 2
+    assert samples[("tep_kv_stream_copies_total", ())] == 1
+    assert samples[("tep_kv_stream_moves_total", ())] == 7
+    # a model without slots exports no KV copy counters
+    async with client_for(EngineBackend(HashModel(4), max_num_seqs=4)) as c:
+        samples = parse((await (await c.get("/metrics")).get_data()).decode())
+    assert ("tep_kv_stream_copies_total", ()) not in samples
 
 
 def test_a_streams_gaps_recorded_at_once_equal_one_observe_each():
