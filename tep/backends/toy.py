@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import codecs
 import os
-import time
 from collections import OrderedDict
 from typing import Any
 
@@ -49,9 +48,6 @@ from tep.errors import BadRequestError
 from tep.backend import Sampling
 from tep.wire.chat import ChatRequest, text_message
 
-# Lets go of the GIL for a moment: sched_yield takes ~1 us; time.sleep(0) (where there is
-# no sched_yield) sleeps out the timer slack, ~50 us on Linux.
-_yield_gil = getattr(os, "sched_yield", None) or (lambda: time.sleep(0))
 
 __all__ = ["ToyBackend", "ToyModel", "ToyEngineBackend", "EOS", "chat_template",
            "CHAT_TEMPLATE", "toy_tokenizer"]
@@ -413,10 +409,6 @@ class ToyModel:
                 hist[sq].extend(tl[b:e + 1])
         rows = np.flatnonzero(want)
         if self.toy.instant:
-            # a real forward lets go of the GIL while it computes; so does this one, or
-            # the engine thread would keep the event loop from sending for a switch
-            # interval (5 ms) at a time
-            _yield_gil()
             return self._instant_rows[pos[rows] % len(_LOREM)]
         out = np.empty((rows.shape[0], self.vocab_size), np.float32)
         toy = self.toy

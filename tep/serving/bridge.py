@@ -221,10 +221,21 @@ class StreamBridge:
             if overflow:
                 self.stalled = (f"the client read nothing while {self._backlog} events "
                                 "waited (the stream's buffer is full)")
+            # half the buffer unread: the loop may be what lags (an engine thread that
+            # holds the GIL between fast steps starves it), not the client
+            lagging = not wait and self._buffer_max and \
+                self._backlog >= max(1, self._buffer_max // 2)
             wake = not self._wake_scheduled
             self._wake_scheduled = True
         if overflow:  # stop the sequence now: the engine drops it at its next step
             self.cancel.set()
+        elif lagging:
+            # Let go of the GIL for a moment (time.sleep(0) sleeps out the timer slack,
+            # ~50 us, long enough for the waiting loop to take it), so a reading
+            # client's stream catches up instead of being cut as a stalled one. Costs
+            # only streams already half a buffer behind: a stalled client pays it until
+            # its bound ends the stream, a fast model's readers until the loop is level.
+            time.sleep(0)
         if wake:
             try:
                 if wait:
