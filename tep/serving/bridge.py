@@ -62,6 +62,8 @@ StreamEvent = Union[RoleEvent, DeltaEvent, FinishEvent, ErrorEvent, TimeoutEvent
 
 # Most events a streaming backend may be ahead of its client (see StreamBridge._put).
 BACKLOG_MAX = 256
+# most an engine thread waits for a starved event loop per event (see StreamBridge._put)
+_STARVED_WAIT_S = 0.05
 
 
 class StreamStalled(APIError):
@@ -187,6 +189,8 @@ class StreamBridge:
         self._pending: list[StreamEvent] = []
         self._pending_lock = threading.Lock()
         self._wake_scheduled = False
+        # set by each drain; cleared by an engine thread that finds the loop starved
+        self._drained = threading.Event()
         # Backpressure: events produced but not yet taken by the stream. A backend that
         # gets BACKLOG_MAX ahead waits in its sink until the stream has sent half of
         # them, so a fast backend neither buffers without bound nor keeps the GIL from
@@ -221,21 +225,22 @@ class StreamBridge:
             if overflow:
                 self.stalled = (f"the client read nothing while {self._backlog} events "
                                 "waited (the stream's buffer is full)")
-            # half the buffer unread: the loop may be what lags (an engine thread that
-            # holds the GIL between fast steps starves it), not the client
-            lagging = not wait and self._buffer_max and \
-                self._backlog >= max(1, self._buffer_max // 2)
             wake = not self._wake_scheduled
             self._wake_scheduled = True
+            # Half the buffer unread and the last wake-up still not run: it is the loop
+            # that lags, not the client (an engine thread that holds the GIL between
+            # fast steps starves it). A slow client's loop drains at once, so its
+            # stream never gets here.
+            starved = (not wait and not wake and not overflow and self._buffer_max
+                       and self._backlog >= max(1, self._buffer_max // 2))
+            if starved:
+                self._drained.clear()
         if overflow:  # stop the sequence now: the engine drops it at its next step
             self.cancel.set()
-        elif lagging:
-            # Let go of the GIL for a moment (time.sleep(0) sleeps out the timer slack,
-            # ~50 us, long enough for the waiting loop to take it), so a reading
-            # client's stream catches up instead of being cut as a stalled one. Costs
-            # only streams already half a buffer behind: a stalled client pays it until
-            # its bound ends the stream, a fast model's readers until the loop is level.
-            time.sleep(0)
+        elif starved:
+            # wait (without the GIL) until the loop has run the drain, at most 50 ms: a
+            # reading client's stream catches up instead of being cut as stalled
+            self._drained.wait(_STARVED_WAIT_S)
         if wake:
             try:
                 if wait:
@@ -268,6 +273,7 @@ class StreamBridge:
         with self._pending_lock:
             items, self._pending = self._pending, []
             self._wake_scheduled = False
+            self._drained.set()
         stalled = self.stalled is not None and not self._stall_sent
         for item in items:
             if stalled and type(item) is FinishEvent:

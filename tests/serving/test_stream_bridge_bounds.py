@@ -81,3 +81,14 @@ def test_a_reader_that_keeps_up_is_never_cut():
                   produce_every=0.0002))
     assert why is None and not cancelled, why
     assert produced == 10_000 and type(got[-1]) is FinishEvent
+
+
+def test_a_reader_is_not_cut_by_a_producer_that_keeps_the_gil():
+    # an instant engine: it never lets go of the GIL by itself, so the loop only runs
+    # when the interpreter's switch interval (5 ms) forces it - long enough for it to run
+    # a small buffer's worth ahead of a reader that keeps up. Half a buffer behind, the
+    # bridge hands the GIL to the loop, so the reader is never cut.
+    got, produced, cancelled, why = asyncio.run(
+        _scenario(buffer_events=64, stall=0, n_events=20_000, read_first=-1, pause=0))
+    assert why is None and not cancelled, why
+    assert produced == 20_000 and type(got[-1]) is FinishEvent
