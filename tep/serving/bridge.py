@@ -191,6 +191,7 @@ class StreamBridge:
         self._wake_scheduled = False
         # set by each drain; cleared by an engine thread that finds the loop starved
         self._drained = threading.Event()
+        self._wait_failed = False   # a starved wait timed out: none until the next drain
         # Backpressure: events produced but not yet taken by the stream. A backend that
         # gets BACKLOG_MAX ahead waits in its sink until the stream has sent half of
         # them, so a fast backend neither buffers without bound nor keeps the GIL from
@@ -232,15 +233,18 @@ class StreamBridge:
             # fast steps starves it). A slow client's loop drains at once, so its
             # stream never gets here.
             starved = (not wait and not wake and not overflow and self._buffer_max
-                       and self._backlog >= max(1, self._buffer_max // 2))
+                       and self._backlog >= max(1, self._buffer_max // 2)
+                       and not self._wait_failed)
             if starved:
                 self._drained.clear()
         if overflow:  # stop the sequence now: the engine drops it at its next step
             self.cancel.set()
         elif starved:
             # wait (without the GIL) until the loop has run the drain, at most 50 ms: a
-            # reading client's stream catches up instead of being cut as stalled
-            self._drained.wait(_STARVED_WAIT_S)
+            # reading client's stream catches up instead of being cut as stalled. A loop
+            # that does not drain in that time (stopped, or stuck) costs this once.
+            if not self._drained.wait(_STARVED_WAIT_S):
+                self._wait_failed = True
         if wake:
             try:
                 if wait:
@@ -273,6 +277,7 @@ class StreamBridge:
         with self._pending_lock:
             items, self._pending = self._pending, []
             self._wake_scheduled = False
+            self._wait_failed = False
             self._drained.set()
         stalled = self.stalled is not None and not self._stall_sent
         for item in items:

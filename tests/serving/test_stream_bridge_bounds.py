@@ -92,3 +92,24 @@ def test_a_reader_is_not_cut_by_a_producer_that_keeps_the_gil():
         _scenario(buffer_events=64, stall=0, n_events=20_000, read_first=-1, pause=0))
     assert why is None and not cancelled, why
     assert produced == 20_000 and type(got[-1]) is FinishEvent
+
+
+def test_a_loop_that_never_drains_costs_the_engine_one_wait():
+    # the loop stops running callbacks (here: never started); an engine thread that
+    # finds the stream half a buffer behind waits for it once (50 ms), not per event
+    loop = asyncio.new_event_loop()
+    try:
+        async def make():
+            return StreamBridge(ThreadPoolExecutor(1), threading.Event(), "t")
+        bridge = loop.run_until_complete(make())
+        bridge.watch(64, 0)
+        t0 = time.monotonic()
+        for _ in range(63):
+            bridge._put(DeltaEvent(0, "x", []), wait=False)
+        took = time.monotonic() - t0
+        assert 0.04 < took < 0.5, took
+        assert not bridge.cancel.is_set()
+        bridge._put(DeltaEvent(0, "x", []), wait=False)    # the 64th: the buffer is full
+        assert bridge.cancel.is_set() and "buffer is full" in bridge.stalled
+    finally:
+        loop.close()
