@@ -222,23 +222,27 @@ class StepCost:
         self.frozen = False                 # True: observe() learns nothing (fixed)
 
     @classmethod
-    def fixed(cls, costs: Mapping[int, float], pass_s: float = 0.0) -> "StepCost":
+    def fixed(cls, costs: Mapping[int, float], pass_s: float | None = None) -> "StepCost":
         """A table that does not learn: a one-pass step of ``n`` tokens costs ``costs[n]``
         seconds (counts in between and beyond estimated by the class rules) and each
-        further pass ``pass_s``. The draft plan then follows from the acceptance
-        estimates alone, never from how loaded the machine was while steps ran: for
-        tests, and for a deployment that measured its model once."""
+        further pass ``pass_s`` (None: the learned table's guess before it has seen one,
+        the smallest step's cost per token). The draft plan then follows from the
+        acceptance estimates alone, never from how loaded the machine was while steps
+        ran: for tests, and for a deployment that measured its model once. Only an
+        engine with speculative decoding reads it."""
         if not costs:
             raise ValueError("a fixed step cost needs at least one token count")
         c = cls()
         for n, t in costs.items():
-            if int(n) < 1 or not 0 < float(t) < float("inf"):
-                raise ValueError(f"step cost {n} tokens -> {t} s: need n >= 1 and a "
-                                 "finite cost > 0")
+            if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 1 \
+                    or not 0 < float(t) < float("inf"):
+                raise ValueError(f"step cost {n!r} tokens -> {t!r} s: need an integer "
+                                 "count >= 1 and a finite cost > 0")
             c._t[int(n)], c._n[int(n)] = float(t), 1
-        if not 0 <= float(pass_s) < float("inf"):
+        if pass_s is not None and not 0 <= float(pass_s) < float("inf"):
             raise ValueError(f"pass_s must be finite and >= 0, got {pass_s}")
-        c._keys, c._pass, c.frozen = sorted(c._t), float(pass_s), True
+        c._keys, c.frozen = sorted(c._t), True
+        c._pass = None if pass_s is None else float(pass_s)
         return c
 
     @classmethod

@@ -143,8 +143,8 @@ class Metrics:
         ``tep_spec_accepted_tokens_total``, ``tep_spec_runs_total`` (verifications),
         ``tep_spec_acceptance_rate`` and ``tep_spec_mean_accepted_length``; with
         ``kv_stats``, ``tep_kv_stream_copies_total`` (a slot's KV copied so a new sequence
-        sits next to the busy ones) and ``tep_kv_stream_moves_total`` (copied to close a
-        gap left by ended ones). Per process."""
+        sits next to the busy ones) and ``tep_kv_stream_moves_total`` (a running
+        sequence's stream moved to close a gap left by ended ones). Per process."""
         if not self.enabled:
             return
         from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -168,14 +168,15 @@ class Metrics:
                 yield GaugeMetricFamily("tep_prefix_cache_hit_rate", "Share of prompt "
                                         "tokens found in the prefix cache",
                                         value=s.prefix_hit_tokens / total if total else 0.0)
-                if kv_stats is not None:
-                    kv = kv_stats()
+                kv = kv_stats() if kv_stats is not None else None
+                if getattr(kv, "copies", None) is not None:
                     yield CounterMetricFamily(
                         "tep_kv_stream_copies", "KV streams copied to place a sequence "
                         "next to the busy slots", value=kv.copies)
+                if getattr(kv, "moves", None) is not None:
                     yield CounterMetricFamily(
-                        "tep_kv_stream_moves", "KV streams copied to close a gap left by "
-                        "ended sequences", value=kv.moves)
+                        "tep_kv_stream_moves", "Running sequences' KV streams moved to "
+                        "close a gap left by ended sequences", value=kv.moves)
                 sp = getattr(s, "spec", None)
                 if sp is not None and sp.runs:
                     fams = [CounterMetricFamily(n, d, labels=["source"]) for n, d in (
@@ -238,10 +239,13 @@ def sample_values(text: str, name: str) -> dict[str, float]:
     ``GET /metrics`` answers (labels as written, e.g. ``'{source="ngram"}'``; ``""`` for a
     sample without labels). For scripts and tests that read a running server's metrics."""
     out = {}
-    for m in re.finditer(rf"^{re.escape(name)}(\{{{_LABELS}\}})?\s+(\S+)$", text, re.M):
+    line = rf"^{re.escape(name)}(\{{{_LABELS}\}})?[ \t]+(\S+)(?:[ \t]+-?\d+)?[ \t]*$"
+    for m in re.finditer(line, text, re.M):   # (an optional timestamp after the value)
         out[m.group(1) or ""] = float(m.group(2))
     return out
 
 
-# label pairs: a quoted value may hold "}", "," and escaped quotes
-_LABELS = r'(?:\s*\w+="(?:[^"\\]|\\.)*"\s*,?)*'
+# label pairs, comma-separated (a trailing comma allowed): a quoted value may hold "}",
+# "," and escaped characters, never a raw newline; the commas keep the match linear
+_PAIR = r'[ \t]*\w+[ \t]*=[ \t]*"(?:[^"\\\n]|\\.)*"[ \t]*'
+_LABELS = rf'(?:{_PAIR}(?:,{_PAIR})*,?)?[ \t]*'

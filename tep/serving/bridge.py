@@ -62,7 +62,7 @@ StreamEvent = Union[RoleEvent, DeltaEvent, FinishEvent, ErrorEvent, TimeoutEvent
 
 # Most events a streaming backend may be ahead of its client (see StreamBridge._put).
 BACKLOG_MAX = 256
-# most an engine thread waits for a starved event loop per event (see StreamBridge._put)
+# most an engine thread waits for a lagging event loop (see StreamBridge._put)
 _STARVED_WAIT_S = 0.05
 
 
@@ -124,6 +124,10 @@ class _LoopWaker:
         self._lock = threading.Lock()
         self._ready: list["StreamBridge"] = []
         self._scheduled = False
+        # an engine thread waiting for the loop to run the scheduled wake-up
+        self._ran = threading.Event()
+        self._waiting = False
+        self._wait_failed = False   # a wait timed out: none until the loop runs again
 
     def request(self, bridge: "StreamBridge") -> None:
         """(any thread) Drain ``bridge`` on the loop soon."""
@@ -139,10 +143,29 @@ class _LoopWaker:
                 self._scheduled = False
             raise
 
+    def wait_for_run(self, timeout: float) -> None:
+        """(an engine thread) Wait, without the GIL, until the loop has run the scheduled
+        wake-up, at most ``timeout`` seconds. A loop that does not run it in that time
+        (stopped, or blocked) costs one such wait, not one per stream or per event, until
+        it runs again."""
+        with self._lock:
+            if not self._scheduled or self._wait_failed:
+                return
+            self._waiting = True
+            self._ran.clear()
+        if not self._ran.wait(timeout):
+            with self._lock:
+                if self._scheduled:
+                    self._wait_failed = True
+
     def _run(self) -> None:
         with self._lock:
             ready, self._ready = self._ready, []
             self._scheduled = False
+            self._wait_failed = False
+            if self._waiting:
+                self._waiting = False
+                self._ran.set()
         for bridge in ready:
             bridge._drain()
 
@@ -189,9 +212,6 @@ class StreamBridge:
         self._pending: list[StreamEvent] = []
         self._pending_lock = threading.Lock()
         self._wake_scheduled = False
-        # set by each drain; cleared by an engine thread that finds the loop starved
-        self._drained = threading.Event()
-        self._wait_failed = False   # a starved wait timed out: none until the next drain
         # Backpressure: events produced but not yet taken by the stream. A backend that
         # gets BACKLOG_MAX ahead waits in its sink until the stream has sent half of
         # them, so a fast backend neither buffers without bound nor keeps the GIL from
@@ -228,23 +248,20 @@ class StreamBridge:
                                 "waited (the stream's buffer is full)")
             wake = not self._wake_scheduled
             self._wake_scheduled = True
-            # Half the buffer unread and the last wake-up still not run: it is the loop
-            # that lags, not the client (an engine thread that holds the GIL between
-            # fast steps starves it). A slow client's loop drains at once, so its
-            # stream never gets here.
-            starved = (not wait and not wake and not overflow and self._buffer_max
-                       and self._backlog >= max(1, self._buffer_max // 2)
-                       and not self._wait_failed)
-            if starved:
-                self._drained.clear()
+            # Half the buffer unread and the events handed over before this one still
+            # not moved to the stream: the loop lags behind this stream (an engine thread
+            # that holds the GIL between fast steps starves it, and a client that reads
+            # would be cut as a stalled one).
+            behind = (not wait and not wake and not overflow and self._buffer_max
+                      and self._backlog >= max(1, self._buffer_max // 2)
+                      and self.stalled is None and not self.cancel.is_set())
         if overflow:  # stop the sequence now: the engine drops it at its next step
             self.cancel.set()
-        elif starved:
-            # wait (without the GIL) until the loop has run the drain, at most 50 ms: a
-            # reading client's stream catches up instead of being cut as stalled. A loop
-            # that does not drain in that time (stopped, or stuck) costs this once.
-            if not self._drained.wait(_STARVED_WAIT_S):
-                self._wait_failed = True
+        elif behind:
+            # Let the loop run its wake-up first (at most 50 ms). Also paid, one loop
+            # round trip, by a slow client's stream that gets two events within one loop
+            # turn while it is between half and all of its buffer behind.
+            _waker(self._loop).wait_for_run(_STARVED_WAIT_S)
         if wake:
             try:
                 if wait:
@@ -277,8 +294,6 @@ class StreamBridge:
         with self._pending_lock:
             items, self._pending = self._pending, []
             self._wake_scheduled = False
-            self._wait_failed = False
-            self._drained.set()
         stalled = self.stalled is not None and not self._stall_sent
         for item in items:
             if stalled and type(item) is FinishEvent:

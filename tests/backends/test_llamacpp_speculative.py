@@ -103,7 +103,7 @@ def _engine(model, slots, spec, overlap=False):
     # what these tests check is verification (tokens equal without speculation), not
     # the planner, whose learned choices follow load-dependent forward times.
     return Engine(model, max_num_seqs=slots, max_batch_tokens=512, speculative=spec,
-                  overlap=overlap, step_cost=StepCost.fixed({1: 0.01, 512: 0.01}))
+                  overlap=overlap, step_cost=StepCost.fixed({1: 0.01, 512: 0.01}, pass_s=0.0))
 
 
 def _run(model, prompts, samplings, spec, slots=16, overlap=False, result=False):

@@ -213,7 +213,9 @@ def test_a_fixed_step_cost_learns_nothing_and_checks_its_table():
     assert c(1) == 0.010 and abs(c(2) - 0.013) < 1e-12 and c.pass_s == 0.004
     assert abs(c(5) - 0.022) < 1e-12                  # the last slope beyond
     assert plan_drafts(1, [(0, 0.9, 2)], c) == {0: 2}
-    for bad in ({}, {0: 0.01}, {1: 0.0}, {1: float("nan")}, {1: float("inf")}):
+    assert StepCost.fixed({2: 0.010}).pass_s == 0.005      # default: cost per token
+    for bad in ({}, {0: 0.01}, {1: 0.0}, {1: float("nan")}, {1: float("inf")},
+                {1.5: 0.01}, {"3": 0.01}, {True: 0.01}):
         with pytest.raises(ValueError):
             StepCost.fixed(bad)
     with pytest.raises(ValueError, match="pass_s"):

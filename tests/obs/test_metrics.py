@@ -79,17 +79,25 @@ async def test_sample_values_reads_what_prometheus_client_parses():
             await post_json(c, path, body)
         assert (await c.get("/v1/models/script")).status_code == 200   # "{" in a label
         text = (await (await c.get("/metrics")).get_data()).decode()
+    # and escapes, a timestamp, a name that prefixes another, as the format allows
+    text += ('x_total{path="a\\"}\\\\b",n="{1}"} 4 1700000000000\n'
+             'x_total{path="c,d"} 5\nx_total_more 6\n')
     want = parse(text)
     names = {name for name, _ in want}
     assert {"tep_requests_total", "tep_queue_depth",
-            "tep_request_duration_seconds_bucket"} <= names
+            "tep_request_duration_seconds_bucket", "x_total"} <= names
+    unescape = {"\\\\": "\\", '\\"': '"', "\\n": "\n"}
     for name in names:
         got = sample_values(text, name)
         ref = {labels: v for (n, labels), v in want.items() if n == name}
         assert len(got) == len(ref), name
         for labels, v in got.items():
-            pairs = tuple(sorted(re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', labels)))
+            pairs = tuple(sorted((k, re.sub(r"\\.", lambda e: unescape[e.group()], val))
+                                 for k, val in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"',
+                                                          labels)))
             assert ref[pairs] == v or (v != v and ref[pairs] != ref[pairs]), (name, labels)
+    assert sample_values(text, "x_total") == {'{path="a\\"}\\\\b",n="{1}"}': 4.0,
+                                              '{path="c,d"}': 5.0}
 
 
 async def test_in_flight_and_queue_depth_while_busy():

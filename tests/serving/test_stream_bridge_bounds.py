@@ -86,30 +86,33 @@ def test_a_reader_that_keeps_up_is_never_cut():
 def test_a_reader_is_not_cut_by_a_producer_that_keeps_the_gil():
     # an instant engine: it never lets go of the GIL by itself, so the loop only runs
     # when the interpreter's switch interval (5 ms) forces it - long enough for it to run
-    # a small buffer's worth ahead of a reader that keeps up. Half a buffer behind, the
+    # thousands of events ahead of a reader that keeps up. Half a buffer behind, the
     # bridge hands the GIL to the loop, so the reader is never cut.
     got, produced, cancelled, why = asyncio.run(
-        _scenario(buffer_events=64, stall=0, n_events=20_000, read_first=-1, pause=0))
+        _scenario(buffer_events=256, stall=0, n_events=20_000, read_first=-1, pause=0))
     assert why is None and not cancelled, why
     assert produced == 20_000 and type(got[-1]) is FinishEvent
 
 
 def test_a_loop_that_never_drains_costs_the_engine_one_wait():
     # the loop stops running callbacks (here: never started); an engine thread that
-    # finds the stream half a buffer behind waits for it once (50 ms), not per event
+    # finds its streams half a buffer behind waits for it once (50 ms), not per event
+    # and not per stream
     loop = asyncio.new_event_loop()
     try:
         async def make():
             return StreamBridge(ThreadPoolExecutor(1), threading.Event(), "t")
-        bridge = loop.run_until_complete(make())
-        bridge.watch(64, 0)
+        bridges = [loop.run_until_complete(make()) for _ in range(4)]
+        for b in bridges:
+            b.watch(64, 0)
         t0 = time.monotonic()
         for _ in range(63):
-            bridge._put(DeltaEvent(0, "x", []), wait=False)
+            for b in bridges:
+                b._put(DeltaEvent(0, "x", []), wait=False)
         took = time.monotonic() - t0
         assert 0.04 < took < 0.5, took
-        assert not bridge.cancel.is_set()
-        bridge._put(DeltaEvent(0, "x", []), wait=False)    # the 64th: the buffer is full
-        assert bridge.cancel.is_set() and "buffer is full" in bridge.stalled
+        assert not any(b.cancel.is_set() for b in bridges)
+        bridges[0]._put(DeltaEvent(0, "x", []), wait=False)   # the 64th: buffer full
+        assert bridges[0].cancel.is_set() and "buffer is full" in bridges[0].stalled
     finally:
         loop.close()
