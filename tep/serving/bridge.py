@@ -124,10 +124,9 @@ class _LoopWaker:
         self._lock = threading.Lock()
         self._ready: list["StreamBridge"] = []
         self._scheduled = False
-        # an engine thread waiting for the loop to run the scheduled wake-up
-        self._ran = threading.Event()
-        self._waiting = False
-        self._wait_failed = False   # a wait timed out: none until the loop runs again
+        # an engine thread's wait for a lagging loop timed out (StreamBridge._put): no
+        # such wait, for any stream, until the loop runs the next wake-up
+        self.wait_failed = False
 
     def request(self, bridge: "StreamBridge") -> None:
         """(any thread) Drain ``bridge`` on the loop soon."""
@@ -143,29 +142,19 @@ class _LoopWaker:
                 self._scheduled = False
             raise
 
-    def wait_for_run(self, timeout: float) -> None:
-        """(an engine thread) Wait, without the GIL, until the loop has run the scheduled
-        wake-up, at most ``timeout`` seconds. A loop that does not run it in that time
-        (stopped, or blocked) costs one such wait, not one per stream or per event, until
-        it runs again."""
+    def wait_timed_out(self) -> None:
+        """(an engine thread) A wait for the loop timed out: a loop that has not run the
+        pending wake-up by then (stopped, or blocked) costs one such wait, not one per
+        stream or per event, until it runs."""
         with self._lock:
-            if not self._scheduled or self._wait_failed:
-                return
-            self._waiting = True
-            self._ran.clear()
-        if not self._ran.wait(timeout):
-            with self._lock:
-                if self._scheduled:
-                    self._wait_failed = True
+            if self._scheduled:
+                self.wait_failed = True
 
     def _run(self) -> None:
         with self._lock:
             ready, self._ready = self._ready, []
             self._scheduled = False
-            self._wait_failed = False
-            if self._waiting:
-                self._waiting = False
-                self._ran.set()
+            self.wait_failed = False
         for bridge in ready:
             bridge._drain()
 
@@ -212,6 +201,9 @@ class StreamBridge:
         self._pending: list[StreamEvent] = []
         self._pending_lock = threading.Lock()
         self._wake_scheduled = False
+        # an engine thread waits for the next drain (see _put)
+        self._drained = threading.Event()
+        self._drain_waited = False
         # Backpressure: events produced but not yet taken by the stream. A backend that
         # gets BACKLOG_MAX ahead waits in its sink until the stream has sent half of
         # them, so a fast backend neither buffers without bound nor keeps the GIL from
@@ -254,14 +246,19 @@ class StreamBridge:
             # would be cut as a stalled one).
             behind = (not wait and not wake and not overflow and self._buffer_max
                       and self._backlog >= max(1, self._buffer_max // 2)
-                      and self.stalled is None and not self.cancel.is_set())
+                      and self.stalled is None and not self.cancel.is_set()
+                      and not _waker(self._loop).wait_failed)
+            if behind:
+                self._drain_waited = True
+                self._drained.clear()
         if overflow:  # stop the sequence now: the engine drops it at its next step
             self.cancel.set()
         elif behind:
-            # Let the loop run its wake-up first (at most 50 ms). Also paid, one loop
-            # round trip, by a slow client's stream that gets two events within one loop
-            # turn while it is between half and all of its buffer behind.
-            _waker(self._loop).wait_for_run(_STARVED_WAIT_S)
+            # Let the loop drain this stream first (without the GIL, at most 50 ms). Also
+            # paid, one loop round trip, by a slow client's stream that gets two events
+            # within one loop turn while it is between half and all of its buffer behind.
+            if not self._drained.wait(_STARVED_WAIT_S):
+                _waker(self._loop).wait_timed_out()
         if wake:
             try:
                 if wait:
@@ -294,6 +291,9 @@ class StreamBridge:
         with self._pending_lock:
             items, self._pending = self._pending, []
             self._wake_scheduled = False
+            if self._drain_waited:
+                self._drain_waited = False
+                self._drained.set()
         stalled = self.stalled is not None and not self._stall_sent
         for item in items:
             if stalled and type(item) is FinishEvent:
