@@ -45,9 +45,7 @@ def expected_tokens(p: float, k: int) -> float:
 def ceiling(cost: dict[int, float], p: float) -> tuple[float, int]:
     """(the best decode speed-up over plain steps, its K) for acceptance p, from the
     cost curve ``cost`` {tokens in the step: seconds}."""
-    base = cost[1]
-    best = max((expected_tokens(p, n - 1) * base / c, n - 1) for n, c in cost.items())
-    return best
+    return max((expected_tokens(p, n - 1) * cost[1] / c, n - 1) for n, c in cost.items())
 
 
 def measure(a: argparse.Namespace) -> dict[int, float]:

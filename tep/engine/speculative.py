@@ -238,7 +238,7 @@ class StepCost:
                     or not 0 < float(t) < float("inf"):
                 raise ValueError(f"step cost {n!r} tokens -> {t!r} s: need an integer "
                                  "count >= 1 and a finite cost > 0")
-            c._t[int(n)], c._n[int(n)] = float(t), 1
+            c._t[int(n)] = float(t)
         if pass_s is not None and not 0 <= float(pass_s) < float("inf"):
             raise ValueError(f"pass_s must be finite and >= 0, got {pass_s}")
         c._keys, c.frozen = sorted(c._t), True

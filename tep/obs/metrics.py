@@ -169,14 +169,13 @@ class Metrics:
                                         "tokens found in the prefix cache",
                                         value=s.prefix_hit_tokens / total if total else 0.0)
                 kv = kv_stats() if kv_stats is not None else None
-                if getattr(kv, "copies", None) is not None:
-                    yield CounterMetricFamily(
-                        "tep_kv_stream_copies", "KV streams copied to place a sequence "
-                        "next to the busy slots", value=kv.copies)
-                if getattr(kv, "moves", None) is not None:
-                    yield CounterMetricFamily(
-                        "tep_kv_stream_moves", "Running sequences' KV streams moved to "
-                        "close a gap left by ended sequences", value=kv.moves)
+                for attr, doc in (("copies", "KV streams copied to place a sequence next "
+                                   "to the busy slots"),
+                                  ("moves", "Running sequences' KV streams moved to close "
+                                   "a gap left by ended sequences")):
+                    if getattr(kv, attr, None) is not None:
+                        yield CounterMetricFamily(f"tep_kv_stream_{attr}", doc,
+                                                  value=getattr(kv, attr))
                 sp = getattr(s, "spec", None)
                 if sp is not None and sp.runs:
                     fams = [CounterMetricFamily(n, d, labels=["source"]) for n, d in (

@@ -201,9 +201,8 @@ class StreamBridge:
         self._pending: list[StreamEvent] = []
         self._pending_lock = threading.Lock()
         self._wake_scheduled = False
-        # an engine thread waits for the next drain (see _put)
+        # cleared by an engine thread that waits for the next drain (see _put)
         self._drained = threading.Event()
-        self._drain_waited = False
         # Backpressure: events produced but not yet taken by the stream. A backend that
         # gets BACKLOG_MAX ahead waits in its sink until the stream has sent half of
         # them, so a fast backend neither buffers without bound nor keeps the GIL from
@@ -249,7 +248,6 @@ class StreamBridge:
                       and self.stalled is None and not self.cancel.is_set()
                       and not _waker(self._loop).wait_failed)
             if behind:
-                self._drain_waited = True
                 self._drained.clear()
         if overflow:  # stop the sequence now: the engine drops it at its next step
             self.cancel.set()
@@ -291,8 +289,7 @@ class StreamBridge:
         with self._pending_lock:
             items, self._pending = self._pending, []
             self._wake_scheduled = False
-            if self._drain_waited:
-                self._drain_waited = False
+            if not self._drained.is_set():   # a waiter cleared it (a flag read, no lock)
                 self._drained.set()
         stalled = self.stalled is not None and not self._stall_sent
         for item in items:
